@@ -1,0 +1,37 @@
+# One entry point for newcomers: `make install`, `make test`, `make demo`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# facenet-pytorch's metadata pins torch<2.3/numpy<2; it works with our pins, so it goes in without deps.
+FACENET := facenet-pytorch==2.6.0
+
+.PHONY: install test test-quick demo ui lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(FACENET)
+	$(BIN)/mfr doctor --no-services
+
+test: install
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python jobs/quickstart.py --config configs/quickstart.yaml
+
+ui:
+	$(BIN)/mfr ui
+
+lint:
+	$(BIN)/ruff check mfr_ray jobs tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

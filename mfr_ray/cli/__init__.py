@@ -1,0 +1,45 @@
+"""The `mfr` command. Each subcommand lives in its own module with a `register(app)` function and
+imports its heavy dependencies (torch, ray, dlib) inside the command, so `mfr --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from mfr_ray import __version__
+
+COMMAND_MODULES = [
+    "mfr_ray.cli.config_cmd",
+    "mfr_ray.cli.doctor",
+    "mfr_ray.cli.ui",
+]
+
+app = typer.Typer(
+    name="mfr",
+    help="mfr-ray: make face recognition robust to masks (mask, prepare, train, tune, evaluate).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mfr-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """mfr-ray command line."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()

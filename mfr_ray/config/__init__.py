@@ -1,0 +1,22 @@
+"""Typed experiment configs: pydantic models loaded from YAML with `key=value` overrides."""
+
+from mfr_ray.config.base import ConfigError, StrictModel
+from mfr_ray.config.loader import (
+    CONFIG_KINDS,
+    apply_overrides,
+    config_class,
+    dump_config,
+    flatten_config,
+    load_config,
+)
+
+__all__ = [
+    "CONFIG_KINDS",
+    "ConfigError",
+    "StrictModel",
+    "apply_overrides",
+    "config_class",
+    "dump_config",
+    "flatten_config",
+    "load_config",
+]

@@ -1,0 +1,74 @@
+"""Shared fixtures: real local Ray, a real S3 server (SeaweedFS), a real MLflow server, real faces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mfr_ray.paths import shared_dir
+from tests.services import MlflowServer, SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    root = shared_dir()
+    if not (root / "datasets" / "lfw").is_dir():
+        pytest.fail(f"shared datasets not found at {root}; set MFR_SHARED_DIR")
+    return root
+
+
+@pytest.fixture(scope="session")
+def lfw_dir(shared: Path) -> Path:
+    return shared / "datasets" / "lfw" / "lfw-deepfunneled"
+
+
+@pytest.fixture(scope="session")
+def celeba_dir(shared: Path) -> Path:
+    return shared / "datasets" / "celeba299"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs for the whole session (ray.shutdown stops the processes it started)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture
+def tmp_tracking_uri(tmp_path, monkeypatch) -> str:
+    """An embedded SQLite MLflow store private to one test, also seen by subprocesses via the env."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    """Keep tests from writing into the checkout's embedded MLflow store by accident."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    if previous is None:
+        db = tmp_path_factory.mktemp("mlflow-session") / "mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
