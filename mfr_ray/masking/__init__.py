@@ -1,0 +1,43 @@
+"""Synthetic face masks (MaskTheFace method): dlib landmarks -> six key points + tilt -> template view ->
+homography warp -> blend matched to the face's light. Templates and patterns are drawn by our own code."""
+
+from mfr_ray.masking.config import AlignedLayout, CustomMaskType, MaskingConfig, parse_mix
+from mfr_ray.masking.engine import (
+    MaskChoice,
+    MaskEngine,
+    MaskRecord,
+    MaskResult,
+    available_mask_types,
+    available_patterns,
+    record_schema,
+    rng_for,
+)
+from mfr_ray.masking.landmarks import (
+    FaceLandmarker,
+    face_tilt,
+    implausible_landmarks,
+    six_keypoints,
+    view_for_tilt,
+)
+from mfr_ray.masking.templates import KEYPOINT_NAMES
+
+__all__ = [
+    "KEYPOINT_NAMES",
+    "AlignedLayout",
+    "CustomMaskType",
+    "FaceLandmarker",
+    "MaskChoice",
+    "MaskEngine",
+    "MaskRecord",
+    "MaskResult",
+    "MaskingConfig",
+    "available_mask_types",
+    "available_patterns",
+    "face_tilt",
+    "implausible_landmarks",
+    "parse_mix",
+    "record_schema",
+    "rng_for",
+    "six_keypoints",
+    "view_for_tilt",
+]

@@ -1,0 +1,483 @@
+"""The masking engine: faces -> landmarks -> six key points + tilt -> template view -> homography warp ->
+alpha blend with brightness/saturation matched to the face. One engine per process (or Ray actor)."""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+from dataclasses import asdict, dataclass, field
+from functools import cache
+
+import cv2
+import numpy as np
+
+from mfr_ray.imageio import decode_image
+from mfr_ray.masking.config import HEX_COLOR, RANDOM, VIEWS, MaskingConfig
+from mfr_ray.masking.landmarks import (
+    Box,
+    FaceLandmarker,
+    aligned_face_box,
+    face_tilt,
+    implausible_landmarks,
+    six_keypoints,
+    view_for_tilt,
+)
+from mfr_ray.masking.patterns import PATTERNS, hex_to_rgb, load_pattern_file, pattern_tile
+from mfr_ray.masking.templates import (
+    MASK_TYPES,
+    POLYGON_COLORS,
+    POLYGON_TYPE,
+    MaskTemplate,
+    build_template,
+    mirror_template,
+    template_from_rgba,
+)
+
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+ANCHORED = [0, 5]  # nose bridge and chin: the points whose misplacement shows most (eyes, chin)
+POLYGON_LANDMARKS = [*range(2, 15), 28]  # seed 003's landmarks 3-15 and 29, counted from 1
+POLYGON_MARGIN = 0.04  # jaw points pushed out by this share of the face height, so the chin is inside
+
+
+def polygon_outline(landmarks: np.ndarray) -> np.ndarray:
+    """Seed 003's mask polygon, its jaw points moved slightly outwards (away from the nose tip) so the
+    mask covers the jaw line instead of ending exactly on it."""
+    points = landmarks[POLYGON_LANDMARKS].astype(np.float32).copy()
+    centre = landmarks[30]
+    outward = points[:-1] - centre
+    lengths = np.maximum(np.linalg.norm(outward, axis=1, keepdims=True), 1e-6)
+    margin = POLYGON_MARGIN * float(np.linalg.norm(landmarks[8] - landmarks[27]))
+    points[:-1] += outward / lengths * margin
+    return points
+
+
+def available_mask_types() -> list[str]:
+    return list(MASK_TYPES)
+
+
+def available_patterns() -> list[str]:
+    return sorted(PATTERNS)
+
+
+def rng_for(seed: int, key: str) -> np.random.Generator:
+    """Random stream that depends only on (seed, key): stable across processes and Python versions."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+@dataclass
+class MaskRecord:
+    """One manifest row. Geometry fields describe the largest face; `face_boxes` lists every face."""
+
+    key: str
+    status: str
+    reason: str = ""
+    num_faces: int = 0
+    mask_type: str | None = None
+    pattern: str | None = None
+    color: str | None = None
+    tilt_deg: float | None = None
+    keypoints: list[list[float]] = field(default_factory=list)
+    polygon: list[list[float]] = field(default_factory=list)
+    template_view: str | None = None
+    detector: str | None = None
+    width: int = 0
+    height: int = 0
+    face_boxes: list[list[float]] = field(default_factory=list)
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def record_schema():
+    """pyarrow schema of `MaskRecord.to_row()`, so batches with and without faces concatenate."""
+    import pyarrow as pa
+
+    points = pa.list_(pa.list_(pa.float64()))
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+            ("num_faces", pa.int64()),
+            ("mask_type", pa.string()),
+            ("pattern", pa.string()),
+            ("color", pa.string()),
+            ("tilt_deg", pa.float64()),
+            ("keypoints", points),
+            ("polygon", points),
+            ("template_view", pa.string()),
+            ("detector", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("face_boxes", points),
+        ]
+    )
+
+
+@dataclass
+class MaskResult:
+    """`image` is the masked RGB image (same size as the input) when status is ok, else None; `alpha`
+    (uint8, HxW) is how much mask covers each pixel."""
+
+    image: np.ndarray | None
+    record: MaskRecord
+    alpha: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    mask_type: str
+    pattern: str | None
+    color: str | None
+
+
+@dataclass(frozen=True)
+class TemplateLayers:
+    """A template as two premultiplied 4-channel float32 layers, so warping is two warpPerspective calls
+    into the face's ROI and patterns/colours are mixed there (per image, no template-size work):
+    `base` = (albedo * shade * alpha, alpha); `fabric` = (base RGB * fabric, fabric * shade * alpha)."""
+
+    base: np.ndarray
+    fabric: np.ndarray
+    keypoints: np.ndarray
+    outline: np.ndarray
+
+    @classmethod
+    def of(cls, t: MaskTemplate) -> TemplateLayers:
+        rgb = np.clip(t.albedo * t.shade[..., None], 0, 1) * t.alpha[..., None]
+        light = (t.fabric * np.clip(t.shade, 0, 1.5) * t.alpha)[..., None]
+        base = np.ascontiguousarray(np.dstack([rgb, t.alpha]), dtype=np.float32)
+        fabric = np.ascontiguousarray(np.dstack([rgb * t.fabric[..., None], light]), dtype=np.float32)
+        return cls(base, fabric, t.keypoints, t.outline)
+
+
+@cache
+def builtin_layers(mask_type: str, view: str) -> TemplateLayers:
+    """Built-in templates are drawn once per process and shared by every engine."""
+    return TemplateLayers.of(build_template(mask_type, view))
+
+
+class MaskEngine:
+    """Puts masks on every face of an image. Construct once (loads the dlib models); `mask` never raises
+    for bad image content: problems come back as a record status and reason."""
+
+    def __init__(self, config: MaskingConfig | None = None):
+        self.config = config or MaskingConfig()
+        cfg = self.config
+        self.landmarker = FaceLandmarker(cfg.detector, cfg.upsample, cfg.retry_upsample, cfg.detect_max_side)
+        self._custom_layers = {name: self._load_custom(spec) for name, spec in cfg.custom_masks.items()}
+        self._custom_tiles = {name: load_pattern_file(path) for name, path in cfg.custom_patterns.items()}
+        self.patterns = sorted(set(PATTERNS) | set(self._custom_tiles))
+        self._mix_entries = list(cfg.mix)
+        weights = np.array([cfg.mix[e] for e in self._mix_entries], np.float64)
+        self._mix_probs = weights / weights.sum() if len(weights) else weights
+        self._layouts = {(layout.width, layout.height): layout for layout in cfg.aligned_layouts}
+        for mask_type in self._types_in_use() if cfg.preload_templates else ():
+            for view in VIEWS:
+                self.layers(mask_type, view)
+
+    # ---- templates ---------------------------------------------------------------------------------
+    @staticmethod
+    def _load_custom(spec) -> dict[str, TemplateLayers]:
+        """A user type's views; a missing side is the other side mirrored, or the front view."""
+        from PIL import Image
+
+        from mfr_ray.paths import expand_shared
+
+        def load(view: str) -> MaskTemplate:
+            with Image.open(expand_shared(getattr(spec, view))) as img:
+                return template_from_rgba(np.asarray(img.convert("RGBA")), spec.keypoints[view])
+
+        views = {view: load(view) for view in ("front", "left", "right") if getattr(spec, view)}
+        for view, other in (("left", "right"), ("right", "left")):
+            if view not in views:
+                views[view] = mirror_template(views[other]) if other in views else views["front"]
+        return {view: TemplateLayers.of(template) for view, template in views.items()}
+
+    def _types_in_use(self) -> list[str]:
+        if self.config.mask_type:
+            names = [self.config.mask_type]
+        elif self.config.mix:
+            names = [entry.partition("/")[0] for entry in self.config.mix]
+        else:
+            names = list(MASK_TYPES)
+        return [n for n in dict.fromkeys(names) if n != POLYGON_TYPE and n not in self._custom_layers]
+
+    def layers(self, mask_type: str, view: str) -> TemplateLayers:
+        if mask_type in self._custom_layers:
+            return self._custom_layers[mask_type][view]
+        return builtin_layers(mask_type, view)
+
+    def _tile(self, pattern: str) -> np.ndarray:
+        return self._custom_tiles[pattern] if pattern in self._custom_tiles else pattern_tile(pattern)
+
+    # ---- choice --------------------------------------------------------------------------------------
+    def choose(self, key: str, mask_type: str | None = None) -> MaskChoice:
+        """Mask type, pattern and colour for an image key; depends only on (config, seed, key)."""
+        cfg = self.config
+        rng = rng_for(cfg.seed, key)
+        mix_pick = int(rng.choice(len(self._mix_entries), p=self._mix_probs)) if self._mix_entries else -1
+        pattern_pick = int(rng.integers(len(self.patterns)))
+        hue, sat, val = rng.random(3)
+        mask_type = mask_type or cfg.mask_type
+        variant = ""
+        if mask_type is None:
+            mask_type, variant = (
+                self._mix_entries[mix_pick].partition("/")[::2] if mix_pick >= 0 else ("surgical", "")
+            )
+        if mask_type not in MASK_TYPES and mask_type not in self._custom_layers:
+            raise ValueError(f"unknown mask type {mask_type!r}")
+        if mask_type == POLYGON_TYPE:
+            color = (
+                variant
+                if HEX_COLOR.match(variant)
+                else cfg.color
+                if cfg.color not in (None, RANDOM)
+                else None
+            )
+            return MaskChoice(mask_type, None, color or POLYGON_COLORS[pattern_pick % len(POLYGON_COLORS)])
+        if variant:
+            is_color = bool(HEX_COLOR.match(variant))
+            return MaskChoice(mask_type, None if is_color else variant, variant if is_color else None)
+        pattern = self.patterns[pattern_pick] if cfg.pattern == RANDOM else cfg.pattern
+        color = cfg.color
+        if color == RANDOM:
+            r, g, b = colorsys.hsv_to_rgb(hue, 0.3 + 0.6 * sat, 0.3 + 0.65 * val)
+            color = "#{:02x}{:02x}{:02x}".format(*(round(c * 255) for c in (r, g, b)))
+        return MaskChoice(mask_type, pattern, color)
+
+    # ---- masking -------------------------------------------------------------------------------------
+    def mask_bytes(self, data: bytes, key: str, **kw) -> MaskResult:
+        """Decode an encoded image and mask it; decode problems become the record's status."""
+        decoded = decode_image(data, max_pixels=self.config.max_pixels)
+        if not decoded.ok:
+            return MaskResult(None, MaskRecord(key=key, status=decoded.status, reason=decoded.reason))
+        result = self.mask(decoded.image, key, **kw)
+        if decoded.reason:
+            result.record.reason = "; ".join(filter(None, [decoded.reason, result.record.reason]))
+        return result
+
+    def mask(
+        self, image: np.ndarray, key: str, *, aligned: bool | None = None, mask_type: str | None = None
+    ) -> MaskResult:
+        """Mask every face of an RGB image (grey, RGBA and 16-bit arrays are converted)."""
+        rgb, status, reason = self._as_rgb(image)
+        if rgb is None:
+            return MaskResult(None, MaskRecord(key=key, status=status, reason=reason))
+        try:
+            return self._mask(
+                rgb, key, self.config.aligned if aligned is None else aligned, mask_type, reason
+            )
+        except (cv2.error, RuntimeError) as exc:  # OpenCV / dlib refusing this image's content
+            return MaskResult(
+                None,
+                MaskRecord(
+                    key=key,
+                    status="unsupported",
+                    reason=f"masking failed: {type(exc).__name__}: {exc}",
+                    width=rgb.shape[1],
+                    height=rgb.shape[0],
+                ),
+            )
+
+    def _as_rgb(self, image) -> tuple[np.ndarray | None, str, str]:
+        if image is None:
+            return None, "decode_error", "no image"
+        if not isinstance(image, np.ndarray) or image.dtype.kind not in "uif" or image.ndim not in (2, 3):
+            return (
+                None,
+                "unsupported",
+                f"not an image array: {type(image).__name__} {getattr(image, 'shape', '')}",
+            )
+        if image.size == 0 or min(image.shape[:2]) < 1:
+            return None, "decode_error", f"empty image {image.shape}"
+        if image.shape[0] * image.shape[1] > self.config.max_pixels:
+            return (
+                None,
+                "too_large",
+                f"{image.shape[1]}x{image.shape[0]} exceeds {self.config.max_pixels} pixels",
+            )
+        notes = []
+        if image.dtype != np.uint8:
+            notes.append(f"converted from {image.dtype}")
+            if image.dtype == np.uint16:
+                image = (image >> 8).astype(np.uint8)
+            else:
+                unit_range = image.dtype.kind == "f" and float(np.nan_to_num(image).max()) <= 1.0
+                image = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+                scale = 255.0 if unit_range else 1.0
+                image = np.clip(image * scale, 0, 255).astype(np.uint8)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        channels = image.shape[2]
+        if channels not in (1, 3, 4):
+            return None, "unsupported", f"{channels} channels"
+        if channels == 1:
+            notes.append("converted from grey")
+            image = np.repeat(image, 3, axis=2)
+        elif channels == 4:
+            notes.append("alpha dropped")
+            image = image[:, :, :3]
+        return np.ascontiguousarray(image), "ok", "; ".join(notes)
+
+    def _face_boxes(self, rgb: np.ndarray, grey: np.ndarray, aligned: bool) -> tuple[list[Box], str, str]:
+        h, w = grey.shape
+        if aligned:
+            layout = self._layouts.get((w, h))
+            if layout is not None:
+                return [aligned_face_box(layout.face_box, w, h)], "aligned", ""
+            note = f"no aligned layout for {w}x{h}, used the detector"
+        else:
+            note = ""
+        return self.landmarker.detect(rgb, grey), self.config.detector, note
+
+    def _mask(self, rgb: np.ndarray, key: str, aligned: bool, mask_type: str | None, note: str) -> MaskResult:
+        cfg = self.config
+        h, w = rgb.shape[:2]
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        boxes, detector, box_note = self._face_boxes(rgb, grey, aligned)
+        notes = [n for n in (note, box_note) if n]
+        record = MaskRecord(key=key, status="no_face", detector=detector, width=w, height=h)
+        if not boxes:
+            tries = f"upsample {cfg.upsample}" + (
+                f" then {cfg.retry_upsample}" if cfg.retry_upsample > cfg.upsample else ""
+            )
+            record.reason = "; ".join([*notes, f"no face found by the {detector} detector ({tries})"])
+            return MaskResult(None, record)
+        choice = self.choose(key, mask_type)
+        out = rgb.copy()
+        alpha = np.zeros((h, w), np.uint8)
+        faces = []
+        for box in boxes:
+            landmarks = self.landmarker.fit(grey, box)
+            problem = implausible_landmarks(landmarks, box) if detector == "aligned" else None
+            if problem:
+                notes.append(f"landmark fit rejected: {problem}")
+                continue
+            keypoints = six_keypoints(landmarks)
+            tilt = face_tilt(landmarks)
+            view = (
+                "front"
+                if choice.mask_type == POLYGON_TYPE
+                else view_for_tilt(tilt, cfg.side_view_threshold_deg)
+            )
+            if choice.mask_type == POLYGON_TYPE:
+                polygon = self._paint_polygon(out, alpha, polygon_outline(landmarks), choice.color)
+            else:
+                polygon = self._paint_template(
+                    out, alpha, self.layers(choice.mask_type, view), choice, keypoints
+                )
+            if polygon is None:
+                notes.append("mask could not be placed (degenerate key points)")
+                continue
+            faces.append((box, keypoints, tilt, view, polygon))
+        record.reason = "; ".join(notes)
+        record.face_boxes = [[round(float(v), 2) for v in box] for box in boxes]
+        if not faces:
+            return MaskResult(None, record)
+        _, keypoints, tilt, view, polygon = faces[0]
+        record.status = "ok"
+        record.num_faces = len(faces)
+        record.mask_type, record.pattern, record.color = choice.mask_type, choice.pattern, choice.color
+        record.tilt_deg = round(tilt, 3)
+        record.keypoints = np.round(keypoints, 2).tolist()
+        record.polygon = np.round(polygon, 2).tolist()
+        record.template_view = view
+        return MaskResult(out, record, alpha)
+
+    @staticmethod
+    def _roi(points: np.ndarray, w: int, h: int) -> tuple[int, int, int, int] | None:
+        if not np.isfinite(points).all():
+            return None
+        x0, y0 = np.floor(points.min(axis=0)).astype(int)
+        x1, y1 = np.ceil(points.max(axis=0)).astype(int) + 2
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+    def _paint_template(
+        self,
+        out: np.ndarray,
+        alpha: np.ndarray,
+        layers: TemplateLayers,
+        choice: MaskChoice,
+        keypoints: np.ndarray,
+    ) -> np.ndarray | None:
+        """Warp the template onto the six key points and blend it into `out` (in place) inside its ROI."""
+        anchors = [*range(6), *ANCHORED]  # least squares, with the bridge and chin counted twice
+        homography, _ = cv2.findHomography(layers.keypoints[anchors], keypoints[anchors], 0)
+        if homography is None or abs(np.linalg.det(homography[:2, :2])) < 1e-9:
+            return None
+        polygon = cv2.perspectiveTransform(layers.outline[None], homography)[0]
+        h, w = alpha.shape
+        face_size = float(np.ptp(keypoints, axis=0).max())
+        if not np.isfinite(polygon).all() or float(np.ptp(polygon, axis=0).max()) > 4 * face_size + 4:
+            return None
+        roi = self._roi(polygon, w, h)
+        if roi is None:
+            return None
+        x0, y0, x1, y1 = roi
+        to_roi = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64) @ homography
+        size = (x1 - x0, y1 - y0)
+
+        def warp(layer: np.ndarray, border: int = cv2.BORDER_CONSTANT) -> np.ndarray:
+            return cv2.warpPerspective(
+                layer, to_roi, size, flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
+            )
+
+        base = warp(layers.base)
+        a, mask_rgb = base[..., 3:4], base[..., :3]
+        if choice.color or choice.pattern:
+            fabric = warp(layers.fabric)
+            fabric_rgb, light = fabric[..., :3], fabric[..., 3:4]
+            if choice.color:
+                wc, color = self.config.color_weight, hex_to_rgb(choice.color)
+                mask_rgb = mask_rgb - wc * fabric_rgb + (wc * color) * light
+                fabric_rgb = (1 - wc) * fabric_rgb + (wc * color) * light
+            if choice.pattern:
+                wp = self.config.pattern_weight
+                tile = warp(self._tile(choice.pattern), cv2.BORDER_WRAP)
+                mask_rgb = mask_rgb - wp * fabric_rgb + wp * tile * light
+        face_u8 = out[y0:y1, x0:x1]
+        mask_rgb = self._match_light(mask_rgb, a, face_u8)
+        blended = face_u8.astype(np.float32) * (1 - a) + mask_rgb * 255
+        out[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+        np.maximum(alpha[y0:y1, x0:x1], (a[..., 0] * 255 + 0.5).astype(np.uint8), out=alpha[y0:y1, x0:x1])
+        return polygon
+
+    def _match_light(self, premult: np.ndarray, a: np.ndarray, face: np.ndarray) -> np.ndarray:
+        """Scale the mask's brightness and saturation by the face's (HSV value and saturation of the
+        pixels under the mask) relative to a normally lit, normally saturated face, so masks are dim on
+        dark photos and grey on grey ones."""
+        cfg = self.config
+        under = (a[..., 0] > 0.5).astype(np.uint8)
+        if not (cfg.match_brightness or cfg.match_saturation) or cv2.countNonZero(under) < 4:
+            return premult
+        _, sat, value, _ = cv2.mean(cv2.cvtColor(face, cv2.COLOR_RGB2HSV), mask=under)
+        if cfg.match_brightness:
+            premult = premult * float(np.clip(value / 255 / cfg.brightness_reference, 0.35, 1.3))
+        if cfg.match_saturation:
+            grey = cv2.transform(premult, LUMA[None, :])[..., None]
+            premult = grey + (premult - grey) * float(np.clip(sat / 255 / cfg.saturation_reference, 0.0, 1.2))
+        return premult
+
+    @staticmethod
+    def _paint_polygon(
+        out: np.ndarray, alpha: np.ndarray, points: np.ndarray, color: str
+    ) -> np.ndarray | None:
+        """Seed 003's mask: the landmark polygon filled with one flat colour (anti-aliased)."""
+        h, w = alpha.shape
+        roi = MaskEngine._roi(points, w, h)
+        if roi is None:
+            return None
+        x0, y0, x1, y1 = roi
+        cover = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        fixed = np.round((points - [x0, y0]) * 16).astype(np.int32)
+        cv2.fillPoly(cover, [fixed], 255, cv2.LINE_AA, shift=4)
+        a = cover.astype(np.float32)[..., None] / 255
+        face = out[y0:y1, x0:x1].astype(np.float32)
+        out[y0:y1, x0:x1] = np.clip(face * (1 - a) + hex_to_rgb(color) * 255 * a + 0.5, 0, 255).astype(
+            np.uint8
+        )
+        np.maximum(alpha[y0:y1, x0:x1], cover, out=alpha[y0:y1, x0:x1])
+        return points

@@ -1,0 +1,348 @@
+"""Mask templates drawn by code: RGBA-like layers plus the six labelled key points.
+
+Geometry is laid out in "face units": origin at the nose-bridge key point, x to the image right, unit =
+distance between the two cheek key points at nose level (the mean LFW face puts the cheek points at
+(+-0.5, 0.06), the lower-lip jaw points at (+-0.39, 0.49), the chin at (0, 0.74) and the lower eyelids at
+y = -0.06). A template is kept as separate layers so patterns and colours can be applied without losing
+the folds: `albedo` (base colours), `shade` (multiplicative light), `fabric` (where patterns may go),
+`alpha`. Side views are the front view foreshortened on the far side and shaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from mfr_ray.masking.patterns import hex_to_rgb
+
+SCALE = 200.0  # template pixels per face unit
+ORIGIN = (0.64, 0.14)  # face-unit offset of the canvas' top-left corner
+CANVAS = (int(1.28 * SCALE), int(1.04 * SCALE))  # width, height
+SUPERSAMPLE = 4
+SIDE_COMPRESSION = 0.72
+KEYPOINT_NAMES = ("nose_bridge", "cheek_left", "cheek_right", "jaw_left", "jaw_right", "chin")
+MIRROR_ORDER = [0, 2, 1, 4, 3, 5]
+FACE_KEYPOINTS = np.array(
+    [[0, 0], [-0.5, 0.06], [0.5, 0.06], [-0.39, 0.49], [0.39, 0.49], [0, 0.74]], np.float32
+)
+POLYGON_TYPE = "polygon"
+POLYGON_COLORS = ("#000000", "#ffffff", "#87ceeb")
+
+
+@dataclass(frozen=True)
+class MaskTemplate:
+    albedo: np.ndarray  # HxWx3 float32 0..1
+    shade: np.ndarray  # HxW float32, ~1
+    fabric: np.ndarray  # HxW float32 0..1: where patterns/colours apply
+    alpha: np.ndarray  # HxW float32 0..1
+    keypoints: np.ndarray  # 6x2 float32, template pixels, KEYPOINT_NAMES order
+    outline: np.ndarray  # Nx2 float32 polygon, template pixels
+
+
+def to_pixels(points) -> np.ndarray:
+    pts = np.asarray(points, np.float32)
+    return np.stack([(pts[:, 0] + ORIGIN[0]) * SCALE, (pts[:, 1] + ORIGIN[1]) * SCALE], axis=1)
+
+
+def _face_grid() -> tuple[np.ndarray, np.ndarray]:
+    """Face-unit coordinates of every template pixel centre."""
+    w, h = CANVAS
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return x / SCALE - ORIGIN[0], y / SCALE - ORIGIN[1]
+
+
+def _catmull_rom(points: np.ndarray, samples: int = 8) -> np.ndarray:
+    """Closed smooth curve through `points`."""
+    out = []
+    n = len(points)
+    for i in range(n):
+        p0, p1, p2, p3 = (points[(i + k) % n] for k in (-1, 0, 1, 2))
+        for t in np.linspace(0, 1, samples, endpoint=False):
+            t2, t3 = t * t, t * t * t
+            out.append(
+                0.5
+                * (
+                    2 * p1
+                    + (p2 - p0) * t
+                    + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2
+                    + (3 * p1 - p0 - 3 * p2 + p3) * t3
+                )
+            )
+    return np.array(out, np.float32)
+
+
+def symmetric_outline(right_half: list[tuple[float, float]]) -> np.ndarray:
+    """Closed smooth outline (face units) from its right half, listed top-centre to bottom-centre."""
+    right = np.array(right_half, np.float32)
+    left = right[-2:0:-1] * np.array([-1, 1], np.float32)
+    return _catmull_rom(np.concatenate([right, left]))
+
+
+def _fill(polygons: list[np.ndarray]) -> np.ndarray:
+    """Anti-aliased 0..1 coverage of face-unit polygons on the canvas."""
+    w, h = CANVAS
+    big = np.zeros((h * SUPERSAMPLE, w * SUPERSAMPLE), np.uint8)
+    for poly in polygons:
+        pts = np.round(to_pixels(poly) * SUPERSAMPLE).astype(np.int32)
+        cv2.fillPoly(big, [pts], 255, cv2.LINE_AA)
+    return cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+
+
+def _circle(cx: float, cy: float, r: float, n: int = 48) -> np.ndarray:
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], axis=1).astype(np.float32)
+
+
+def _edge_distance(alpha: np.ndarray) -> np.ndarray:
+    """Distance (face units) of each inside pixel from the outline."""
+    inside = (alpha > 0.5).astype(np.uint8)
+    return cv2.distanceTransform(inside, cv2.DIST_L2, 5) / SCALE
+
+
+def _gauss(d: np.ndarray, width: float) -> np.ndarray:
+    return np.exp(-((d / width) ** 2))
+
+
+def _base(outline: np.ndarray, color: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    alpha = _fill([outline])
+    albedo = np.broadcast_to(hex_to_rgb(color), (*alpha.shape, 3)).copy()
+    return albedo, np.ones_like(alpha), alpha.copy(), alpha
+
+
+def _template(outline, albedo, shade, fabric, alpha) -> MaskTemplate:
+    return MaskTemplate(
+        albedo=np.clip(albedo, 0, 1).astype(np.float32),
+        shade=np.clip(shade, 0.2, 1.6).astype(np.float32),
+        fabric=np.clip(fabric, 0, 1).astype(np.float32),
+        alpha=np.clip(alpha, 0, 1).astype(np.float32),
+        keypoints=to_pixels(FACE_KEYPOINTS),
+        outline=to_pixels(outline),
+    )
+
+
+def _surgical(color: str) -> MaskTemplate:
+    outline = symmetric_outline(
+        [
+            (0, -0.02),
+            (0.14, -0.006),
+            (0.34, 0.018),
+            (0.55, 0.045),
+            (0.565, 0.2),
+            (0.55, 0.38),
+            (0.49, 0.52),
+            (0.39, 0.645),
+            (0.25, 0.745),
+            (0.1, 0.805),
+            (0, 0.815),
+        ]
+    )
+    albedo, shade, fabric, alpha = _base(outline, color)
+    x, y = _face_grid()
+    for fold in (0.2, 0.34, 0.48):
+        d = y - (fold + 0.08 * x**2)
+        shade = shade - 0.2 * _gauss(d - 0.012, 0.013) + 0.07 * _gauss(d + 0.02, 0.02)
+    shade = shade * (1 - 0.25 * x**2) * (1 - 0.12 * _gauss(_edge_distance(alpha) - 0.03, 0.006))
+    shade = shade - 0.1 * _gauss(y - 0.01 - 0.05 * np.abs(x), 0.008) * (np.abs(x) < 0.16)  # nose wire
+    return _template(outline, albedo, shade, fabric, alpha)
+
+
+def _n95(color: str) -> MaskTemplate:
+    a, b, cy, n = 0.6, 0.44, 0.375, 3.2
+    t = np.linspace(0, 2 * np.pi, 160, endpoint=False)
+    xs = a * np.sign(np.cos(t)) * np.abs(np.cos(t)) ** (2 / n)
+    ys = cy + b * np.sign(np.sin(t)) * np.abs(np.sin(t)) ** (2 / n)
+    ys = np.maximum(ys, -0.025 + 0.13 * np.abs(xs))  # flat top stays under the eyes
+    outline = np.stack([xs, ys], axis=1).astype(np.float32)
+    albedo, shade, fabric, alpha = _base(outline, color)
+    x, y = _face_grid()
+    r2 = np.clip((np.abs(x) / a) ** n + (np.abs(y - cy) / b) ** n, 0, 1)
+    rim = _edge_distance(alpha)
+    shade = (0.78 + 0.3 * (1 - r2)) * (1 - 0.18 * _gauss(rim - 0.025, 0.008)) * (1 - 0.1 * (rim < 0.02))
+    valve = _fill([_circle(0.24, 0.46, 0.085)])
+    albedo = albedo * (1 - valve[..., None]) + hex_to_rgb("#c9ccd1") * valve[..., None]
+    shade = shade * (1 - 0.25 * _gauss(np.hypot(x - 0.24, y - 0.46) - 0.085, 0.01))
+    return _template(outline, albedo, shade, fabric * (1 - valve), alpha)
+
+
+def _kn95(color: str) -> MaskTemplate:
+    outline = symmetric_outline(
+        [
+            (0, -0.035),
+            (0.2, -0.002),
+            (0.4, 0.02),
+            (0.57, 0.05),
+            (0.58, 0.25),
+            (0.53, 0.45),
+            (0.38, 0.64),
+            (0.17, 0.79),
+            (0, 0.845),
+        ]
+    )
+    albedo, shade, fabric, alpha = _base(outline, color)
+    x, y = _face_grid()
+    edge = _edge_distance(alpha)
+    weld = (edge < 0.045) * (0.92 + 0.08 * (np.sin(x * 260) * np.sin(y * 260) > 0))
+    shade = np.where(edge < 0.045, weld, 1.0) * np.where(x < 0, 0.9, 1.0) * (1 - 0.35 * _gauss(x, 0.006))
+    shade = shade * (1 - 0.15 * x**2)
+    return _template(outline, albedo, shade, fabric, alpha)
+
+
+def _cloth(color: str) -> MaskTemplate:
+    outline = symmetric_outline(
+        [
+            (0, -0.025),
+            (0.2, 0.0),
+            (0.38, 0.02),
+            (0.56, 0.045),
+            (0.56, 0.2),
+            (0.53, 0.36),
+            (0.47, 0.5),
+            (0.38, 0.625),
+            (0.25, 0.725),
+            (0.12, 0.8),
+            (0, 0.815),
+        ]
+    )
+    albedo, shade, fabric, alpha = _base(outline, color)
+    x, y = _face_grid()
+    rng = np.random.default_rng(7)
+    weave = cv2.GaussianBlur(rng.standard_normal(alpha.shape).astype(np.float32), (0, 0), 0.8)
+    edge = _edge_distance(alpha)
+    stitches = (np.abs(edge - 0.035) < 0.004) * (np.sin((x + y) * 180) > 0)
+    seam = _gauss(x + 0.03 * np.sin(3 * y), 0.008)
+    shade = (0.93 + 0.06 * weave) * (1 - 0.3 * seam) * (1 - 0.2 * stitches) * (1 - 0.2 * x**2)
+    return _template(outline, albedo, shade, fabric, alpha)
+
+
+def _gas(color: str) -> MaskTemplate:
+    outline = symmetric_outline(
+        [
+            (0, -0.03),
+            (0.22, 0.0),
+            (0.4, 0.025),
+            (0.52, 0.05),
+            (0.56, 0.25),
+            (0.52, 0.45),
+            (0.41, 0.63),
+            (0.27, 0.77),
+            (0.12, 0.85),
+            (0, 0.865),
+        ]
+    )
+    cartridges = [_circle(s * 0.44, 0.56, 0.17) for s in (-1, 1)]
+    alpha = _fill([outline, *cartridges])
+    body = _fill([outline])
+    x, y = _face_grid()
+    albedo = np.broadcast_to(hex_to_rgb(color), (*alpha.shape, 3)).copy()
+    shade = 0.8 + 0.35 * np.clip(1 - (x / 0.6) ** 2 - ((y - 0.4) / 0.5) ** 2, 0, 1)
+    hardware = np.zeros_like(alpha)
+    for s in (-1, 1):
+        r = np.hypot(x - s * 0.44, y - 0.56)
+        disc = np.clip((0.17 - r) * SCALE, 0, 1)
+        hardware = np.maximum(hardware, disc)
+        shade = shade * (1 - 0.35 * _gauss(r - 0.12, 0.01)) * (1 - 0.25 * _gauss(r - 0.16, 0.008))
+    valve_r = np.hypot(x, y - 0.55)
+    valve = np.clip((0.1 - valve_r) * SCALE, 0, 1)
+    grille = valve * (np.sin(y * 220) > 0.3)
+    shade = shade * (1 - 0.4 * grille) * (1 - 0.3 * _gauss(valve_r - 0.1, 0.008))
+    metal = np.maximum(hardware, valve)
+    albedo = albedo * (1 - metal[..., None]) + hex_to_rgb("#5f6368") * metal[..., None]
+    return _template(outline, albedo, shade, body * (1 - metal), alpha)
+
+
+@dataclass(frozen=True)
+class MaskTypeSpec:
+    build: Callable[[str], MaskTemplate] | None  # None: drawn from landmarks (the polygon type)
+    color: str
+
+
+MASK_TYPES: dict[str, MaskTypeSpec] = {
+    "surgical": MaskTypeSpec(_surgical, "#a9cfe6"),
+    "surgical_blue": MaskTypeSpec(_surgical, "#3f7fc4"),
+    "surgical_green": MaskTypeSpec(_surgical, "#77b8a1"),
+    "surgical_white": MaskTypeSpec(_surgical, "#f1f1ee"),
+    "surgical_black": MaskTypeSpec(_surgical, "#2a2a2c"),
+    "N95": MaskTypeSpec(_n95, "#efece3"),
+    "KN95": MaskTypeSpec(_kn95, "#f4f4f4"),
+    "cloth": MaskTypeSpec(_cloth, "#2f3e5c"),
+    "gas": MaskTypeSpec(_gas, "#3a3b3c"),
+    POLYGON_TYPE: MaskTypeSpec(None, POLYGON_COLORS[0]),
+}
+
+
+def side_view(front: MaskTemplate, side: str) -> MaskTemplate:
+    """Foreshorten the far half (the image-left half for a face turned to the left) and shade it darker;
+    "right" is the mirror image of "left"."""
+    if side == "right":
+        return mirror_template(side_view(front, "left"))
+    bridge_x = float(front.keypoints[0, 0])
+    h, w = front.alpha.shape
+    xs = np.arange(w, dtype=np.float32)
+    src_x = np.where(xs < bridge_x, bridge_x + (xs - bridge_x) / SIDE_COMPRESSION, xs)
+    map_x = np.broadcast_to(src_x, (h, w)).astype(np.float32)
+    map_y = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w)).astype(np.float32)
+    remap = lambda a: cv2.remap(
+        a, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    squeeze = lambda p: np.stack(
+        [np.where(p[:, 0] < bridge_x, bridge_x + (p[:, 0] - bridge_x) * SIDE_COMPRESSION, p[:, 0]), p[:, 1]],
+        axis=1,
+    ).astype(np.float32)
+    far = np.clip((bridge_x - xs) / (0.5 * SCALE * SIDE_COMPRESSION), 0, 1)
+    near = np.clip((xs - bridge_x) / (0.5 * SCALE), 0, 1)
+    light = (1 - 0.3 * far) * (1 + 0.06 * near * (1 - near))
+    return MaskTemplate(
+        remap(front.albedo),
+        remap(front.shade) * light[None, :],
+        remap(front.fabric),
+        remap(front.alpha),
+        squeeze(front.keypoints),
+        squeeze(front.outline),
+    )
+
+
+def build_template(mask_type: str, view: str) -> MaskTemplate:
+    """Draw one built-in template (callers cache it)."""
+    spec = MASK_TYPES[mask_type]
+    if spec.build is None:
+        raise ValueError(f"{mask_type!r} is drawn from landmarks and has no template")
+    front = spec.build(spec.color)
+    return front if view == "front" else side_view(front, view)
+
+
+def template_from_rgba(rgba: np.ndarray, keypoints) -> MaskTemplate:
+    """A user template from an RGBA uint8 array: its own shading is kept in `shade` so patterns and
+    colours still show its folds."""
+    rgb = rgba[..., :3].astype(np.float32) / 255.0
+    alpha = rgba[..., 3].astype(np.float32) / 255.0
+    lum = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    mean = float((lum * alpha).sum() / max(alpha.sum(), 1e-6)) or 1.0
+    shade = np.clip(lum / mean, 0.2, 1.6)
+    albedo = np.clip(rgb / shade[..., None], 0, 1)
+    contours, _ = cv2.findContours((alpha > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outline = (
+        max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float32)
+        if contours
+        else np.zeros((0, 2), np.float32)
+    )
+    return MaskTemplate(
+        albedo, shade.astype(np.float32), alpha.copy(), alpha, np.asarray(keypoints, np.float32), outline
+    )
+
+
+def mirror_template(template: MaskTemplate) -> MaskTemplate:
+    """Left-right mirror (used for a user type given with one side view only)."""
+    width = template.alpha.shape[1]
+    flip = lambda a: np.ascontiguousarray(a[:, ::-1])
+    mirror = lambda p: np.stack([width - 1 - p[:, 0], p[:, 1]], axis=1).astype(np.float32)
+    return MaskTemplate(
+        flip(template.albedo),
+        flip(template.shade),
+        flip(template.fabric),
+        flip(template.alpha),
+        mirror(template.keypoints)[MIRROR_ORDER],
+        mirror(template.outline),
+    )
