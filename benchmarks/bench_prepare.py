@@ -1,0 +1,113 @@
+"""Throughput and peak memory of the dataset-preparation job.
+
+Runs `jobs/prepare_dataset.py` as a fresh process per case (its own local Ray), into a scratch output,
+and samples the proportional set size (PSS, so shared object-store pages count once) of every process in
+the job's session: the driver, the Ray daemons and the actors. Prints images/s end to end, where the actor
+time goes (read, decode, align, mask, encode, write) and the peak memory.
+
+    python benchmarks/bench_prepare.py --config configs/prepare_lfw_eval.yaml --cases 1300:1 1300:2 13233:2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def session_pss_bytes(session_id: int) -> int:
+    """Summed PSS of the processes whose session id is `session_id` (the job and everything it spawned)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session_id:  # fields after the command: state ppid pgrp session ...
+                continue
+            for line in (stat.parent / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return total
+
+
+class PeakMemory(threading.Thread):
+    def __init__(self, session_id: int, interval_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.session_id, self.interval_s, self.peak, self.running = session_id, interval_s, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, session_pss_bytes(self.session_id))
+            time.sleep(self.interval_s)
+
+
+def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[str]) -> dict:
+    out = scratch / f"out-{images}-{actors}"
+    cmd = [sys.executable, str(REPO / "jobs" / "prepare_dataset.py"), "--config", config, "--no-progress",
+           f"output.uri={out}", f"index.limit={images}", f"compute.num_actors={actors}",
+           "tracking.enabled=false", *extra]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    sampler = PeakMemory(proc.pid)
+    sampler.start()
+    output, _ = proc.communicate()
+    sampler.running = False
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {images}:{actors} failed:\n{output[-3000:]}")
+    rate = float(re.search(r"([\d.]+) images/s", output).group(1))
+    card = json.loads((out / "dataset_card.json").read_text())
+    return {
+        "images": images,
+        "actors": actors,
+        "images_per_s": rate,
+        "process_wall_s": round(wall, 1),
+        "peak_pss_mib": round(sampler.peak / 2**20),
+        "stage_seconds": card["counts"]["stage_seconds"],
+        "status": card["counts"]["status"].get("unmasked", {}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/prepare_lfw_eval.yaml")
+    parser.add_argument("--cases", nargs="+", default=["1300:1", "1300:2", "13233:2"], help="IMAGES:ACTORS")
+    parser.add_argument("--scratch", default=None, help="output folder (default: a temp folder)")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
+    args = parser.parse_args()
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-prepare-"))
+    results = []
+    for case in args.cases:
+        images, actors = (int(x) for x in case.split(":"))
+        result = run_case(args.config, images, actors, scratch, args.overrides)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    print(f"\n{'images':>7} {'actors':>6} {'img/s':>7} {'peak MiB':>9}  actor seconds per stage")
+    for r in results:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+        print(f"{r['images']:>7} {r['actors']:>6} {r['images_per_s']:>7.2f} {r['peak_pss_mib']:>9}  {stages}")
+    by_case = {(r["images"], r["actors"]): r for r in results}
+    for images in sorted({r["images"] for r in results}):
+        if (images, 1) in by_case and (images, 2) in by_case:
+            speedup = by_case[images, 2]["images_per_s"] / by_case[images, 1]["images_per_s"]
+            print(f"speed-up 1 -> 2 actors on {images} images: {speedup:.2f}x")
+    sizes = sorted({r["images"] for r in results})
+    if len(sizes) >= 2:
+        small = max(r["peak_pss_mib"] for r in results if r["images"] == sizes[0])
+        large = max(r["peak_pss_mib"] for r in results if r["images"] == sizes[-1])
+        print(f"peak memory {sizes[0]} vs {sizes[-1]} images: {small} vs {large} MiB ({large / small - 1:+.0%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Data preparation: index -> align -> mask -> write on Ray Data, and readers of the prepared datasets.
+
+`run_prepare(PrepareConfig)` runs the job; `read_prepared` / `paired_dataset` read its output.
+The job pieces load lazily so importing the readers does not pull in torch, dlib or the mask engine.
+"""
+
+from mfr_ray.data.reader import load_label_map, paired_dataset, prepared_variants, read_prepared
+
+_LAZY = {
+    "PrepareConfig": "mfr_ray.data.config",
+    "PrepareSummary": "mfr_ray.data.job",
+    "run_prepare": "mfr_ray.data.job",
+}
+
+__all__ = [
+    "PrepareConfig",
+    "PrepareSummary",
+    "load_label_map",
+    "paired_dataset",
+    "prepared_variants",
+    "read_prepared",
+    "run_prepare",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mfr_ray.data' has no attribute {name!r}")

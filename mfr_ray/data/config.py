@@ -1,0 +1,95 @@
+"""Config of a dataset-preparation job (`kind: prepare`): where images come from, how they are aligned
+and masked, what is written, and how many Ray actors do the work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mfr_ray.config.base import StrictModel
+from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
+from mfr_ray.config.loader import dump_config
+from mfr_ray.data.align import AlignConfig
+from mfr_ray.masking.config import MaskingConfig
+from mfr_ray.paths import expand_shared
+
+IMAGE_SUFFIXES = [".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"]
+
+
+class IndexConfig(StrictModel):
+    """The input tree `<uri>/<identity>/<image>`: identity = first folder below the root."""
+
+    uri: str = Field(..., description="local folder, file:// or s3://bucket/prefix")
+    suffixes: list[str] = Field(default_factory=lambda: list(IMAGE_SUFFIXES))
+    limit: int | None = Field(None, ge=1, description="keep only the first N images of the listing")
+    shard_size: int = Field(128, ge=1, le=100_000, description="images per output shard (the unit of resume)")
+
+    @field_validator("uri")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_shared(value)
+
+
+class VariantConfig(StrictModel):
+    """One family of masked copies: `copies` masked versions of every aligned crop, labelled `name`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="value of the `variant` column and folder")
+    mask_type: str | None = Field(None, description="fixed mask type; None draws from masking.mix")
+    copies: int = Field(1, ge=1, le=32)
+
+
+class OutputConfig(StrictModel):
+    uri: str = Field(..., description="local folder, file:// or s3://bucket/prefix")
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @field_validator("uri")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_shared(value)
+
+
+class ComputeConfig(StrictModel):
+    num_actors: int = Field(2, ge=1, description="Ray Data actors, each with its own aligner and mask engine")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    io_retry_s: float = Field(120.0, ge=0, description="how long a shard keeps retrying unreachable storage")
+    wait_for_actors_s: int = Field(
+        600, description="wait for the whole pool before dispatching, so every node gets work (<= 0: don't)"
+    )
+
+
+class PrepareConfig(StrictModel):
+    """Index -> align -> mask -> write, resumable shard by shard."""
+
+    name: str = "prepare"
+    index: IndexConfig
+    align: AlignConfig = AlignConfig()
+    masking: MaskingConfig = MaskingConfig()
+    variants: list[VariantConfig] = Field(default_factory=lambda: [VariantConfig(name="masked")])
+    output: OutputConfig
+    compute: ComputeConfig = ComputeConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _distinct_variants(self) -> PrepareConfig:
+        names = [v.name for v in self.variants]
+        if "unmasked" in names or len(set(names)) != len(names):
+            raise ValueError(f"variant names must be distinct and not 'unmasked' (got {names})")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the content of the output, so a rerun into the same output
+        with different settings is refused instead of mixing two datasets."""
+        content = {
+            "index": dump_config(self.index),
+            "align": dump_config(self.align),
+            "masking": dump_config(self.masking),
+            "variants": dump_config(self.variants),
+            "format": [self.output.image_format, self.output.jpeg_quality],
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]

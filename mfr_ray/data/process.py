@@ -1,0 +1,271 @@
+"""Stages 2-4 inside a Ray Data actor: read + decode, align, mask, encode and write one shard at a time.
+
+`ShardProcessor` is the class UDF of `map_batches(..., compute=ActorPoolStrategy)`: MTCNN, dlib and the
+mask templates load once per actor in `__init__`; each call gets shard ids and writes those shards
+atomically. Every input image leaves exactly one "unmasked" row (ok or failed with status and reason);
+bad content never raises. Only storage that stays unreachable past the retry budget fails a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mfr_ray.data.config import PrepareConfig, VariantConfig
+from mfr_ray.data.index import read_index_shard
+from mfr_ray.data.layout import UNMASKED, DatasetLayout, with_retry
+from mfr_ray.imageio import decode_image, encode_image
+from mfr_ray.storage import filesystem_for
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("source_key", pa.string()),
+        ("identity", pa.string()),
+        ("identity_id", pa.int32()),
+        ("variant", pa.string()),
+        ("copy_index", pa.int16()),
+        ("mask_type", pa.string()),
+        ("pattern", pa.string()),
+        ("color", pa.string()),
+        ("image", pa.binary()),
+        ("image_format", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("align_method", pa.string()),
+        ("num_faces", pa.int32()),
+    ]
+)
+STAGES = ("read", "decode", "align", "mask", "encode", "write")
+DETECTED_METHODS = ("mtcnn", "dlib", "prealigned")
+
+
+class StageTimer:
+    """Seconds spent per stage, summed over a shard (the benchmark's 'where the time goes')."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def color_text(color: Any) -> str | None:
+    """Mask colour as `#rrggbb` for RGB triples, as text otherwise."""
+    if color is None or isinstance(color, str):
+        return color
+    if isinstance(color, list | tuple | np.ndarray) and len(color) == 3:
+        return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in color))
+    return str(color)
+
+
+def failed_row(base: dict, variant: str, copy_index: int, status: str, reason: str, align_method: str) -> dict:
+    return {
+        **base,
+        "variant": variant,
+        "copy_index": copy_index,
+        "status": status,
+        "reason": reason,
+        "align_method": align_method,
+        "num_faces": 0,
+    }
+
+
+def read_source(fs, path: str, retry_s: float) -> tuple[bytes | None, str]:
+    """Bytes of one input file; a file gone since indexing is a row (decode_error), not a failure."""
+
+    def attempt() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    try:
+        return with_retry(attempt, f"reading {path}", retry_s), ""
+    except FileNotFoundError:
+        return None, "file disappeared after indexing"
+
+
+class ShardProcessor:
+    """Ray Data class UDF: batch {"shard_id"} -> {"shard_id", "marker"} (marker = the shard's JSON summary)."""
+
+    def __init__(self, config: PrepareConfig, identities: list[str]):
+        import ray
+
+        from mfr_ray.data.align import FaceAligner
+
+        self.cfg = config
+        self.identity_ids = {name: i for i, name in enumerate(identities)}
+        self.aligner = FaceAligner(config.align)
+        self.engine = None
+        if config.variants:  # an unmasked-only dataset needs no mask models
+            from mfr_ray.masking import MaskEngine
+
+            self.engine = MaskEngine(config.masking)
+        self.source_fs, self.source_root = filesystem_for(config.index.uri, config.storage)
+        self.layout = DatasetLayout(config.output.uri, config.storage, config.compute.io_retry_s)
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        shard_ids = [int(s) for s in batch["shard_id"]]
+        markers = [json.dumps(self.process_shard(s), sort_keys=True) for s in shard_ids]
+        return {"shard_id": shard_ids, "marker": markers}
+
+    # -- one shard -----------------------------------------------------------------------------------------
+    def process_shard(self, shard_id: int) -> dict:
+        timer = StageTimer()
+        manifest = read_index_shard(self.layout, shard_id).to_pylist()
+        rows: dict[str, list[dict]] = {UNMASKED: []}
+        rows.update({v.name: [] for v in self.cfg.variants})
+        batch = self.cfg.align.batch_size
+        for start in range(0, len(manifest), batch):
+            for row in self.process_images(manifest[start : start + batch], timer):
+                rows[row["variant"]].append(row)
+        with timer("write"):
+            files = {}
+            for variant, variant_rows in rows.items():
+                table = pa.Table.from_pylist(variant_rows, schema=OUTPUT_SCHEMA)
+                self.layout.write_table(self.layout.data_path(variant, shard_id), table)
+                files[variant] = table.num_rows
+        marker = shard_marker(shard_id, len(manifest), rows, files, timer.seconds, self.node_id)
+        self.layout.write_json(self.layout.done_path(shard_id), marker)
+        return marker
+
+    def process_images(self, entries: list[dict], timer: StageTimer) -> list[dict]:
+        """Rows for a group of manifest entries: read + decode each, align the decodable ones together,
+        then mask and encode every aligned crop."""
+        bases, decoded, out = [], [], []
+        for entry in entries:
+            base = {
+                "source_key": entry["source_key"],
+                "identity": entry["identity"],
+                "identity_id": self.identity_ids[entry["identity"]],
+            }
+            with timer("read"):
+                data, missing = read_source(
+                    self.source_fs, posixpath.join(self.source_root, entry["source_key"]), self.cfg.compute.io_retry_s
+                )
+            if data is None:
+                out.append(failed_row(base, UNMASKED, 0, "decode_error", missing, "none"))
+                continue
+            with timer("decode"):
+                image = decode_image(data, max_pixels=self.cfg.align.max_pixels)
+            if not image.ok:
+                out.append(failed_row(base, UNMASKED, 0, image.status, image.reason, "none"))
+                continue
+            bases.append(base)
+            decoded.append(image.image)
+        with timer("align"):
+            aligned = self.align(decoded)
+        for base, result in zip(bases, aligned, strict=True):
+            if result.status != "ok" or result.crop is None:
+                out.append(failed_row(base, UNMASKED, 0, result.status, result.reason, result.method))
+                continue
+            out.extend(self.crop_rows(base, result, timer))
+        return out
+
+    def align(self, images: list[np.ndarray]) -> list:
+        """Batched alignment; if the batch raises, align one by one so only the culprit fails."""
+        from mfr_ray.data.align import AlignResult
+
+        try:
+            return self.aligner.align_batch(images)
+        except Exception:  # noqa: BLE001 - one bad image must not fail its batch
+            results = []
+            for image in images:
+                try:
+                    results.append(self.aligner.align(image))
+                except Exception as exc:  # noqa: BLE001 - becomes this image's status
+                    results.append(
+                        AlignResult(None, "none", status="unsupported", reason=f"alignment failed: {exc!r}")
+                    )
+            return results
+
+    def crop_rows(self, base: dict, aligned, timer: StageTimer) -> list[dict]:
+        """The unmasked row of an aligned crop plus its masked copies for every configured variant."""
+        detected = 1 if aligned.method in DETECTED_METHODS else 0
+        rows = [self.image_row(base, UNMASKED, 0, aligned.crop, aligned.method, timer, num_faces=detected)]
+        for variant in self.cfg.variants:
+            for copy_index in range(variant.copies):
+                rows.append(self.masked_row(base, variant, copy_index, aligned, timer))
+        return rows
+
+    def masked_row(self, base: dict, variant: VariantConfig, copy_index: int, aligned, timer: StageTimer) -> dict:
+        key = base["source_key"] if copy_index == 0 else f"{base['source_key']}#{variant.name}{copy_index}"
+        with timer("mask"):
+            try:
+                result = self.engine.mask(aligned.crop, key, aligned=True, mask_type=variant.mask_type)
+            except Exception as exc:  # noqa: BLE001 - becomes this copy's status
+                return failed_row(
+                    base, variant.name, copy_index, "unsupported", f"masking failed: {exc!r}", aligned.method
+                )
+        record = result.record
+        extra = {"mask_type": record.mask_type, "pattern": record.pattern, "color": color_text(record.color)}
+        if result.image is None or record.status != "ok":
+            row = failed_row(base, variant.name, copy_index, record.status, record.reason, aligned.method)
+            return {**row, **extra, "num_faces": record.num_faces}
+        row = self.image_row(base, variant.name, copy_index, result.image, aligned.method, timer, record.num_faces)
+        return {**row, **extra}
+
+    def image_row(self, base, variant, copy_index, image, align_method, timer, num_faces) -> dict:
+        fmt = self.cfg.output.image_format
+        with timer("encode"):
+            data = encode_image(image, fmt=fmt, quality=self.cfg.output.jpeg_quality)
+        return {
+            **base,
+            "variant": variant,
+            "copy_index": copy_index,
+            "image": data,
+            "image_format": fmt,
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "status": "ok",
+            "reason": "",
+            "align_method": align_method,
+            "num_faces": num_faces,
+        }
+
+
+def shard_marker(
+    shard_id: int, inputs: int, rows: dict[str, list[dict]], files: dict[str, int], seconds: dict, node_id: str
+) -> dict:
+    """What `_done/<shard>.json` records: enough to verify the shard and build the dataset card."""
+    status: dict[str, Counter] = defaultdict(Counter)
+    mask_types: dict[str, Counter] = defaultdict(Counter)
+    identities: Counter = Counter()
+    methods: Counter = Counter()
+    for variant, variant_rows in rows.items():
+        for row in variant_rows:
+            status[variant][row["status"]] += 1
+            if variant == UNMASKED:
+                methods[row["align_method"]] += 1
+                if row["status"] == "ok":
+                    identities[row["identity"]] += 1
+            elif row["status"] == "ok":
+                mask_types[variant][row.get("mask_type") or "none"] += 1
+    return {
+        "shard_id": shard_id,
+        "inputs": inputs,
+        "files": files,
+        "status": {k: dict(v) for k, v in status.items()},
+        "mask_types": {k: dict(v) for k, v in mask_types.items()},
+        "align_methods": dict(methods),
+        "identities_ok": dict(identities),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "node_id": node_id,
+        "pid": os.getpid(),
+        "finished_at": time.time(),
+    }

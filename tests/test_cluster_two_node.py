@@ -1,0 +1,137 @@
+"""A real two-node Ray cluster on loopback (a head and a second `ray start --address` node, one CPU each):
+submit jobs/prepare_dataset.py through the Jobs API with the repo as working_dir, and check that actors
+ran on both nodes and the output is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mfr_ray.paths import shared_dir
+from tests.prepare_inputs import REPO, make_face_tree, prepare_config, read_variant, write_config
+from tests.services import free_port, stop_process, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+WORKING_DIR_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db", "*.egg-info", ".pytest_cache",
+                        ".ruff_cache", "ray_results", "mfr_runs"]
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _agent_ports(ports: list[int]) -> list[str]:
+    """Ports every node's agents would otherwise take by default (52365...), which another Ray on the
+    machine may hold: clashing agents fail and the Jobs API then has no agent to submit through."""
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")
+    return [f"--{name}={port}" for name, port in zip(names, ports, strict=True)]
+
+
+def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "ab") as handle:
+        return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen | None) -> None:
+    """SIGTERM `ray start --block` alone so it stops and reaps its daemons, then end any straggler of its
+    process group."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    stop_process(proc)
+
+
+def test_two_node_cluster_job(tmp_path, lfw_dir):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_nodes
+
+    keys = make_face_tree(lfw_dir, tmp_path / "in", count=31)  # + the broken file = 32 inputs, 4 shards
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "prepare.yaml",
+        prepare_config(str(tmp_path / "in"), str(out), compute={"num_actors": 2}),
+    )
+    gcs_port, dashboard_port, client_port, *agent_ports = _distinct_free_ports(11)
+    ray_tmp = tempfile.mkdtemp(prefix="mfr-ray-")  # short: Ray's socket paths must fit in 107 characters
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # `python` in the entrypoint is this venv's, as on a cluster whose image has the project installed
+    env.update(RAY_AUTH_MODE="disabled", MFR_SHARED_DIR=str(shared_dir()),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    head = _start_node(
+        [f"--port={gcs_port}", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats", f"--ray-client-server-port={client_port}",
+         *_agent_ports(agent_ports[:4])],
+        tmp_path / "head.log", env,
+    )
+    worker = None
+    try:
+        wait_for_port(dashboard_port, 120, head, tmp_path / "head.log")
+        worker = _start_node(
+            [f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             *_agent_ports(agent_ports[4:])],
+            tmp_path / "worker.log", env,
+        )
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 120
+        while sum(1 for n in list_nodes(address=dashboard) if n.state == "ALIVE") < 2:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "second node did not join"
+            time.sleep(1)
+
+        client = JobSubmissionClient(dashboard)
+        job_id, deadline = None, time.monotonic() + 300
+        while job_id is None:  # the head's job agent registers a little after the dashboard opens
+            try:
+                job_id = client.submit_job(
+                    entrypoint=f"python jobs/prepare_dataset.py --config {config} --no-progress",
+                    runtime_env={
+                        "working_dir": str(REPO),
+                        "excludes": WORKING_DIR_EXCLUDES,
+                        "env_vars": {"MFR_SHARED_DIR": str(shared_dir())},
+                    },
+                )
+            except RuntimeError as exc:
+                assert "No available agent" in str(exc) and time.monotonic() < deadline, exc
+                time.sleep(2)
+        deadline = time.monotonic() + 420
+        while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED}:
+            assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert "check: images in 32 = unmasked rows out 32" in logs
+
+        card = json.loads((out / "dataset_card.json").read_text())
+        node_ids = {n.node_id for n in list_nodes(address=dashboard)}
+        used = set(card["counts"]["shards_per_node"])
+        assert len(used) == 2 and used <= node_ids, (used, node_ids, logs[-6000:])
+        assert sorted(read_variant(out, "unmasked")["source_key"].to_pylist()) == keys
+    finally:
+        for proc in (worker, head):
+            _stop_node(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
