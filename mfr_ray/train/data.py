@@ -1,0 +1,180 @@
+"""Training inputs from a prepared dataset: the identity split, the Ray Data stream of (unmasked, masked)
+pairs that Ray Train shards across workers (optionally masked on the fly by mask-engine actors), the
+small held-out validation set, and the decoding of encoded crops into model-ready arrays."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mfr_ray.config.common import StorageConfig
+from mfr_ray.data import load_label_map, paired_dataset, read_prepared
+from mfr_ray.imageio import decode_image, encode_image
+from mfr_ray.masking.config import MaskingConfig
+from mfr_ray.train.config import TrainDataConfig
+
+TRAIN_COLUMNS = ["identity_id", "image_unmasked", "image_masked"]
+
+
+def validation_identities(num_identities: int, count: int, seed: int) -> list[int]:
+    """Identity ids held out of training; the same for a given (dataset size, count, seed)."""
+    if count >= num_identities:
+        raise ValueError(f"cannot hold out {count} of {num_identities} identities and still train")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(num_identities, size=count, replace=False))
+
+
+def _drop_identities(ds, excluded: list[int]):
+    excluded_arr = np.asarray(excluded, dtype=np.int64)
+
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = ~np.isin(batch["identity_id"], excluded_arr)
+        return {k: v[mask] for k, v in batch.items()}
+
+    return ds.map_batches(keep, batch_format="numpy") if excluded else ds
+
+
+def _keep_identities(ds, kept: list[int]):
+    kept_arr = np.asarray(kept, dtype=np.int64)
+    return ds.map_batches(
+        lambda batch: {k: v[np.isin(batch["identity_id"], kept_arr)] for k, v in batch.items()},
+        batch_format="numpy",
+    )
+
+
+class OnTheFlyMasker:
+    """Ray Data class UDF: adds `image_masked` to rows of unmasked aligned crops. The mask engine loads once
+    per actor; every pass draws a fresh mask (the engine's draw key gets a per-call nonce)."""
+
+    def __init__(self, masking: MaskingConfig):
+        from mfr_ray.masking import MaskEngine
+
+        self.engine = MaskEngine(masking)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        masked, keep = [], []
+        for key, data in zip(batch["source_key"], batch["image_unmasked"], strict=True):
+            decoded = decode_image(data)
+            result = (
+                self.engine.mask(decoded.image, f"{key}#{uuid.uuid4().hex}", aligned=True)
+                if decoded.ok
+                else None
+            )
+            ok = result is not None and result.image is not None
+            keep.append(ok)
+            masked.append(encode_image(result.image) if ok else b"")
+        keep_arr = np.asarray(keep, dtype=bool)
+        out = {k: batch[k][keep_arr] for k in ("identity_id", "image_unmasked")}
+        out["image_masked"] = np.asarray(masked, dtype=object)[keep_arr]
+        return out
+
+
+def training_dataset(
+    cfg: TrainDataConfig, storage: StorageConfig, held_out: list[int], use_masked: bool = True
+) -> tuple[Any, int]:
+    """The `ray.data.Dataset` Ray Train splits across workers, rows {identity_id, image_unmasked,
+    image_masked} (encoded crops) of the training identities, and its row count (on-the-fly masking:
+    the count before masking). Unmasked-only runs carry an empty `image_masked`."""
+    import ray
+
+    if use_masked and not cfg.on_the_fly_masking:
+        ds = paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed)
+        ds = _drop_identities(ds.select_columns(TRAIN_COLUMNS), held_out)
+        ds = ds.materialize() if cfg.materialize else ds
+        return ds, ds.count()
+    unmasked = read_prepared(cfg.uri, storage, variants=["unmasked"]).select_columns(
+        ["source_key", "identity_id", "image"]
+    )
+    unmasked = _drop_identities(unmasked.rename_columns({"image": "image_unmasked"}), held_out)
+    unmasked = unmasked.materialize() if cfg.materialize else unmasked
+    rows = unmasked.count()
+    if not use_masked:
+        without_masks = unmasked.map_batches(
+            lambda b: {
+                "identity_id": b["identity_id"],
+                "image_unmasked": b["image_unmasked"],
+                "image_masked": np.full(len(b["identity_id"]), b"", dtype=object),
+            },
+            batch_format="numpy",
+        )
+        return without_masks, rows
+    masked = unmasked.map_batches(
+        OnTheFlyMasker,
+        fn_constructor_kwargs={"masking": cfg.masking.model_copy(update={"aligned": True})},
+        batch_size=32,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.masking_actors),
+        num_cpus=cfg.masking_cpus,
+    )
+    return masked, rows
+
+
+@dataclass
+class ValidationSet:
+    """Held-out crops, each seen masked and unmasked; pairs are (masked i, unmasked j), i != j."""
+
+    unmasked: np.ndarray  # (n, H, W, 3) uint8
+    masked: np.ndarray
+    identity: np.ndarray  # (n,) int
+
+    def pair_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(self.identity)
+        left, right = np.nonzero(~np.eye(n, dtype=bool))
+        return left, right, self.identity[left] == self.identity[right]
+
+
+def validation_set(
+    cfg: TrainDataConfig, storage: StorageConfig, held_out: list[int], size: tuple[int, int]
+) -> ValidationSet | None:
+    """Pairs of the held-out identities, deterministic in the seed; None when nothing is held out."""
+    if not held_out:
+        return None
+    ds = _keep_identities(
+        paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed).select_columns(
+            ["source_key", *TRAIN_COLUMNS]
+        ),
+        held_out,
+    )
+    rows = sorted(ds.take_all(), key=lambda r: r["source_key"])
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.val_max_images]
+    chosen = [rows[i] for i in sorted(order)]
+    unmasked, masked, valid = decode_pairs(
+        [r["image_unmasked"] for r in chosen], [r["image_masked"] for r in chosen], size
+    )
+    identity = np.asarray([r["identity_id"] for r in chosen], dtype=np.int64)[valid]
+    if len(np.unique(identity)) < 2:
+        raise ValueError(
+            f"validation needs >= 2 held-out identities with images, got {len(np.unique(identity))}"
+        )
+    return ValidationSet(unmasked, masked, identity)
+
+
+def decode_pairs(
+    unmasked: list[bytes], masked: list[bytes], size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Decode encoded crops into (n, H, W, 3) uint8 stacks of the model's input `size`. `valid` marks the
+    pairs kept: a pair with a crop that does not decode or has another size is left out (the caller
+    counts it). Unmasked-only rows (empty masked bytes) give `None` for the masked stack."""
+    with_masked = any(len(m) for m in masked)
+    first, second, valid = [], [], []
+    for u, m in zip(unmasked, masked, strict=True):
+        decoded = [decode_image(u)] + ([decode_image(m)] if with_masked else [])
+        ok = all(d.ok and d.image.shape[:2] == tuple(size) for d in decoded)
+        valid.append(ok)
+        if ok:
+            first.append(decoded[0].image)
+            if with_masked:
+                second.append(decoded[1].image)
+    empty = np.zeros((0, *size, 3), np.uint8)
+    return (
+        np.stack(first) if first else empty,
+        (np.stack(second) if second else empty) if with_masked else None,
+        np.asarray(valid, dtype=bool),
+    )
+
+
+def label_count(cfg: TrainDataConfig, storage: StorageConfig) -> int:
+    return len(load_label_map(cfg.uri, storage))

@@ -1,0 +1,114 @@
+"""Training pieces without a cluster: LR schedule, identity split, loss composition (worked by hand),
+the distilled-layer hook, decoding of real crops, optimiser groups and the shipped configs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from mfr_ray.config import ConfigError, load_config
+from mfr_ray.imageio import encode_image, read_image_file
+from mfr_ray.models import create_backbone
+from mfr_ray.paths import PROJECT_ROOT
+from mfr_ray.train.config import LossConfig, OptimConfig, TrainConfig
+from mfr_ray.train.data import decode_pairs, validation_identities
+from mfr_ray.train.loop import build_optimizer, lr_factor
+from mfr_ray.train.objective import FaceTrainModel, margin_distill_loss
+
+
+def test_step_schedule_with_warmup():
+    cfg = OptimConfig(schedule="step", milestones=[0.5, 0.75], gamma=0.1, warmup_steps=10)
+    assert lr_factor(cfg, 0, 100) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_factor(cfg, 9, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 49, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg, 75, 100) == pytest.approx(0.01)
+
+
+def test_cosine_schedule():
+    cfg = OptimConfig(schedule="cosine", warmup_steps=0)
+    assert lr_factor(cfg, 0, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, 100) == pytest.approx(0.5)
+    assert lr_factor(cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validation_identities_are_deterministic_and_bounded():
+    first = validation_identities(50, 5, seed=3)
+    assert first == validation_identities(50, 5, seed=3)
+    assert first != validation_identities(50, 5, seed=4)
+    assert len(set(first)) == 5 and all(0 <= i < 50 for i in first)
+    assert validation_identities(50, 0, seed=0) == []
+    with pytest.raises(ValueError):
+        validation_identities(5, 5, seed=0)
+
+
+def test_distillation_counts_only_pairs_both_classified_right():
+    """Two pairs. Pair 0: both crops classified right, student orthogonal to teacher (1 - cos = 1).
+    Pair 1: the masked crop is classified wrong, student opposite to teacher (1 - cos = 2) - not counted.
+    Balanced cosine distillation = 1 / 1 counted pair = 1.0; the share counted is 0.5."""
+    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])  # unmasked rows, then masked rows
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    cfg = LossConfig(distillation="cosine", beta=2.0, dynamic_balancing=True)
+    terms = margin_distill_loss(cfg, logits, features, labels, batch=2, with_masked=True)
+    assert terms.logged["loss_distill"] == pytest.approx(1.0)
+    assert terms.logged["distill_share_counted"] == pytest.approx(0.5)
+    ce_unmasked = math.log(1 + math.exp(-5.0))  # both unmasked rows right by a logit gap of 5
+    ce_masked = (math.log(1 + math.exp(-5.0)) + math.log(1 + math.exp(5.0))) / 2
+    assert terms.logged["loss_cls_unmasked"] == pytest.approx(ce_unmasked, rel=1e-5)
+    assert terms.logged["loss_cls_masked"] == pytest.approx(ce_masked, rel=1e-5)
+    assert terms.total.item() == pytest.approx(ce_unmasked + ce_masked + 2.0 * 1.0, rel=1e-5)
+    unbalanced = margin_distill_loss(
+        cfg.model_copy(update={"dynamic_balancing": False}), logits, features, labels, 2, True
+    )
+    assert unbalanced.logged["loss_distill"] == pytest.approx(1.5)  # (1 + 2) / 2
+
+
+def test_distilled_layer_hook_exposes_that_layer():
+    backbone = create_backbone("mobilefacenet").eval()
+    model = FaceTrainModel(backbone, head=None, distill_layer="linear7")
+    embeddings, logits, features = model(torch.zeros(2, 3, 112, 96))
+    assert embeddings.shape == (2, 128) and logits is None and features.shape == (2, 512)
+    with pytest.raises(ValueError, match="not a module"):
+        FaceTrainModel(create_backbone("mobilefacenet"), None, distill_layer="no.such.layer")
+
+
+def test_decode_pairs_keeps_only_decodable_pairs_of_the_input_size(celeba_dir):
+    face = read_image_file(next((celeba_dir / "07201").glob("*.jpg"))).image
+    crop = np.ascontiguousarray(face[69:181, 77:173])  # a 112x96 window of a real face
+    good, wrong_size = encode_image(crop), encode_image(face)
+    unmasked, masked, valid = decode_pairs([good, good, wrong_size], [good, b"not an image", good], (112, 96))
+    assert valid.tolist() == [True, False, False]
+    assert unmasked.shape == masked.shape == (1, 112, 96, 3)
+    only_unmasked, none_masked, valid = decode_pairs([good, good], [b"", b""], (112, 96))
+    assert none_masked is None and valid.all() and only_unmasked.shape == (2, 112, 96, 3)
+
+
+def test_optimizer_groups_skip_decay_on_vectors_and_use_head_lr():
+    from mfr_ray.models.heads import create_head
+
+    backbone = create_backbone("mobilefacenet")
+    model = FaceTrainModel(backbone, create_head("arcface", 128, 10), "embedding")
+    optimizer = build_optimizer(OptimConfig(optimizer="sgd", lr=0.01, head_lr=0.1, weight_decay=5e-4), model)
+    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert by_id[id(model.head.weight)]["lr"] == 0.1 and by_id[id(model.head.weight)]["weight_decay"] == 5e-4
+    assert by_id[id(backbone.conv1.bn.weight)]["weight_decay"] == 0.0
+    assert by_id[id(backbone.conv1.conv.weight)]["lr"] == 0.01
+    assert len(by_id) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["train_mobilefacenet_distill", "train_nomask", "train_triplet"])
+def test_shipped_configs_load(name):
+    cfg = load_config(PROJECT_ROOT / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_distillation_without_masked_crops_is_rejected():
+    with pytest.raises(ValidationError, match="distillation needs masked crops"):
+        LossConfig(use_masked=False, distillation="cosine")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(PROJECT_ROOT / "configs" / "train_nomask.yaml", ["loss.betta=2"])
