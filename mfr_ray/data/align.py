@@ -1,0 +1,296 @@
+"""Face alignment: find a face and its 5 landmarks, then warp it onto a standard 5-point template.
+
+MTCNN (facenet-pytorch) is the primary detector; where it finds nothing (common on masked faces) the
+configured fallbacks run in order: dlib's HOG detector with the 68-landmark model reduced to 5 points,
+then a centre box. Every crop records which method produced it, and bad input becomes a result with a
+status and a reason instead of an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from mfr_ray.config.base import StrictModel
+
+CropName = Literal["112x112", "112x96", "160x160"]
+
+# Reference landmarks (x, y) in the output crop: left eye, right eye, nose tip, left/right mouth corner.
+SPHEREFACE_96x112 = np.array(
+    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+    dtype=np.float64,
+)
+ARCFACE_112x112 = SPHEREFACE_96x112 + np.array([8.0, 0.0])
+
+
+def _facenet_template(size: int = 160, margin: float = 0.2) -> np.ndarray:
+    """ArcFace template scaled to `size` with `margin` extra context around it, the looser framing
+    FaceNet crops (box + margin) have."""
+    scale = size / 112.0 / (1.0 + margin)
+    return (ARCFACE_112x112 - 56.0) * scale + size / 2.0
+
+
+CROP_TEMPLATES: dict[str, tuple[tuple[int, int], np.ndarray]] = {
+    "112x112": ((112, 112), ARCFACE_112x112),
+    "112x96": ((112, 96), SPHEREFACE_96x112),
+    "160x160": ((160, 160), _facenet_template()),
+}
+
+ALIGN_METHODS = ("mtcnn", "dlib", "center", "prealigned")
+
+
+class AlignConfig(StrictModel):
+    """How faces are found and cropped."""
+
+    crop: CropName = "112x96"
+    skip_detection: bool = Field(False, description="input is already an aligned crop: only resize it")
+    fallbacks: list[Literal["dlib", "center"]] = Field(default_factory=lambda: ["dlib", "center"])
+    min_face_size: int = Field(20, ge=8, description="smallest face side in pixels the detectors accept")
+    mtcnn_thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.7], min_length=3, max_length=3)
+    mtcnn_min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scored below this are ignored")
+    dlib_upsample: int = Field(1, ge=0, le=3, description="HOG detector upsampling steps")
+    center_box_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="centre fallback: face box side as a fraction of the image's shorter side"
+    )
+    batch_size: int = Field(32, ge=1, description="images per MTCNN call in align_batch (same-size images)")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are rejected as too_large")
+    num_threads: int | None = Field(None, ge=1, description="torch threads to use; None leaves torch's setting")
+
+
+@dataclass
+class AlignResult:
+    crop: np.ndarray | None
+    method: str
+    landmarks: list[list[float]] | None = None
+    box: list[float] | None = None
+    score: float | None = None
+    status: str = "ok"
+    reason: str = ""
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst
+    (Umeyama 1991); returns the 2x3 matrix cv2.warpAffine takes."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[-1] = -1
+    rot = u @ np.diag(d) @ vt
+    var_src = (src_c**2).sum() / len(src)
+    scale = (s * d).sum() / var_src if var_src > 0 else 1.0
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rot
+    matrix[:, 2] = dst_mean - scale * rot @ src_mean
+    return matrix
+
+
+def warp_to_template(image: np.ndarray, landmarks: np.ndarray, crop: str) -> np.ndarray:
+    """Crop `image` so that its 5 `landmarks` land on the template of `crop`."""
+    import cv2
+
+    (height, width), template = CROP_TEMPLATES[crop]
+    matrix = similarity_transform(landmarks, template)
+    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+def pick_face(boxes: np.ndarray, image_shape: tuple[int, ...]) -> int:
+    """Index of the face to keep when there are several: large and near the centre (area minus twice the
+    squared offset of its centre from the image centre)."""
+    height, width = image_shape[:2]
+    boxes = np.asarray(boxes, dtype=np.float64)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    centre = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2 - width / 2, (boxes[:, 1] + boxes[:, 3]) / 2 - height / 2], 1)
+    return int(np.argmax(area - 2.0 * (centre**2).sum(1)))
+
+
+def _as_rgb(image) -> tuple[np.ndarray | None, str, str]:
+    """Normalise an input array to HxWx3 uint8, or say why it cannot be used."""
+    if not isinstance(image, np.ndarray):
+        return None, "unsupported", f"expected a numpy array, got {type(image).__name__}"
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        return None, "unsupported", f"expected HxWx3 RGB, got shape {image.shape}"
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.dtype != np.uint8:
+        if np.issubdtype(image.dtype, np.floating) and image.size and image.max() <= 1.0:
+            image = image * 255.0
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    if min(image.shape[:2]) < 8:
+        return None, "unsupported", f"image too small ({image.shape[1]}x{image.shape[0]})"
+    return np.ascontiguousarray(image), "ok", ""
+
+
+class FaceAligner:
+    """Detect-and-align with models loaded once (build one per Ray actor)."""
+
+    def __init__(self, config: AlignConfig | None = None):
+        self.config = config or AlignConfig()
+        self.output_hw = CROP_TEMPLATES[self.config.crop][0]
+        if self.config.num_threads:
+            import torch
+
+            torch.set_num_threads(self.config.num_threads)
+        self._mtcnn = None
+        self._dlib = None
+        if not self.config.skip_detection:
+            from facenet_pytorch import MTCNN
+
+            self._mtcnn = MTCNN(
+                keep_all=True,
+                min_face_size=self.config.min_face_size,
+                thresholds=list(self.config.mtcnn_thresholds),
+                post_process=False,
+                device="cpu",
+            )
+            if "dlib" in self.config.fallbacks:
+                import dlib
+
+                from mfr_ray.paths import face_model_file
+
+                self._dlib = (
+                    dlib.get_frontal_face_detector(),
+                    dlib.shape_predictor(str(face_model_file("shape_predictor_68_face_landmarks.dat"))),
+                )
+
+    # -- public API -------------------------------------------------------------------------------------
+    def align(self, image: np.ndarray) -> AlignResult:
+        return self.align_batch([image])[0]
+
+    def align_batch(self, images: list[np.ndarray]) -> list[AlignResult]:
+        """Align many images; MTCNN runs batched over images of the same size."""
+        results: list[AlignResult | None] = [None] * len(images)
+        ready: dict[int, np.ndarray] = {}
+        for i, raw in enumerate(images):
+            rgb, status, reason = _as_rgb(raw)
+            if rgb is None:
+                results[i] = AlignResult(None, "none", status=status, reason=reason)
+            elif rgb.shape[0] * rgb.shape[1] > self.config.max_pixels:
+                results[i] = AlignResult(
+                    None, "none", status="too_large", reason=f"{rgb.shape[1]}x{rgb.shape[0]} exceeds max_pixels"
+                )
+            elif self.config.skip_detection:
+                results[i] = self._prealigned(rgb)
+            else:
+                ready[i] = rgb
+        for indices, detections in self._detect_mtcnn(ready):
+            for i, detection in zip(indices, detections, strict=True):
+                results[i] = self._finish(ready[i], detection)
+        return results  # type: ignore[return-value]
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def _prealigned(self, image: np.ndarray) -> AlignResult:
+        """Centre-crop to the output aspect ratio and resize."""
+        import cv2
+
+        out_h, out_w = self.output_hw
+        h, w = image.shape[:2]
+        if h * out_w > w * out_h:
+            new_h = round(w * out_h / out_w)
+            top = (h - new_h) // 2
+            image = image[top : top + new_h]
+        else:
+            new_w = round(h * out_w / out_h)
+            left = (w - new_w) // 2
+            image = image[:, left : left + new_w]
+        crop = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        return AlignResult(crop, "prealigned")
+
+    def _detect_mtcnn(self, images: dict[int, np.ndarray]):
+        """Yield (indices, detections) per batch of same-sized images; a detection is
+        (box, score, landmarks) of the chosen face, None, or an error message."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in images.items():
+            by_shape.setdefault(image.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.config.batch_size):
+                chunk = indices[start : start + self.config.batch_size]
+                stack = np.stack([images[i] for i in chunk])
+                try:
+                    boxes, probs, points = self._mtcnn.detect(stack, landmarks=True)
+                except Exception as exc:  # noqa: BLE001 - a detector failure must not lose the batch
+                    yield chunk, [f"mtcnn failed: {exc!r}"] * len(chunk)
+                    continue
+                yield chunk, [
+                    self._choose(b, p, pt, images[i].shape) for i, b, p, pt in zip(chunk, boxes, probs, points)
+                ]
+
+    def _choose(self, boxes, probs, points, shape):
+        if boxes is None:
+            return None
+        probs = np.asarray(probs, dtype=np.float64)
+        boxes = np.asarray(boxes, dtype=np.float64)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        keep = (probs >= self.config.mtcnn_min_score) & (sides >= self.config.min_face_size)
+        if not keep.any():
+            return None
+        idx = np.flatnonzero(keep)
+        best = idx[pick_face(boxes[idx], shape)]
+        return boxes[best], float(probs[best]), np.asarray(points[best], dtype=np.float64)
+
+    def _finish(self, image: np.ndarray, detection) -> AlignResult:
+        notes = []
+        if isinstance(detection, str):
+            notes.append(detection)
+        elif detection is not None:
+            box, score, landmarks = detection
+            return self._result(image, "mtcnn", landmarks, box, score)
+        else:
+            notes.append("mtcnn found no face")
+        for fallback in self.config.fallbacks:
+            if fallback == "dlib" and self._dlib is not None:
+                found = self._detect_dlib(image)
+                if found is not None:
+                    box, score, landmarks = found
+                    return self._result(image, "dlib", landmarks, box, score, "; ".join(notes))
+                notes.append("dlib found no face")
+            elif fallback == "center":
+                box, landmarks = self._centre_guess(image.shape)
+                return self._result(image, "center", landmarks, box, None, "; ".join(notes))
+        return AlignResult(None, "none", status="no_face", reason="; ".join(notes))
+
+    def _result(self, image, method, landmarks, box, score, reason="") -> AlignResult:
+        crop = warp_to_template(image, landmarks, self.config.crop)
+        return AlignResult(
+            crop,
+            method,
+            landmarks=np.asarray(landmarks).round(2).tolist(),
+            box=None if box is None else np.asarray(box, dtype=np.float64).round(2).tolist(),
+            score=score,
+            reason=reason,
+        )
+
+    def _detect_dlib(self, image: np.ndarray):
+        """HOG face + 68 landmarks reduced to the 5 template points (eye centres, nose tip, mouth corners)."""
+        detector, predictor = self._dlib
+        rects, scores, _ = detector.run(image, self.config.dlib_upsample, 0.0)
+        rects = [(r, s) for r, s in zip(rects, scores) if min(r.width(), r.height()) >= self.config.min_face_size]
+        if not rects:
+            return None
+        boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r, _ in rects], dtype=np.float64)
+        rect, score = rects[pick_face(boxes, image.shape)]
+        shape = predictor(image, rect)
+        pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        # 68-point indices: 36-41 image-left eye, 42-47 image-right eye, 30 nose tip, 48/54 mouth corners.
+        landmarks = np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
+        box = [rect.left(), rect.top(), rect.right(), rect.bottom()]
+        return box, float(score), landmarks
+
+    def _centre_guess(self, shape) -> tuple[list[float], np.ndarray]:
+        """A face box in the image centre and the ArcFace template's landmarks placed inside it."""
+        height, width = shape[:2]
+        side = self.config.center_box_fraction * min(height, width)
+        left, top = (width - side) / 2, (height - side) / 2
+        landmarks = ARCFACE_112x112 / 112.0 * side + np.array([left, top])
+        return [left, top, left + side, top + side], landmarks

@@ -1,0 +1,147 @@
+"""Embeddings of aligned crops with any registered backbone: in-process for small sets, Ray Data
+`map_batches` over an actor pool (model loaded once per actor) for large ones; cached per
+(model, crops)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from mfr_ray.config.base import StrictModel
+from mfr_ray.paths import expand_shared
+
+
+class ModelSpec(StrictModel):
+    """A backbone by registry name and an optional checkpoint (Xiaoccer's or ours)."""
+
+    backbone: str = "mobilefacenet"
+    checkpoint: str | None = Field("${shared}/weights/mobilefacenet_casia.ckpt", validate_default=True)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="backbone arguments, e.g. embedding_size")
+    label: str | None = Field(None, description="name shown in reports; default: backbone + checkpoint file")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return expand_shared(value) if value else None
+
+    def display_name(self) -> str:
+        return self.label or (f"{self.backbone}:{Path(self.checkpoint).name}" if self.checkpoint else self.backbone)
+
+    def fingerprint(self) -> str:
+        stat = os.stat(self.checkpoint) if self.checkpoint and os.path.exists(self.checkpoint) else None
+        payload = [self.model_dump(mode="json"), [stat.st_size, stat.st_mtime_ns] if stat else None]
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class EmbeddingSet:
+    """Raw (un-normalised) embeddings of each key and, with flip, of its mirror image."""
+
+    keys: list[str]
+    embedding: np.ndarray  # (n, d) float32
+    embedding_flip: np.ndarray | None = None
+
+    def features(self, mode: str = "sum") -> np.ndarray:
+        """Per-image feature: "single" (the image only), "sum" (image + mirror), "concat" ([image, mirror])."""
+        if mode == "single" or self.embedding_flip is None:
+            return self.embedding
+        if mode == "sum":
+            return self.embedding + self.embedding_flip
+        if mode == "concat":
+            return np.concatenate([self.embedding, self.embedding_flip], axis=1)
+        raise ValueError(f"unknown feature mode {mode!r}")
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        arrays = {"keys": np.array(self.keys), "embedding": self.embedding}
+        if self.embedding_flip is not None:
+            arrays["embedding_flip"] = self.embedding_flip
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> EmbeddingSet:
+        with np.load(path) as data:
+            return cls(list(data["keys"]), data["embedding"], data.get("embedding_flip"))
+
+
+class Embedder:
+    """Batch UDF: {"crop": uint8 NHWC} -> {"embedding", "embedding_flip"}. Loads the model once."""
+
+    def __init__(self, model: ModelSpec, flip: bool = True, num_threads: int | None = None):
+        import torch
+
+        from mfr_ray.models import load_backbone
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.flip = flip
+        self.net = load_backbone(model.backbone, model.checkpoint, **model.kwargs).eval()
+        self.input_size = tuple(self.net.input_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import cv2
+        import torch
+
+        from mfr_ray.models import preprocess
+
+        crops = batch["crop"]
+        height, width = self.input_size
+        if crops.shape[1:3] != (height, width):
+            crops = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_AREA) for c in crops])
+        x = preprocess(crops)
+        out = dict(batch)
+        out.pop("crop")
+        with torch.inference_mode():
+            out["embedding"] = self.net(x).float().numpy()
+            if self.flip:
+                out["embedding_flip"] = self.net(torch.flip(x, dims=[3])).float().numpy()
+        return out
+
+
+def embed_crops(
+    keys: list[str],
+    crops: np.ndarray,
+    model: ModelSpec,
+    flip: bool = True,
+    cache_path: Path | None = None,
+    num_actors: int = 1,
+    batch_size: int = 128,
+    num_threads: int | None = None,
+) -> EmbeddingSet:
+    """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given."""
+    if cache_path is not None and cache_path.is_file():
+        return EmbeddingSet.load(cache_path)
+    if num_actors <= 1 or len(keys) <= batch_size:
+        embedder = Embedder(model, flip, num_threads)
+        parts = [
+            embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(keys)))})
+            for s in range(0, len(keys), batch_size)
+        ]
+    else:
+        import ray
+
+        ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"model": model, "flip": flip, "num_threads": num_threads},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+        )
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    rows = np.concatenate([p["row"] for p in parts])
+    order = np.argsort(rows)
+    embedding = np.concatenate([p["embedding"] for p in parts])[order]
+    embedding_flip = np.concatenate([p["embedding_flip"] for p in parts])[order] if flip else None
+    result = EmbeddingSet(list(keys), embedding.astype(np.float32), embedding_flip)
+    if cache_path is not None:
+        result.save(cache_path)
+    return result

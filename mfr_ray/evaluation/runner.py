@@ -1,0 +1,253 @@
+"""The evaluation job: crops -> embeddings per variant -> verification (+ extras) -> report + MLflow."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mfr_ray.evaluation import classifiers, clustering, identification
+from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
+from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
+from mfr_ray.evaluation.mask_matrix import mask_pair_matrix, masking_group_means
+from mfr_ray.evaluation.report import (
+    log_to_mlflow,
+    markdown_report,
+    plot_heatmap,
+    plot_roc,
+    write_csv,
+    write_matrix_csv,
+    write_summary_json,
+)
+from mfr_ray.evaluation.sources import CropSet, load_crops, source_fingerprint
+from mfr_ray.evaluation.verification import (
+    PairList,
+    auc,
+    cosine_scores,
+    equal_error_rate,
+    far_tag,
+    kfold_verification,
+    mean_subtracted_scores,
+    read_pairs,
+    roc_curve,
+)
+
+UPPER_SUFFIX = "_upper"
+
+
+@dataclass
+class VariantData:
+    crops: CropSet
+    embeddings: EmbeddingSet
+
+
+def blank_lower_half(crops: np.ndarray) -> np.ndarray:
+    """The occlusion-removal baseline: keep the upper half of each crop, black out the rest."""
+    out = crops.copy()
+    out[:, crops.shape[1] // 2 :] = 0
+    return out
+
+
+def load_pairs(cfg: EvaluateConfig) -> PairList:
+    pairs = read_pairs(cfg.pairs.path, cfg.pairs.key_format, cfg.pairs.n_folds)
+    if cfg.pairs.limit_folds:
+        pairs = pairs.subset(pairs.fold < cfg.pairs.limit_folds)
+    if cfg.pairs.max_pairs_per_fold:
+        pairs = pairs.subset(pairs.first_per_fold(cfg.pairs.max_pairs_per_fold // 2))
+    return pairs
+
+
+def _cache_dir(cfg: EvaluateConfig) -> Path | None:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+
+
+def prepare_variants(cfg: EvaluateConfig, keys: list[str]) -> dict[str, VariantData]:
+    """Crops and embeddings of every variant (and their upper-half versions when asked)."""
+    cache = _cache_dir(cfg)
+    out = {}
+    for variant, source in cfg.sources.items():
+        if cfg.compute.torch_threads and source.align.num_threads is None:
+            source = source.model_copy(
+                update={"align": source.align.model_copy(update={"num_threads": cfg.compute.torch_threads})}
+            )
+        crops = load_crops(source, keys, cache, cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size)
+        versions = {variant: crops.crops}
+        if cfg.analyses.upper_half:
+            versions[variant + UPPER_SUFFIX] = blank_lower_half(crops.crops)
+        for name, array in versions.items():
+            tag = f"{cfg.model.fingerprint()}-{source_fingerprint(source, keys)}-{int(cfg.flip)}-{name}"
+            embeddings = embed_crops(
+                keys, array, cfg.model, cfg.flip,
+                cache_path=cache / f"emb-{tag}.npz" if cache else None,
+                num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
+                num_threads=cfg.compute.torch_threads,
+            )
+            out[name] = VariantData(crops, embeddings)
+    return out
+
+
+def pair_features(data: VariantData, pairs: PairList, protocol: ProtocolSpec) -> tuple[np.ndarray, np.ndarray]:
+    index = {k: i for i, k in enumerate(data.embeddings.keys)}
+    feats = data.embeddings.features(protocol.feature)
+    return feats[[index[k] for k in pairs.left]], feats[[index[k] for k in pairs.right]]
+
+
+def protocol_scores(left, right, pairs: PairList, protocol: ProtocolSpec) -> np.ndarray:
+    if protocol.subtract_train_mean:
+        return mean_subtracted_scores(left, right, pairs.fold)
+    return cosine_scores(left, right)
+
+
+def pooled_test_scores(scores: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Each pair's score as seen when its own fold was the test fold (for ROC/EER of fitted protocols)."""
+    if scores.ndim == 1:
+        return scores
+    rows = np.searchsorted(np.unique(fold), fold)
+    return scores[rows, np.arange(scores.shape[1])]
+
+
+def _verification_row(protocol, variant, result, scores, pairs, far_targets):
+    pooled = pooled_test_scores(scores, pairs.fold)
+    far, tpr, _ = roc_curve(pooled, pairs.same)
+    row = {"protocol": protocol, "variant": variant} | result.summary()
+    row |= {"eer": equal_error_rate(far, tpr), "auc": auc(far, tpr), "tags": {str(t): far_tag(t) for t in far_targets}}
+    return row, (far, tpr)
+
+
+def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
+    per_fold = int((~pairs.same[pairs.fold == 0]).sum())
+    notes = []
+    for target in far_targets:
+        allowed = target * per_fold
+        if allowed < 1:
+            notes.append(
+                f"FAR={target:g} with {per_fold} impostor pairs per test fold is {allowed:.2f} false accepts: "
+                f"a test fold can only reach FAR 0 or >= {1 / per_fold:.4f}, so the per-fold 'FAR reached' is "
+                f"coarse and the threshold is set on the 9 training folds ({9 * per_fold} impostors, "
+                f"{int(target * 9 * per_fold + 1e-9)} false accepts allowed)."
+            )
+    return notes
+
+
+def run_analyses(cfg: EvaluateConfig, data: dict[str, VariantData], primary: str) -> dict[str, dict]:
+    """Identification, open-set, clustering and classifiers on the images of the pair list."""
+    analyses = cfg.analyses
+    base = data[primary].embeddings
+    labels = np.array([k.split("/")[0] for k in base.keys])
+    feats = {v: d.embeddings.features(cfg.protocols[0].feature) for v, d in data.items()}
+    out: dict[str, dict] = {}
+    if analyses.identification:
+        ident = {}
+        for variant, x in feats.items():
+            result = identification.closed_set_identification(
+                feats[primary], labels, tuple(analyses.ranks), probe_embeddings=x
+            )
+            ident |= {f"{variant}.{k}": v for k, v in result.items()}
+        out["identification"] = ident
+    if analyses.open_set:
+        out["open_set"] = identification.open_set_identification(
+            feats[primary], labels, tuple(analyses.fpir_targets), analyses.unknown_fraction
+        )
+    if analyses.clustering:
+        clusters = clustering.agglomerative_clusters(feats[primary], analyses.cluster_distance_threshold)
+        out["clustering"] = clustering.clustering_scores(clusters, labels)
+    if analyses.classifiers:
+        train, test = classifiers.per_identity_split(labels, analyses.classifier_min_images)
+        if len(train) and len(test):
+            test_sets = {v: (x[test], labels[test]) for v, x in feats.items()}
+            out["classifiers"] = classifiers.classifier_accuracies(
+                feats[primary][train], labels[train], test_sets, analyses.knn_k, analyses.mlp_hidden
+            ) | {"n_train": len(train), "n_test": len(test)}
+    return out
+
+
+def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None) -> dict:
+    """Run the whole evaluation; returns the summary dict (also written as summary.json/report.md)."""
+    started = time.time()
+    output_dir = Path(output_dir or Path(cfg.output_dir) / cfg.name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(cfg)
+    keys = pairs.keys()
+    if cfg.compute.num_actors > 1:
+        _init_ray(cfg)
+    data = prepare_variants(cfg, keys)
+    primary = cfg.primary_variant()
+    metrics: dict[str, float] = {}
+    rows, curves, fold_table = [], {}, None
+    for protocol in cfg.protocols:
+        for variant, variant_data in data.items():
+            left, right = pair_features(variant_data, pairs, protocol)
+            scores = protocol_scores(left, right, pairs, protocol)
+            result = kfold_verification(scores, pairs.same, pairs.fold, cfg.far_targets)
+            row, curve = _verification_row(protocol.name, variant, result, scores, pairs, cfg.far_targets)
+            rows.append(row)
+            curves[f"{protocol.name} / {variant}"] = curve
+            metrics |= {f"{protocol.name}.{variant}.{k}": v for k, v in row.items() if isinstance(v, float)}
+            if fold_table is None and variant == primary:
+                fold_table = result.fold_table()
+    write_csv(output_dir / "folds.csv", fold_table)
+    plot_roc(output_dir / "roc.png", curves, cfg.far_targets)
+    summary = {
+        "name": cfg.name, "model": cfg.model.display_name(), "pairs_file": cfg.pairs.path,
+        "n_pairs": len(pairs), "n_folds": pairs.n_folds, "official_folds": pairs.has_official_folds,
+        "n_images": len(keys), "far_targets": cfg.far_targets, "verification": rows, "fold_table": fold_table,
+        "far_notes": _far_notes(pairs, cfg.far_targets),
+        "alignment": _alignment_summary(data), "notes": [],
+    }
+    masked_variants = cfg.analyses.mask_matrix_variants or [v for v in data if not v.endswith(UPPER_SUFFIX)]
+    if cfg.analyses.mask_matrix and len(masked_variants) > 1:
+        protocol = cfg.protocols[0]
+        features = {v: pair_features(data[v], pairs, protocol) for v in masked_variants}
+        variants, tables = mask_pair_matrix(features, pairs.same, pairs.fold, cfg.far_targets)
+        for metric, table in tables.items():
+            write_matrix_csv(output_dir / f"mask_matrix_{metric}.csv", variants, table)
+            plot_heatmap(output_dir / f"mask_matrix_{metric}.png", variants, table, f"{metric} (%), {protocol.name}")
+            for group, value in masking_group_means(variants, table).items():
+                metrics[f"mask_matrix.{metric}.{group}"] = value
+        summary["mask_matrix"] = {"variants": variants, "accuracy": tables["accuracy"],
+                                  "groups": masking_group_means(variants, tables["accuracy"])}
+    for section, values in run_analyses(cfg, data, primary).items():
+        summary[section] = values
+        metrics |= {f"{section}.{k}": v for k, v in values.items()}
+    data[primary].embeddings.save(output_dir / "embeddings.npz")
+    summary["seconds"] = round(time.time() - started, 1)
+    write_summary_json(output_dir / "summary.json", summary)
+    (output_dir / "report.md").write_text(markdown_report(summary))
+    if cfg.tracking.enabled:
+        summary["run_id"] = _log_run(cfg, metrics, output_dir)
+    summary["metrics"] = metrics
+    return summary
+
+
+def _alignment_summary(data: dict[str, VariantData]) -> str:
+    parts = []
+    for variant, d in data.items():
+        if variant.endswith(UPPER_SUFFIX):
+            continue
+        methods, counts = np.unique(d.crops.method, return_counts=True)
+        failed = int((d.crops.status != "ok").sum())
+        unmasked = int(np.char.startswith(d.crops.reason.astype(str), "mask not applied").sum())
+        parts.append(f"{variant}: " + ", ".join(f"{m or 'none'} {c}" for m, c in zip(methods, counts))
+                     + (f", {failed} failed (black crop)" if failed else "")
+                     + (f", {unmasked} left unmasked (no landmarks for the mask)" if unmasked else ""))
+    return "; ".join(parts)
+
+
+def _init_ray(cfg: EvaluateConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=None if cfg.ray.address else cfg.ray.num_cpus,
+                 namespace=cfg.ray.namespace, include_dashboard=False)
+
+
+def _log_run(cfg: EvaluateConfig, metrics: dict, output_dir: Path) -> str:
+    from mfr_ray.tracking import log_config_params, start_run
+
+    with start_run(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
+                   tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}) as run:
+        log_config_params(cfg)
+        log_to_mlflow(metrics, output_dir)
+        return run.info.run_id

@@ -1,0 +1,212 @@
+"""Aligned face crops for evaluation, per image key, from either source:
+
+- `folder`: a raw image tree (e.g. deep-funneled LFW) read, optionally masked on the fly with the masking
+  engine (on the full image, before alignment), and aligned with `FaceAligner`;
+- `parquet`: a dataset prepared by `mfr prepare` (aligned crops as encoded bytes), filtered by variant.
+
+Crops are cached on local disk keyed by everything that changes them, so reruns skip detection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from mfr_ray.config.base import StrictModel
+from mfr_ray.config.common import StorageConfig
+from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
+from mfr_ray.imageio import DecodedImage, decode_image
+from mfr_ray.paths import expand_shared
+
+UNMASKED = "unmasked"
+
+
+class ImageSourceConfig(StrictModel):
+    """Where the images of one evaluation variant come from."""
+
+    type: Literal["folder", "parquet"] = "folder"
+    uri: str = Field(
+        "${shared}/datasets/lfw/lfw-deepfunneled", validate_default=True, description="image root or Parquet dataset"
+    )
+    variant: str = Field(UNMASKED, description="folder: mask type applied on the fly (unmasked = none); "
+                         "parquet: value of the `variant` column")
+    mask_seed: int = 0
+    align: AlignConfig = AlignConfig()
+
+    @field_validator("uri")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_shared(value)
+
+
+@dataclass
+class CropSet:
+    """Crops in the order of `keys`; an image that could not be read or aligned keeps a black crop and its
+    status/reason, so it is counted in the report rather than dropped."""
+
+    keys: list[str]
+    crops: np.ndarray  # (n, H, W, 3) uint8
+    method: np.ndarray  # str (n,)
+    status: np.ndarray  # str (n,)
+    reason: np.ndarray  # str (n,)
+
+    def index(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.array(self.keys), crops=self.crops, method=self.method.astype(str),
+                 status=self.status.astype(str), reason=self.reason.astype(str))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> CropSet:
+        with np.load(path) as data:
+            return cls(list(data["keys"]), data["crops"], data["method"], data["status"], data["reason"])
+
+
+def source_fingerprint(source: ImageSourceConfig, keys: list[str]) -> str:
+    """Hash of the source config (less the settings that cannot change a crop) and the key list: the
+    cache key of its crops and embeddings."""
+    config = source.model_dump(mode="json", exclude={"align": {"num_threads", "batch_size"}})
+    payload = json.dumps([config, keys], sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+class FolderCropper:
+    """Read -> (mask) -> align a batch of keys; holds the aligner and mask engine (one per Ray actor)."""
+
+    def __init__(self, source: ImageSourceConfig, storage: StorageConfig | None = None):
+        from mfr_ray.data.align import FaceAligner
+
+        self.source = source
+        self.storage = storage
+        self.aligner = FaceAligner(source.align)
+        self.masker = None
+        if source.variant != UNMASKED:
+            from mfr_ray.masking import MaskEngine, MaskingConfig
+
+            self.masker = MaskEngine(MaskingConfig(mask_type=source.variant, seed=source.mask_seed))
+
+    def _read(self, key: str):
+        from mfr_ray.storage import StorageError, join_uri, read_bytes
+
+        try:
+            return decode_image(read_bytes(join_uri(self.source.uri, key), self.storage))
+        except StorageError as exc:
+            return DecodedImage(None, "decode_error", str(exc))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [str(k) for k in batch["key"]]
+        height, width = CROP_TEMPLATES[self.source.align.crop][0]
+        crops = np.zeros((len(keys), height, width, 3), dtype=np.uint8)
+        method, status, reason = [""] * len(keys), ["ok"] * len(keys), [""] * len(keys)
+        images, slots = [], []
+        for i, key in enumerate(keys):
+            decoded = self._read(key)
+            if decoded.status != "ok":
+                status[i], reason[i] = decoded.status, decoded.reason
+                continue
+            image = decoded.image
+            if self.masker is not None:
+                masked = self.masker.mask(image, key, aligned=True)
+                image = masked.image if masked.image is not None else image
+                record = getattr(masked, "record", None)
+                if masked.image is None or getattr(record, "status", "ok") != "ok":
+                    reason[i] = f"mask not applied: {getattr(record, 'reason', '')}".strip()
+            images.append(image)
+            slots.append(i)
+        for i, result in zip(slots, self.aligner.align_batch(images), strict=True):
+            method[i] = result.method
+            if result.status != "ok":
+                status[i], reason[i] = result.status, "; ".join(filter(None, [reason[i], result.reason]))
+                continue
+            crops[i] = result.crop
+            reason[i] = "; ".join(filter(None, [reason[i], result.reason]))
+        return {"key": np.array(keys), "crop": crops, "method": np.array(method), "status": np.array(status),
+                "reason": np.array(reason)}
+
+
+def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int) -> CropSet:
+    """Align in-process for small sets, else on a pool of Ray actors (one aligner each)."""
+    if num_actors <= 1 or len(keys) <= batch_size:
+        cropper = FolderCropper(source, storage)
+        parts = [cropper({"key": np.array(keys[s : s + batch_size])}) for s in range(0, len(keys), batch_size)]
+    else:
+        import ray
+
+        ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=max(num_actors * 4, 1))
+        ds = ds.map_batches(
+            FolderCropper,
+            fn_constructor_kwargs={"source": source, "storage": storage},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+        )
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    order = {k: i for i, k in enumerate(merged["key"].tolist())}
+    idx = np.array([order[k] for k in keys])
+    return CropSet(keys, merged["crop"][idx], merged["method"][idx], merged["status"][idx], merged["reason"][idx])
+
+
+def _crops_from_parquet(source: ImageSourceConfig, keys: list[str], storage, size_hw) -> CropSet:
+    """Read the prepared dataset's rows of this variant; resize crops whose size differs from `size_hw`."""
+    import cv2
+
+    from mfr_ray.data.reader import read_variant_table
+
+    table = read_variant_table(
+        source.uri, source.variant, storage, columns=["source_key", "image", "status", "reason", "align_method"]
+    )
+    rows = {k: i for i, k in enumerate(table.column("source_key").to_pylist())}
+    height, width = size_hw
+    n = len(keys)
+    crops = np.zeros((n, height, width, 3), dtype=np.uint8)
+    method, status, reason = np.full(n, "", dtype=object), np.full(n, "ok", dtype=object), np.full(n, "", dtype=object)
+    images, statuses = table.column("image"), table.column("status")
+    for i, key in enumerate(keys):
+        row = rows.get(key)
+        if row is None:
+            status[i], reason[i] = "no_face", f"not in the prepared dataset (variant {source.variant})"
+            continue
+        method[i] = table.column("align_method")[row].as_py() or ""
+        if statuses[row].as_py() != "ok" or images[row].as_py() is None:
+            status[i], reason[i] = statuses[row].as_py(), table.column("reason")[row].as_py() or ""
+            continue
+        decoded = decode_image(images[row].as_py())
+        if decoded.status != "ok":
+            status[i], reason[i] = decoded.status, decoded.reason
+            continue
+        crop = decoded.image
+        if crop.shape[:2] != (height, width):
+            crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+        crops[i] = crop
+    return CropSet(list(keys), crops, method.astype(str), status.astype(str), reason.astype(str))
+
+
+def load_crops(
+    source: ImageSourceConfig,
+    keys: list[str],
+    cache_dir: str | Path | None = None,
+    storage: StorageConfig | None = None,
+    num_actors: int = 1,
+    batch_size: int = 64,
+) -> CropSet:
+    """Crops for `keys` from `source`, read from / written to `cache_dir` when given."""
+    cache = Path(cache_dir) / f"crops-{source_fingerprint(source, keys)}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return CropSet.load(cache)
+    if source.type == "folder":
+        crops = _crops_from_folder(source, keys, storage, num_actors, batch_size)
+    else:
+        crops = _crops_from_parquet(source, keys, storage, CROP_TEMPLATES[source.align.crop][0])
+    if cache is not None:
+        crops.save(cache)
+    return crops
