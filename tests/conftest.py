@@ -30,6 +30,30 @@ def celeba_dir(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_celeba_prepared(tmp_path_factory, ray_local, celeba_dir) -> str:
+    """The first 100 CelebA-299 images (5 identities), aligned 112x96 with one masked copy each, prepared
+    once per session by the real pipeline for the training and tuning tests."""
+    from mfr_ray.data import run_prepare
+    from mfr_ray.data.config import PrepareConfig
+
+    out = tmp_path_factory.mktemp("train-data") / "celeba-tiny"
+    cfg = PrepareConfig.model_validate(
+        {
+            "name": "train-test",
+            "index": {"uri": str(celeba_dir), "limit": 100, "shard_size": 50},
+            "align": {"crop": "112x96"},
+            "masking": {"mix": {"surgical_blue": 1, "N95": 1, "cloth": 1}},
+            "output": {"uri": str(out)},
+            "compute": {"num_actors": 1},
+            "tracking": {"enabled": False},
+        }
+    )
+    summary = run_prepare(cfg, progress=False)
+    assert summary.complete
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs for the whole session (ray.shutdown stops the processes it started)."""
     import ray

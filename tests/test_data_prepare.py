@@ -52,6 +52,15 @@ def test_index_streams_shards_and_labels_by_folder(tmp_path, lfw_dir):
                       index={"shard_size": 4, "limit": 5})
     assert index_images(limited, DatasetLayout(limited.output.uri, limited.storage)).shard_sizes == [4, 1]
 
+    chosen = [keys[0], keys[3], keys[-1], "Nobody/Nobody_0001.jpg"]
+    (tmp_path / "keys.txt").write_text("\n".join(chosen) + "\n")
+    included = _config(tmp_path, input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out3"),
+                       index={"shard_size": 4, "include": str(tmp_path / "keys.txt")})
+    layout3 = DatasetLayout(included.output.uri, included.storage)
+    index3 = index_images(included, layout3)
+    listed3 = [k for s in index3.shard_ids for k in pq.read_table(layout3.index_path(s))["source_key"].to_pylist()]
+    assert listed3 == sorted(chosen[:3]) and index3.num_images == 3
+
 
 @pytest.mark.slow
 def test_prepare_local_end_to_end_and_rerun(tmp_path, lfw_dir, ray_local, tmp_tracking_uri):

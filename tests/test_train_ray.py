@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from mfr_ray.config import load_config
 from mfr_ray.config.common import TrackingConfig
-from mfr_ray.data.config import PrepareConfig
 from mfr_ray.models import create_backbone
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train import TrainConfig, run_training
@@ -31,25 +30,8 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def tiny_prepared(tmp_path_factory, ray_local, celeba_dir) -> str:
-    """The first 100 CelebA-299 images (5 identities), aligned 112x96 with one masked copy each."""
-    from mfr_ray.data import run_prepare
-
-    out = tmp_path_factory.mktemp("train-data") / "celeba-tiny"
-    cfg = PrepareConfig.model_validate(
-        {
-            "name": "train-test",
-            "index": {"uri": str(celeba_dir), "limit": 100, "shard_size": 50},
-            "align": {"crop": "112x96"},
-            "masking": {"mix": {"surgical_blue": 1, "N95": 1, "cloth": 1}},
-            "output": {"uri": str(out)},
-            "compute": {"num_actors": 1},
-            "tracking": {"enabled": False},
-        }
-    )
-    summary = run_prepare(cfg, progress=False)
-    assert summary.complete
-    return str(out)
+def tiny_prepared(tiny_celeba_prepared) -> str:
+    return tiny_celeba_prepared
 
 
 def train_config(data_uri: str, storage: Path | str, **sections) -> TrainConfig:

@@ -9,10 +9,16 @@ import typer
 
 from mfr_ray import __version__
 
-COMMAND_MODULES = [
-    "mfr_ray.cli.config_cmd",
-    "mfr_ray.cli.doctor",
+COMMAND_MODULES = [  # in pipeline order, as `mfr --help` lists them
+    "mfr_ray.cli.mask",
+    "mfr_ray.cli.prepare",
+    "mfr_ray.cli.train",
+    "mfr_ray.cli.tune",
+    "mfr_ray.cli.evaluate",
+    "mfr_ray.cli.quickstart",
     "mfr_ray.cli.ui",
+    "mfr_ray.cli.doctor",
+    "mfr_ray.cli.config_cmd",
 ]
 
 app = typer.Typer(

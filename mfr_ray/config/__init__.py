@@ -8,6 +8,7 @@ from mfr_ray.config.loader import (
     dump_config,
     flatten_config,
     load_config,
+    set_dotted,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "dump_config",
     "flatten_config",
     "load_config",
+    "set_dotted",
 ]

@@ -65,6 +65,19 @@ class RayConfig(StrictModel):
         return value or None
 
 
+def init_ray(cfg: RayConfig) -> None:
+    """Join the configured or ambient ($RAY_ADDRESS, e.g. under `ray job submit`) cluster, else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.namespace)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace)
+
+
 class DoctorConfig(StrictModel):
     """What `mfr doctor` checks against."""
 

@@ -16,6 +16,12 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from mfr_ray.config.base import ConfigError
 
 CONFIG_KINDS: dict[str, str] = {
+    "mask": "mfr_ray.masking:MaskingConfig",
+    "prepare": "mfr_ray.data.config:PrepareConfig",
+    "train": "mfr_ray.train.config:TrainConfig",
+    "tune": "mfr_ray.tune.config:TuneConfig",
+    "evaluate": "mfr_ray.evaluation.config:EvaluateConfig",
+    "quickstart": "mfr_ray.quickstart:QuickstartConfig",
     "doctor": "mfr_ray.config.common:DoctorConfig",
 }
 
@@ -39,19 +45,25 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data["a"]["b"]["c"] = value` for key `a.b.c`, creating sections as needed."""
+    path = key.split(".")
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Set nested keys from `a.b.c=value` strings; values are parsed as YAML scalars/lists."""
     for item in overrides:
         path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, ".".join(path), value)
     return data
 
 

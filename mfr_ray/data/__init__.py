@@ -4,7 +4,13 @@
 The job pieces load lazily so importing the readers does not pull in torch, dlib or the mask engine.
 """
 
-from mfr_ray.data.reader import load_label_map, paired_dataset, prepared_variants, read_prepared
+from mfr_ray.data.reader import (
+    load_label_map,
+    paired_dataset,
+    prepared_variants,
+    read_prepared,
+    read_variant_table,
+)
 
 _LAZY = {
     "PrepareConfig": "mfr_ray.data.config",
@@ -19,6 +25,7 @@ __all__ = [
     "paired_dataset",
     "prepared_variants",
     "read_prepared",
+    "read_variant_table",
     "run_prepare",
 ]
 

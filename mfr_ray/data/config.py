@@ -25,12 +25,16 @@ class IndexConfig(StrictModel):
     uri: str = Field(..., description="local folder, file:// or s3://bucket/prefix")
     suffixes: list[str] = Field(default_factory=lambda: list(IMAGE_SUFFIXES))
     limit: int | None = Field(None, ge=1, description="keep only the first N images of the listing")
+    include: str | None = Field(
+        None, description="text file of keys (one `<identity>/<file>` per line): index only these, e.g. the "
+        "images an evaluation's pair list references"
+    )
     shard_size: int = Field(128, ge=1, le=100_000, description="images per output shard (the unit of resume)")
 
-    @field_validator("uri")
+    @field_validator("uri", "include")
     @classmethod
-    def _expand(cls, value: str) -> str:
-        return expand_shared(value)
+    def _expand(cls, value: str | None) -> str | None:
+        return expand_shared(value) if value else value
 
 
 class VariantConfig(StrictModel):

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.layout import INDEX_DIR, INDEX_MANIFEST, LABEL_MAP, DatasetLayout
-from mfr_ray.storage import iter_files
+from mfr_ray.storage import iter_files, read_bytes
 
 INDEX_SCHEMA = pa.schema([("source_key", pa.string()), ("identity", pa.string()), ("size", pa.int64())])
 
@@ -41,6 +41,14 @@ def identity_of(key: str) -> str | None:
     return head if sep else None
 
 
+def included_keys(cfg: PrepareConfig) -> set[str] | None:
+    """The keys named by `index.include`, or None to index everything listed."""
+    if not cfg.index.include:
+        return None
+    text = read_bytes(cfg.index.include, cfg.storage).decode()
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
 def index_images(cfg: PrepareConfig, layout: DatasetLayout) -> DatasetIndex:
     """List the input once and write the manifest shards, the label map and `_manifest.json`."""
     layout.delete(INDEX_DIR)  # an incomplete index from a killed run is redone from scratch
@@ -56,8 +64,11 @@ def index_images(cfg: PrepareConfig, layout: DatasetLayout) -> DatasetIndex:
         buffer.clear()
 
     listing = iter_files(cfg.index.uri, cfg.storage, tuple(cfg.index.suffixes))
+    wanted = included_keys(cfg)
     count = 0
     for key, size in listing:
+        if wanted is not None and key not in wanted:
+            continue
         identity = identity_of(key)
         if identity is None:
             unlabelled += 1

@@ -7,13 +7,12 @@ rerun after a crash does only the rest and a rerun of a finished job writes noth
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mfr_ray.config.common import RayConfig
+from mfr_ray.config.common import init_ray
 from mfr_ray.data.card import aggregate_markers, build_card, card_markdown, check_complete, write_card
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import DatasetIndex, IndexMismatch, index_images, load_index
@@ -46,19 +45,6 @@ class PrepareSummary:
     @property
     def complete(self) -> bool:
         return not self.problems
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Join the configured or ambient ($RAY_ADDRESS, e.g. under `ray job submit`) cluster, else start Ray here."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=cfg.namespace)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace)
 
 
 def finished_marker(layout: DatasetLayout, index: DatasetIndex, shard_id: int, variants: list[str]) -> dict | None:

@@ -36,6 +36,17 @@ def _shard_paths(layout: DatasetLayout, variant: str) -> list[str]:
     return [layout.path(DATA_DIR, variant, n) for n in layout.list_names(DATA_DIR, variant) if n.endswith(".parquet")]
 
 
+def read_variant_table(
+    uri: str, variant: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """All rows of one variant, failed ones included, as one in-process table (small sets: evaluation)."""
+    layout = DatasetLayout(uri, storage_cfg or StorageConfig())
+    paths = _shard_paths(layout, variant)
+    if not paths:
+        raise FileNotFoundError(f"no prepared shards for variant {variant!r} under {uri}/{DATA_DIR}")
+    return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=layout.fs) for p in paths)
+
+
 def read_prepared(
     uri: str,
     storage_cfg: StorageConfig | None = None,

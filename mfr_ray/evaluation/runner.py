@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfr_ray.config.common import init_ray
 from mfr_ray.evaluation import classifiers, clustering, identification
 from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
 from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
@@ -171,7 +172,7 @@ def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None) -> dict:
     pairs = load_pairs(cfg)
     keys = pairs.keys()
     if cfg.compute.num_actors > 1:
-        _init_ray(cfg)
+        init_ray(cfg.ray)
     data = prepare_variants(cfg, keys)
     primary = cfg.primary_variant()
     metrics: dict[str, float] = {}
@@ -233,14 +234,6 @@ def _alignment_summary(data: dict[str, VariantData]) -> str:
                      + (f", {failed} failed (black crop)" if failed else "")
                      + (f", {unmasked} left unmasked (no landmarks for the mask)" if unmasked else ""))
     return "; ".join(parts)
-
-
-def _init_ray(cfg: EvaluateConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=None if cfg.ray.address else cfg.ray.num_cpus,
-                 namespace=cfg.ray.namespace, include_dashboard=False)
 
 
 def _log_run(cfg: EvaluateConfig, metrics: dict, output_dir: Path) -> str:

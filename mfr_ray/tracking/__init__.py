@@ -53,10 +53,16 @@ def start_run(
     nested: bool = False,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Any]:
     """Open an MLflow run in the configured store; `parent_run_id` nests it under an existing run
-    (e.g. an evaluation under its training run) even from another process."""
+    (e.g. an evaluation under its training run) even from another process; `run_id` reopens a run
+    (a resumed job keeps logging where it left off)."""
     mlflow = _use(cfg)
+    if run_id:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run
+        return
     run_tags = dict(tags or {})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id

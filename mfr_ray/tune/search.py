@@ -1,0 +1,253 @@
+"""Ray Tune over training hyperparameters: every trial runs the Ray Train job of `mfr_ray.train` with the
+sampled keys set, reports the validation objective each epoch, and is an MLflow run under the search's."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mfr_ray.config import load_config, set_dotted
+from mfr_ray.config.common import init_ray
+from mfr_ray.config.loader import apply_overrides
+from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, write_bytes
+from mfr_ray.tune.config import SearchDimension, TuneConfig
+
+PARENT_RUN_FILE = "mlflow_parent_run.json"
+
+
+def param_domain(dim: SearchDimension, searcher: str):
+    """The Tune sampling domain for one searched key."""
+    from ray import tune
+
+    if dim.type == "loguniform":
+        return tune.loguniform(dim.low, dim.high)
+    if dim.type == "uniform":
+        return tune.uniform(dim.low, dim.high)
+    if dim.type == "grid" and searcher in ("grid", "random"):
+        return tune.grid_search(dim.values)
+    return tune.choice(dim.values)
+
+
+def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
+    """The base training config as plain data, with the search's own overrides applied."""
+    data = yaml.safe_load(Path(cfg.base_config).read_text()) or {}
+    if data.get("kind") != "train":
+        raise ValueError(f"{cfg.base_config}: base_config must be a train config (kind: train)")
+    return apply_overrides(data, cfg.base_overrides)
+
+
+def trial_train_data(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Base training config with a trial's sampled values set at their dotted keys."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(data, key, value.item() if hasattr(value, "item") else value)
+    return data
+
+
+def validate_search_space(cfg: TuneConfig) -> None:
+    """Fail before any trial starts if a searched key or value does not fit the training config."""
+    from mfr_ray.train import TrainConfig
+
+    base = base_train_dict(cfg)
+    for key, dim in cfg.search_space.items():
+        samples = [dim.low, dim.high] if dim.values is None else dim.values
+        for value in samples:
+            data = trial_train_data(base, {key: value})
+            data.pop("kind", None)
+            try:
+                TrainConfig.model_validate(data)
+            except ValidationError as exc:
+                raise ValueError(f"search_space.{key}={value!r} does not fit {cfg.base_config}: {exc}") from None
+
+
+def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, parent_run_id: str | None) -> None:
+    """One Tune trial: a full Ray Train run whose per-epoch reports reach Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mfr_ray.train import TrainConfig, run_training
+
+    data = trial_train_data(base, params)
+    data.pop("kind", None)
+    train_cfg = TrainConfig.model_validate(data)
+    trial_id = tune.get_context().get_trial_id()
+    run_training(
+        train_cfg,
+        run_name=f"{search_name}-{trial_id}",
+        extra_callbacks=[TuneReportCallback()],
+        parent_run_id=parent_run_id,
+    )
+
+
+def _searcher(cfg: TuneConfig):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if cfg.searcher in ("grid", "random"):
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
+    if cfg.searcher == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        algo = OptunaSearch(sampler=TPESampler(seed=cfg.seed))
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        algo = HyperOptSearch(random_state_seed=cfg.seed)
+    return ConcurrencyLimiter(algo, max_concurrent=cfg.max_concurrent_trials)
+
+
+def _scheduler(cfg: TuneConfig, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(max_epochs, cfg.scheduler.grace_period),
+        grace_period=cfg.scheduler.grace_period,
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    best_params: dict[str, Any]
+    best_metrics: dict[str, float]
+    best_config_path: str
+    trials: list[dict[str, Any]]
+
+
+def _parent_run_id(cfg: TuneConfig, experiment_uri: str) -> str | None:
+    """The MLflow parent run of an earlier, interrupted search of the same name (for resume)."""
+    marker = join_uri(experiment_uri, PARENT_RUN_FILE)
+    try:
+        return json.loads(read_bytes(marker, cfg.storage))["run_id"]
+    except (StorageError, KeyError, ValueError):
+        return None
+
+
+def trial_table(result_grid, keys: list[str], metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        row = {"trial_id": metrics.get("trial_id", ""), "status": "error" if result.error else "ok"}
+        row.update({key: (result.config or {}).get(key) for key in keys})
+        row[metric] = metrics.get(metric)
+        row["val_accuracy"] = metrics.get("val_accuracy")
+        row["epochs"] = metrics.get("training_iteration")
+        rows.append(row)
+    return rows
+
+
+def plot_objective(rows: list[dict[str, Any]], keys: list[str], metric: str) -> bytes:
+    """Scatter of the objective against each searched numeric key (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [k for k in keys if all(isinstance(r.get(k), int | float) for r in rows if r.get(k) is not None)]
+    shown = numeric or keys
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], shown, strict=True):
+        pts = [(r[key], r[metric]) for r in rows if r.get(metric) is not None and r.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            labels = sorted({str(x) for x in xs}) if key not in numeric else None
+            ax.scatter([labels.index(str(x)) for x in xs] if labels else xs, ys)
+            if labels:
+                ax.set_xticks(range(len(labels)), labels, rotation=30)
+            elif "beta" in key or "lr" in key:
+                ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_search(cfg: TuneConfig) -> SearchResult:
+    """Run (or resume) the search, log every trial under one MLflow parent run, write the best config."""
+    import mlflow
+    from PIL import Image
+    from ray import tune
+
+    from mfr_ray.tracking import log_config_params, start_run
+    from mfr_ray.train import TrainConfig
+
+    validate_search_space(cfg)
+    base = base_train_dict(cfg)
+    base_cfg = load_config(cfg.base_config, cfg.base_overrides, expected=TrainConfig)
+    init_ray(cfg.ray)
+
+    fs, storage_root = filesystem_for(cfg.storage_path, cfg.storage)
+    experiment_uri = join_uri(cfg.storage_path, cfg.name)
+    keys = list(cfg.search_space)
+    parent_id = _parent_run_id(cfg, experiment_uri) if cfg.resume else None
+
+    with start_run(cfg.tracking, run_name=cfg.name, run_id=parent_id) as parent:
+        parent_id = parent.info.run_id
+        write_bytes(join_uri(experiment_uri, PARENT_RUN_FILE), json.dumps({"run_id": parent_id}).encode(), cfg.storage)
+        log_config_params(cfg)
+        trainable = tune.with_parameters(_trial, base=base, search_name=cfg.name, parent_run_id=parent_id)
+        trainable = tune.with_resources(trainable, {"cpu": cfg.trial_cpus})
+        storage_path = storage_root if cfg.storage_path.startswith("s3://") else str(Path(storage_root))
+        fs_arg = fs if cfg.storage_path.startswith("s3://") else None
+        restore_path = f"{storage_path.rstrip('/')}/{cfg.name}"
+        if cfg.resume and tune.Tuner.can_restore(restore_path, storage_filesystem=fs_arg):
+            tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=fs_arg)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={key: param_domain(dim, cfg.searcher) for key, dim in cfg.search_space.items()},
+                tune_config=tune.TuneConfig(
+                    metric=cfg.metric,
+                    mode=cfg.mode,
+                    num_samples=cfg.num_samples,
+                    max_concurrent_trials=cfg.max_concurrent_trials,
+                    search_alg=_searcher(cfg),
+                    scheduler=_scheduler(cfg, base_cfg.schedule.epochs),
+                ),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=fs_arg),
+            )
+        grid = tuner.fit()
+        rows = trial_table(grid, keys, cfg.metric)
+        finished = [r for r in rows if r[cfg.metric] is not None]
+        if not finished:
+            raise RuntimeError(f"no trial of {cfg.name} reported {cfg.metric}; see the trial errors above")
+        best = max(finished, key=lambda r: r[cfg.metric]) if cfg.mode == "max" else min(finished, key=lambda r: r[cfg.metric])
+        best_params = {key: best[key] for key in keys}
+        best_data = trial_train_data(base, best_params)
+        best_yaml = yaml.safe_dump(best_data, sort_keys=False)
+        write_bytes(cfg.best_config_out, best_yaml.encode(), cfg.storage)
+
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        mlflow.log_text(table.getvalue(), "search/trials.csv")
+        mlflow.log_text(best_yaml, "search/best_train.yaml")
+        mlflow.log_image(Image.open(io.BytesIO(plot_objective(rows, keys, cfg.metric))), "search/objective.png")
+        mlflow.log_metrics({f"best_{cfg.metric}": best[cfg.metric], "trials_finished": len(finished)})
+        mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
+    return SearchResult(parent_id, best_params, {cfg.metric: best[cfg.metric]}, cfg.best_config_out, rows)
+
+
+
+def print_search(cfg: TuneConfig, result: SearchResult) -> None:
+    for row in result.trials:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"best {cfg.metric}={result.best_metrics[cfg.metric]:.4f} with {result.best_params}")
+    print(f"best config: {result.best_config_path}  (train it: mfr train {result.best_config_path})")
