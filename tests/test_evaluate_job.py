@@ -117,7 +117,7 @@ def test_parquet_source_reads_prepared_crops(lfw_dir, tmp_path):
     """A dataset in the `mfr prepare` schema: crops decoded, filtered by variant, resized to the
     configured crop, failed and missing rows kept with their status."""
     import pyarrow as pa
-    import pyarrow.compute  # noqa: F401  (pa.compute)
+    import pyarrow.compute
     import pyarrow.parquet as pq
 
     from mfr_ray.data.align import AlignConfig, FaceAligner

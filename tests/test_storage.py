@@ -1,7 +1,7 @@
 """Storage layer round trips on local disk and on a real S3 server (SeaweedFS on loopback)."""
 
-import pyarrow.parquet as pq
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mfr_ray.config.common import StorageConfig
