@@ -107,7 +107,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     timings: dict[str, float] = {}
     train_data = join_uri(root, "datasets", "celeba299")
     eval_data = join_uri(root, "datasets", "lfw-sm")
-    keys = "\n".join(load_pairs(cfg.stage("evaluate")).keys()).encode()
+    eval_cfg = cfg.stage("evaluate")
+    eval_variants = list(eval_cfg.sources)
+    keys = "\n".join(load_pairs(eval_cfg).keys()).encode()
     pair_keys = join_uri(root, f"lfw_pair_keys-{hashlib.sha256(keys).hexdigest()[:12]}.txt")  # content in the name:
     write_bytes(pair_keys, keys)  # the prepared set's fingerprint then changes with the pair list
     for stage, extra in (
@@ -130,7 +132,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     models = {"CASIA checkpoint (untouched)": (None, None), **checkpoints}
     summaries: dict[str, dict] = {}
     for label, (checkpoint, parent) in models.items():
-        extra = [f"sources.{v}.uri={eval_data}" for v in cfg.stage("evaluate").sources]
+        extra = [f"sources.{v}.uri={eval_data}" for v in eval_variants]
         extra += [f"output_dir={join_uri(root, 'evaluation')}", f"model.label={label}",
                   f"name={cfg.name}-eval-{label.split()[0].lower()}"]
         if checkpoint:

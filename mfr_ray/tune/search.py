@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mfr_ray.config import load_config, set_dotted
+from mfr_ray.config import set_dotted
 from mfr_ray.config.common import init_ray
 from mfr_ray.config.loader import apply_overrides
 from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, write_bytes
@@ -52,18 +52,22 @@ def trial_train_data(base: dict[str, Any], params: dict[str, Any]) -> dict[str, 
     return data
 
 
-def validate_search_space(cfg: TuneConfig) -> None:
-    """Fail before any trial starts if a searched key or value does not fit the training config."""
+def trial_train_config(base: dict[str, Any], params: dict[str, Any]):
+    """The validated TrainConfig of one trial (the base with the sampled values set)."""
     from mfr_ray.train import TrainConfig
 
-    base = base_train_dict(cfg)
+    data = trial_train_data(base, params)
+    data.pop("kind", None)
+    return TrainConfig.model_validate(data)
+
+
+def validate_search_space(cfg: TuneConfig, base: dict[str, Any]) -> None:
+    """Fail before any trial starts if a searched key or value does not fit the training config."""
     for key, dim in cfg.search_space.items():
         samples = [dim.low, dim.high] if dim.values is None else dim.values
         for value in samples:
-            data = trial_train_data(base, {key: value})
-            data.pop("kind", None)
             try:
-                TrainConfig.model_validate(data)
+                trial_train_config(base, {key: value})
             except ValidationError as exc:
                 raise ValueError(f"search_space.{key}={value!r} does not fit {cfg.base_config}: {exc}") from None
 
@@ -73,11 +77,9 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, pa
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mfr_ray.train import TrainConfig, run_training
+    from mfr_ray.train import run_training
 
-    data = trial_train_data(base, params)
-    data.pop("kind", None)
-    train_cfg = TrainConfig.model_validate(data)
+    train_cfg = trial_train_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     run_training(
         train_cfg,
@@ -185,11 +187,10 @@ def run_search(cfg: TuneConfig) -> SearchResult:
     from ray import tune
 
     from mfr_ray.tracking import log_config_params, start_run
-    from mfr_ray.train import TrainConfig
 
-    validate_search_space(cfg)
     base = base_train_dict(cfg)
-    base_cfg = load_config(cfg.base_config, cfg.base_overrides, expected=TrainConfig)
+    base_cfg = trial_train_config(base, {})
+    validate_search_space(cfg, base)
     init_ray(cfg.ray)
 
     fs, storage_root = filesystem_for(cfg.storage_path, cfg.storage)
