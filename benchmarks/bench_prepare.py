@@ -23,32 +23,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def session_pss_bytes(session_id: int) -> int:
-    """Summed PSS of the processes whose session id is `session_id` (the job and everything it spawned)."""
-    total = 0
+def session_pss_bytes(session_id: int) -> dict[str, int]:
+    """PSS of each process whose session id is `session_id` (the job and everything it spawned), keyed by
+    "pid name" (name: the process title, e.g. ray::MapWorker(...), raylet, gcs_server, python)."""
+    sizes = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) != session_id:  # fields after the command: state ppid pgrp session ...
                 continue
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            name = Path(title.split()[0]).name if title else "?"
             for line in (stat.parent / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
+                    sizes[f"{stat.parent.name} {name[:40]}"] = int(line.split()[1]) * 1024
                     break
         except (OSError, IndexError, ValueError):
             continue  # the process ended while we looked
-    return total
+    return sizes
 
 
 class PeakMemory(threading.Thread):
+    """Samples the job's PSS: the peak of the sum, and each process's own peak (where growth happens)."""
+
     def __init__(self, session_id: int, interval_s: float = 1.0):
         super().__init__(daemon=True)
         self.session_id, self.interval_s, self.peak, self.running = session_id, interval_s, 0, True
+        self.per_process: dict[str, int] = {}
 
     def run(self) -> None:
         while self.running:
-            self.peak = max(self.peak, session_pss_bytes(self.session_id))
+            sizes = session_pss_bytes(self.session_id)
+            self.peak = max(self.peak, sum(sizes.values()))
+            for name, size in sizes.items():
+                self.per_process[name] = max(size, self.per_process.get(name, 0))
             time.sleep(self.interval_s)
+
+    def largest(self, count: int = 6) -> dict[str, int]:
+        top = sorted(self.per_process.items(), key=lambda kv: -kv[1])[:count]
+        return {name: round(size / 2**20) for name, size in top}
 
 
 def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[str]) -> dict:
@@ -74,6 +87,7 @@ def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[s
         "images_per_s": rate,
         "process_wall_s": round(wall, 1),
         "peak_pss_mib": round(sampler.peak / 2**20),
+        "peak_pss_mib_by_process": sampler.largest(),
         "stage_seconds": card["counts"]["stage_seconds"],
         "status": card["counts"]["status"].get("unmasked", {}),
     }

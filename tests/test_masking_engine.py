@@ -156,6 +156,19 @@ def test_same_seed_and_key_give_identical_bytes(faces):
     assert False in choices  # a different seed draws differently
 
 
+def test_copies_share_one_fit_and_match_single_masks(engine, faces):
+    """mask_copies (one landmark fit for all variants of a crop) gives exactly what separate mask calls give."""
+    key, image = faces[3]
+    requests = [(key, "surgical_green"), (f"{key}#n95", "N95"), (f"{key}#cloth", "cloth"), (key, None)]
+    copies = engine.mask_copies(image, requests)
+    assert [c.record.mask_type for c in copies[:3]] == ["surgical_green", "N95", "cloth"]
+    for (k, mask_type), copy in zip(requests, copies, strict=True):
+        single = engine.mask(image, k, mask_type=mask_type)
+        assert copy.record.status == "ok" and copy.record.to_row() == single.record.to_row()
+        assert np.array_equal(copy.image, single.image)
+    assert not np.array_equal(copies[0].image, copies[1].image)
+
+
 def test_mixture_frequencies_follow_weights():
     weights = parse_mix("surgical_blue:1,N95:1,cloth:2,gas:4")
     engine = MaskEngine(MaskingConfig(mix=weights, preload_templates=False))

@@ -112,3 +112,18 @@ def test_distillation_without_masked_crops_is_rejected():
         LossConfig(use_masked=False, distillation="cosine")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(PROJECT_ROOT / "configs" / "train_nomask.yaml", ["loss.betta=2"])
+
+
+def test_ingest_cpu_shortfall_warns_when_workers_leave_no_whole_cpu():
+    from mfr_ray.train.trainer import ingest_cpu_shortfall
+
+    cfg = load_config(
+        PROJECT_ROOT / "configs" / "train_mobilefacenet_distill.yaml",
+        ["scaling.num_workers=2", "scaling.cpus_per_worker=0.9"],
+        expected=TrainConfig,
+    )
+    message = ingest_cpu_shortfall(cfg, cluster_cpus=2.0)
+    assert message and "leave 0.20 of the cluster's 2 CPUs" in message
+    assert ingest_cpu_shortfall(cfg, cluster_cpus=3.0) is None
+    shipped = load_config(PROJECT_ROOT / "configs" / "train_mobilefacenet_distill.yaml", expected=TrainConfig)
+    assert ingest_cpu_shortfall(shipped, cluster_cpus=2.0) is None  # the default config fits the 2-core default

@@ -52,20 +52,21 @@ def read_prepared(
     storage_cfg: StorageConfig | None = None,
     variants: list[str] | None = None,
     status: str | None = "ok",
+    num_cpus: float = 1.0,
 ):
     """A `ray.data.Dataset` of the rows of `variants` (default: all) whose status is `status`
-    (None keeps every row, failed ones included)."""
+    (None keeps every row, failed ones included); its tasks ask for `num_cpus` each."""
     import ray
 
     layout = DatasetLayout(uri, storage_cfg or StorageConfig())
     paths = [p for v in (variants or prepared_variants(uri, storage_cfg)) for p in _shard_paths(layout, v)]
     if not paths:
         raise FileNotFoundError(f"no prepared shards for variants {variants or 'any'} under {uri}/{DATA_DIR}")
-    dataset = ray.data.read_parquet(paths, filesystem=layout.fs)
+    dataset = ray.data.read_parquet(paths, filesystem=layout.fs, ray_remote_args={"num_cpus": num_cpus})
     if status is None:
         return dataset
     return dataset.map_batches(
-        lambda table: table.filter(pc.equal(table["status"], status)), batch_format="pyarrow"
+        lambda table: table.filter(pc.equal(table["status"], status)), batch_format="pyarrow", num_cpus=num_cpus
     )
 
 
@@ -107,10 +108,12 @@ def paired_dataset(
     storage_cfg: StorageConfig | None = None,
     masked_variant: str = "masked",
     seed: int = 0,
+    num_cpus: float = 1.0,
 ):
     """A `ray.data.Dataset` of (image_unmasked, image_masked, identity_id, mask_type, source_key) rows:
     every ok unmasked crop paired with one of its masked copies. Pairs never cross shards (a shard holds
-    all copies of its images), so pairing streams shard by shard without a shuffle."""
+    all copies of its images), so pairing streams shard by shard without a shuffle. Its tasks ask for
+    `num_cpus` each."""
     import ray
 
     storage = storage_cfg or StorageConfig()
@@ -132,4 +135,4 @@ def paired_dataset(
         return merged
 
     shards = ray.data.from_items([{"shard": n} for n in names], override_num_blocks=min(len(names), 200))
-    return shards.map_batches(pair_shards, batch_size=1)
+    return shards.map_batches(pair_shards, batch_size=1, num_cpus=num_cpus)

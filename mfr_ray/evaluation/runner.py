@@ -78,12 +78,15 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str]) -> dict[str, VariantD
         if cfg.analyses.upper_half:
             versions[variant + UPPER_SUFFIX] = blank_lower_half(crops.crops)
         for name, array in versions.items():
-            tag = f"{cfg.model.fingerprint()}-{source_fingerprint(source, keys)}-{int(cfg.flip)}-{name}"
+            tag = (
+                f"{cfg.model.fingerprint()}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
+                f"{'-bf16' if cfg.compute.bf16 else ''}-{name}"
+            )
             embeddings = embed_crops(
                 keys, array, cfg.model, cfg.flip,
                 cache_path=cache / f"emb-{tag}.npz" if cache else None,
                 num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
-                num_threads=cfg.compute.torch_threads,
+                num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16,
             )
             out[name] = VariantData(crops, embeddings)
     return out

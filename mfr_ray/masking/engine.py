@@ -126,6 +126,17 @@ class MaskResult:
 
 
 @dataclass(frozen=True)
+class LocatedFaces:
+    """Where the faces of one image are: every box found, the (box, 68 landmarks) pairs that fitted, the
+    detector used and notes for the record's reason."""
+
+    boxes: list[Box]
+    fitted: list[tuple[Box, np.ndarray]]
+    detector: str
+    notes: list[str]
+
+
+@dataclass(frozen=True)
 class MaskChoice:
     mask_type: str
     pattern: str | None
@@ -262,24 +273,28 @@ class MaskEngine:
         self, image: np.ndarray, key: str, *, aligned: bool | None = None, mask_type: str | None = None
     ) -> MaskResult:
         """Mask every face of an RGB image (grey, RGBA and 16-bit arrays are converted)."""
+        return self.mask_copies(image, [(key, mask_type)], aligned=aligned)[0]
+
+    def mask_copies(
+        self, image: np.ndarray, requests: list[tuple[str, str | None]], *, aligned: bool | None = None
+    ) -> list[MaskResult]:
+        """One masked copy of `image` per (key, mask_type) request; faces and landmarks are found once and
+        shared by every copy (several variants of one crop cost one landmark fit)."""
         rgb, status, reason = self._as_rgb(image)
         if rgb is None:
-            return MaskResult(None, MaskRecord(key=key, status=status, reason=reason))
+            return [MaskResult(None, MaskRecord(key=key, status=status, reason=reason)) for key, _ in requests]
         try:
-            return self._mask(
-                rgb, key, self.config.aligned if aligned is None else aligned, mask_type, reason
-            )
+            faces = self._locate(rgb, self.config.aligned if aligned is None else aligned, reason)
+            return [self._paint(rgb, faces, key, mask_type) for key, mask_type in requests]
         except (cv2.error, RuntimeError) as exc:  # OpenCV / dlib refusing this image's content
-            return MaskResult(
-                None,
-                MaskRecord(
-                    key=key,
-                    status="unsupported",
-                    reason=f"masking failed: {type(exc).__name__}: {exc}",
-                    width=rgb.shape[1],
-                    height=rgb.shape[0],
-                ),
-            )
+            problem = f"masking failed: {type(exc).__name__}: {exc}"
+            return [
+                MaskResult(
+                    None,
+                    MaskRecord(key=key, status="unsupported", reason=problem, width=rgb.shape[1], height=rgb.shape[0]),
+                )
+                for key, _ in requests
+            ]
 
     def _as_rgb(self, image) -> tuple[np.ndarray | None, str, str]:
         if image is None:
@@ -332,29 +347,37 @@ class MaskEngine:
             note = ""
         return self.landmarker.detect(rgb, grey), self.config.detector, note
 
-    def _mask(self, rgb: np.ndarray, key: str, aligned: bool, mask_type: str | None, note: str) -> MaskResult:
-        cfg = self.config
-        h, w = rgb.shape[:2]
+    def _locate(self, rgb: np.ndarray, aligned: bool, note: str) -> LocatedFaces:
+        """Face boxes and their fitted landmarks (implausible fits on aligned crops are dropped, with a note)."""
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         boxes, detector, box_note = self._face_boxes(rgb, grey, aligned)
         notes = [n for n in (note, box_note) if n]
-        record = MaskRecord(key=key, status="no_face", detector=detector, width=w, height=h)
-        if not boxes:
-            tries = f"upsample {cfg.upsample}" + (
-                f" then {cfg.retry_upsample}" if cfg.retry_upsample > cfg.upsample else ""
-            )
-            record.reason = "; ".join([*notes, f"no face found by the {detector} detector ({tries})"])
-            return MaskResult(None, record)
-        choice = self.choose(key, mask_type)
-        out = rgb.copy()
-        alpha = np.zeros((h, w), np.uint8)
-        faces = []
+        fitted = []
         for box in boxes:
             landmarks = self.landmarker.fit(grey, box)
             problem = implausible_landmarks(landmarks, box) if detector == "aligned" else None
             if problem:
                 notes.append(f"landmark fit rejected: {problem}")
-                continue
+            else:
+                fitted.append((box, landmarks))
+        return LocatedFaces(boxes, fitted, detector, notes)
+
+    def _paint(self, rgb: np.ndarray, located: LocatedFaces, key: str, mask_type: str | None) -> MaskResult:
+        cfg = self.config
+        h, w = rgb.shape[:2]
+        notes = list(located.notes)
+        record = MaskRecord(key=key, status="no_face", detector=located.detector, width=w, height=h)
+        if not located.boxes:
+            tries = f"upsample {cfg.upsample}" + (
+                f" then {cfg.retry_upsample}" if cfg.retry_upsample > cfg.upsample else ""
+            )
+            record.reason = "; ".join([*notes, f"no face found by the {located.detector} detector ({tries})"])
+            return MaskResult(None, record)
+        choice = self.choose(key, mask_type)
+        out = rgb.copy()
+        alpha = np.zeros((h, w), np.uint8)
+        faces = []
+        for box, landmarks in located.fitted:
             keypoints = six_keypoints(landmarks)
             tilt = face_tilt(landmarks)
             view = (
@@ -373,7 +396,7 @@ class MaskEngine:
                 continue
             faces.append((box, keypoints, tilt, view, polygon))
         record.reason = "; ".join(notes)
-        record.face_boxes = [[round(float(v), 2) for v in box] for box in boxes]
+        record.face_boxes = [[round(float(v), 2) for v in box] for box in located.boxes]
         if not faces:
             return MaskResult(None, record)
         _, keypoints, tilt, view, polygon = faces[0]

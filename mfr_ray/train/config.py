@@ -27,6 +27,10 @@ class TrainDataConfig(StrictModel):
     )
     masking_actors: int = Field(1, ge=1, description="Ray Data actors running the mask engine")
     masking_cpus: float = Field(0.5, gt=0, description="CPUs reserved per masking actor")
+    ingest_cpus: float = Field(
+        0.25, gt=0, description="CPUs each Ray Data read/pair/filter task asks for: a fraction, so ingest "
+        "still runs beside workers that hold all but part of a CPU (Tune trials, cpus_per_worker near 1)"
+    )
     val_identities: int = Field(3, ge=0, description="identities held out of training for validation pairs")
     val_max_images: int = Field(
         64, ge=2, description="held-out images used for validation pairs (each seen masked and unmasked)"

@@ -27,21 +27,22 @@ def validation_identities(num_identities: int, count: int, seed: int) -> list[in
     return sorted(int(i) for i in rng.choice(num_identities, size=count, replace=False))
 
 
-def _drop_identities(ds, excluded: list[int]):
+def _drop_identities(ds, excluded: list[int], num_cpus: float):
     excluded_arr = np.asarray(excluded, dtype=np.int64)
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = ~np.isin(batch["identity_id"], excluded_arr)
         return {k: v[mask] for k, v in batch.items()}
 
-    return ds.map_batches(keep, batch_format="numpy") if excluded else ds
+    return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus) if excluded else ds
 
 
-def _keep_identities(ds, kept: list[int]):
+def _keep_identities(ds, kept: list[int], num_cpus: float):
     kept_arr = np.asarray(kept, dtype=np.int64)
     return ds.map_batches(
         lambda batch: {k: v[np.isin(batch["identity_id"], kept_arr)] for k, v in batch.items()},
         batch_format="numpy",
+        num_cpus=num_cpus,
     )
 
 
@@ -81,14 +82,16 @@ def training_dataset(
     import ray
 
     if use_masked and not cfg.on_the_fly_masking:
-        ds = paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed)
-        ds = _drop_identities(ds.select_columns(TRAIN_COLUMNS), held_out)
+        ds = paired_dataset(
+            cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
+        )
+        ds = _drop_identities(ds.select_columns(TRAIN_COLUMNS, num_cpus=cfg.ingest_cpus), held_out, cfg.ingest_cpus)
         ds = ds.materialize() if cfg.materialize else ds
         return ds, ds.count()
-    unmasked = read_prepared(cfg.uri, storage, variants=["unmasked"]).select_columns(
-        ["source_key", "identity_id", "image"]
+    unmasked = read_prepared(cfg.uri, storage, variants=["unmasked"], num_cpus=cfg.ingest_cpus).select_columns(
+        ["source_key", "identity_id", "image"], num_cpus=cfg.ingest_cpus
     )
-    unmasked = _drop_identities(unmasked.rename_columns({"image": "image_unmasked"}), held_out)
+    unmasked = _drop_identities(unmasked.rename_columns({"image": "image_unmasked"}, num_cpus=cfg.ingest_cpus), held_out, cfg.ingest_cpus)
     unmasked = unmasked.materialize() if cfg.materialize else unmasked
     rows = unmasked.count()
     if not use_masked:
@@ -99,6 +102,7 @@ def training_dataset(
                 "image_masked": np.full(len(b["identity_id"]), b"", dtype=object),
             },
             batch_format="numpy",
+            num_cpus=cfg.ingest_cpus,
         )
         return without_masks, rows
     masked = unmasked.map_batches(
@@ -133,10 +137,11 @@ def validation_set(
     if not held_out:
         return None
     ds = _keep_identities(
-        paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed).select_columns(
-            ["source_key", *TRAIN_COLUMNS]
-        ),
+        paired_dataset(
+            cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
+        ).select_columns(["source_key", *TRAIN_COLUMNS], num_cpus=cfg.ingest_cpus),
         held_out,
+        cfg.ingest_cpus,
     )
     rows = sorted(ds.take_all(), key=lambda r: r["source_key"])
     order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.val_max_images]

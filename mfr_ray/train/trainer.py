@@ -109,6 +109,19 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
         return str(info.registered_model_version) if cfg.registered_model_name else None
 
 
+def ingest_cpu_shortfall(cfg: TrainConfig, cluster_cpus: float) -> str | None:
+    """Ray Data's ingest tasks ask for a whole CPU each: workers that hold all but a fraction of the
+    cluster's CPUs leave them unschedulable and training waits forever. The warning to print, if so."""
+    free = cluster_cpus - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if free >= 1.0:
+        return None
+    return (
+        f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} CPU leave {max(free, 0):.2f} of the "
+        f"cluster's {cluster_cpus:g} CPUs; Ray Data ingest tasks need 1 CPU each and will wait until the cluster "
+        "grows. Lower scaling.cpus_per_worker (a logical share; threads are scaling.torch_threads)."
+    )
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -130,6 +143,9 @@ def run_training(
 
     name = run_name or cfg.name
     init_ray(cfg.ray)
+    shortfall = ingest_cpu_shortfall(cfg, ray.cluster_resources().get("CPU", 0.0))
+    if shortfall:
+        print(f"warning: {shortfall}", file=sys.stderr, flush=True)
     num_classes = label_count(cfg.data, cfg.storage)
     held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
     input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).input_size)

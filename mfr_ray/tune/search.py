@@ -7,6 +7,7 @@ import copy
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,18 @@ def validate_search_space(cfg: TuneConfig, base: dict[str, Any]) -> None:
                 raise ValueError(f"search_space.{key}={value!r} does not fit {cfg.base_config}: {exc}") from None
 
 
-def _trial(params: dict[str, Any], *, base: dict[str, Any], search_name: str, parent_run_id: str | None) -> None:
-    """One Tune trial: a full Ray Train run whose per-epoch reports reach Tune."""
+def _trial(
+    params: dict[str, Any], *, base: dict[str, Any], search_name: str, parent_run_id: str | None, workdir: str
+) -> None:
+    """One Tune trial: a full Ray Train run whose per-epoch reports reach Tune. It runs in the search's
+    working directory, so relative paths in the config (data, checkpoints, ./mlflow.db) mean what they
+    mean to the user (Tune would otherwise start it in the trial's own folder)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mfr_ray.train import run_training
 
+    os.chdir(workdir)
     train_cfg = trial_train_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     run_training(
@@ -118,6 +124,38 @@ def _scheduler(cfg: TuneConfig, max_epochs: int):
         grace_period=cfg.scheduler.grace_period,
         reduction_factor=cfg.scheduler.reduction_factor,
     )
+
+
+def trial_placement_group_releaser(num_workers: int, bundle: dict[str, float]):
+    """A Tune callback for searches that run one trial at a time. Ray Train V2 leaves a trial's worker
+    placement group behind when Tune stops the trial (ASHA, max_t) instead of letting it return
+    (ray-project/ray#54305), and the next trial's workers then wait for it forever. After each trial
+    ends, this removes the placement groups shaped like our workers that appeared since the search began."""
+    from ray import PlacementGroupID, tune
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    class ReleaseTrialPlacementGroups(tune.Callback):
+        def __init__(self) -> None:
+            self.before_search = set(placement_group_table())
+
+        def release(self) -> None:
+            for pg_id, info in placement_group_table().items():
+                bundles = list(info["bundles"].values())
+                if (
+                    pg_id not in self.before_search
+                    and info["state"] == "CREATED"
+                    and len(bundles) == num_workers
+                    and all(b == bundle for b in bundles)
+                ):
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.release()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.release()
+
+    return ReleaseTrialPlacementGroups()
 
 
 @dataclass
@@ -202,12 +240,20 @@ def run_search(cfg: TuneConfig) -> SearchResult:
         parent_id = parent.info.run_id
         write_bytes(join_uri(experiment_uri, PARENT_RUN_FILE), json.dumps({"run_id": parent_id}).encode(), cfg.storage)
         log_config_params(cfg)
-        trainable = tune.with_parameters(_trial, base=base, search_name=cfg.name, parent_run_id=parent_id)
+        trainable = tune.with_parameters(
+            _trial, base=base, search_name=cfg.name, parent_run_id=parent_id, workdir=os.getcwd()
+        )
         trainable = tune.with_resources(trainable, {"cpu": cfg.trial_cpus})
         storage_path = storage_root if cfg.storage_path.startswith("s3://") else str(Path(storage_root))
         fs_arg = fs if cfg.storage_path.startswith("s3://") else None
         restore_path = f"{storage_path.rstrip('/')}/{cfg.name}"
+        callbacks = []
+        if cfg.max_concurrent_trials == 1:
+            scaling = base_cfg.scaling
+            bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
+            callbacks.append(trial_placement_group_releaser(scaling.num_workers, bundle))
         if cfg.resume and tune.Tuner.can_restore(restore_path, storage_filesystem=fs_arg):
+            print(f"resuming search {cfg.name} from {restore_path} (MLflow parent run {parent_id})", flush=True)
             tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=fs_arg)
         else:
             tuner = tune.Tuner(
@@ -221,7 +267,9 @@ def run_search(cfg: TuneConfig) -> SearchResult:
                     search_alg=_searcher(cfg),
                     scheduler=_scheduler(cfg, base_cfg.schedule.epochs),
                 ),
-                run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=fs_arg),
+                run_config=tune.RunConfig(
+                    name=cfg.name, storage_path=storage_path, storage_filesystem=fs_arg, callbacks=callbacks
+                ),
             )
         grid = tuner.fit()
         rows = trial_table(grid, keys, cfg.metric)
@@ -244,7 +292,6 @@ def run_search(cfg: TuneConfig) -> SearchResult:
         mlflow.log_metrics({f"best_{cfg.metric}": best[cfg.metric], "trials_finished": len(finished)})
         mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
     return SearchResult(parent_id, best_params, {cfg.metric: best[cfg.metric]}, cfg.best_config_out, rows)
-
 
 
 def print_search(cfg: TuneConfig, result: SearchResult) -> None:

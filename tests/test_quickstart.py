@@ -1,0 +1,66 @@
+"""The README's main command in its `--quick` form, run as a user runs it (its own process, local Ray,
+local folders, SQLite MLflow): every stage for real on a few CelebA-299 identities and two LFW folds, then
+the comparison table, the headline figures and the quickstart's MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mfr_ray.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["CASIA checkpoint (untouched)", "no-mask network", "mask network"]
+VARIANTS = ["unmasked", "surgical_green", "surgical_blue", "N95", "cloth", "mixed"]
+
+
+def test_quick_quickstart_runs_every_stage(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable, "jobs/quickstart.py", "--config", "configs/quickstart.yaml", "--quick",
+        f"output_root={tmp_path / 'out'}", f"tracking.tracking_uri={tracking_uri}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500,
+                         check=False, start_new_session=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "headline: tpr_at_far0.1pct_gain_mixed=" in run.stdout
+
+    root = tmp_path / "out" / "quick"
+    table = (root / "comparison.md").read_text()
+    for model in MODELS:
+        assert f"| {model} |" in table
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("mfr-ray-quickstart")
+    (summary_run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'quickstart'")
+    run_id = summary_run.info.run_id
+    artifact = Path(client.download_artifacts(run_id, "comparison.csv", str(tmp_path)))
+    rows = list(csv.DictReader(io.StringIO(artifact.read_text())))
+    assert {(r["model"], r["variant"]) for r in rows} == {(m, v) for m in MODELS for v in VARIANTS}
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["tpr_at_far0.1pct"]) <= 1.0
+    cell = {(r["model"], r["variant"]): r for r in rows}
+    gain = 100 * (float(cell["mask network", "mixed"]["tpr_at_far0.1pct"])
+                  - float(cell["no-mask network", "mixed"]["tpr_at_far0.1pct"]))
+    assert summary_run.data.metrics["tpr_at_far0.1pct_gain_mixed"] == pytest.approx(gain, abs=1e-6)
+
+    timings = json.loads(Path(client.download_artifacts(run_id, "timings.json", str(tmp_path))).read_text())
+    assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask"} <= set(timings)
+    assert sum(k.startswith("evaluate ") for k in timings) == len(MODELS)
+
+    # The stages logged into the same experiment: two dataset runs, two training runs with their curves.
+    runs = client.search_runs([experiment.experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"quickstart-train_nomask", "quickstart-train_mask"} <= names
+    trained = [r for r in runs if r.info.run_name == "quickstart-train_mask"]
+    assert client.get_metric_history(trained[0].info.run_id, "loss_total")
