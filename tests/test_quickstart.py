@@ -58,9 +58,10 @@ def test_quick_quickstart_runs_every_stage(tmp_path):
     assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask"} <= set(timings)
     assert sum(k.startswith("evaluate ") for k in timings) == len(MODELS)
 
-    # The stages logged into the same experiment: two dataset runs, two training runs with their curves.
-    runs = client.search_runs([experiment.experiment_id])
-    names = {r.info.run_name for r in runs}
-    assert {"quickstart-train_nomask", "quickstart-train_mask"} <= names
-    trained = [r for r in runs if r.info.run_name == "quickstart-train_mask"]
-    assert client.get_metric_history(trained[0].info.run_id, "loss_total")
+    # The stages logged into the same experiment: the two datasets, the two trainings (with their
+    # per-epoch validation) and the three evaluations.
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"prepare-celeba299-112x96", "prepare-lfw-sm-seed000"} <= set(runs)
+    assert {"quickstart-eval-casia", "quickstart-eval-no-mask", "quickstart-eval-mask"} <= set(runs)
+    for stage in ("train_nomask", "train_mask"):
+        assert client.get_metric_history(runs[f"quickstart-{stage}"].info.run_id, "val_tpr_at_far")
