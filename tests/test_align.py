@@ -69,6 +69,21 @@ def test_batch_equals_single(faces, aligner):
         assert np.allclose(a.landmarks, b.landmarks, atol=0.5)
 
 
+def test_channels_last_mtcnn_matches_default_layout(faces):
+    """The aligner runs MTCNN channels-last for speed; it must find the same landmarks as the stock layout."""
+    import torch
+
+    fast = FaceAligner(AlignConfig(fallbacks=[]))
+    stock = FaceAligner(AlignConfig(fallbacks=[]))
+    for net in (stock._mtcnn.pnet, stock._mtcnn.rnet, stock._mtcnn.onet):
+        net.to(memory_format=torch.contiguous_format)
+    assert fast._mtcnn.onet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert stock._mtcnn.onet.conv1.weight.is_contiguous()
+    for a, b in zip(fast.align_batch(faces), stock.align_batch(faces), strict=True):
+        assert a.method == b.method == "mtcnn"
+        assert np.abs(np.array(a.landmarks) - np.array(b.landmarks)).max() <= 0.05
+
+
 def test_dlib_fallback_agrees_with_mtcnn(faces, aligner):
     mtcnn = aligner.align(faces[0])
     dlib_result = aligner._finish(faces[0], None)  # as if MTCNN had found nothing

@@ -58,6 +58,10 @@ class RayConfig(StrictModel):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     namespace: str | None = None
+    include_dashboard: bool | None = Field(
+        None, description="local start only: the dashboard and its agent take ~150 MB and a few % of a core; "
+        "None lets Ray decide (on when its dependencies are installed)"
+    )
 
     @field_validator("address")
     @classmethod
@@ -75,7 +79,7 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, namespace=cfg.namespace)
     else:
-        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace)
+        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard)
 
 
 class DoctorConfig(StrictModel):

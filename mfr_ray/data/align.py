@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from mfr_ray.config.base import StrictModel
+from mfr_ray.threads import use_threads
 
 CropName = Literal["112x112", "112x96", "160x160"]
 
@@ -55,9 +56,12 @@ class AlignConfig(StrictModel):
     center_box_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="centre fallback: face box side as a fraction of the image's shorter side"
     )
-    batch_size: int = Field(32, ge=1, description="images per MTCNN call in align_batch (same-size images)")
+    batch_size: int = Field(
+        8, ge=1, description="images per MTCNN call in align_batch (same-size images); on CPU 8 is faster than "
+        "32 and holds fewer candidate boxes in memory at once"
+    )
     max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are rejected as too_large")
-    num_threads: int | None = Field(None, ge=1, description="torch threads to use; None leaves torch's setting")
+    num_threads: int | None = Field(None, ge=1, description="torch and OpenCV threads; None leaves their setting")
 
 
 @dataclass
@@ -136,12 +140,12 @@ class FaceAligner:
     """Detect-and-align with models loaded once (build one per Ray actor)."""
 
     def __init__(self, config: AlignConfig | None = None):
+        import torch
+
         self.config = config or AlignConfig()
         self.output_hw = CROP_TEMPLATES[self.config.crop][0]
         if self.config.num_threads:
-            import torch
-
-            torch.set_num_threads(self.config.num_threads)
+            use_threads(self.config.num_threads)
         self._mtcnn = None
         self._dlib = None
         if not self.config.skip_detection:
@@ -154,15 +158,14 @@ class FaceAligner:
                 post_process=False,
                 device="cpu",
             )
+            # Channels-last halves MTCNN's CPU time (max-pooling, its slowest kernel, is 5x faster in that
+            # layout); landmarks agree with the default layout to 0.01 px.
+            for net in (self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet):
+                net.to(memory_format=torch.channels_last)
             if "dlib" in self.config.fallbacks:
-                import dlib
+                from mfr_ray.masking.landmarks import dlib_model  # the mask engine's copy: loaded once
 
-                from mfr_ray.paths import face_model_file
-
-                self._dlib = (
-                    dlib.get_frontal_face_detector(),
-                    dlib.shape_predictor(str(face_model_file("shape_predictor_68_face_landmarks.dat"))),
-                )
+                self._dlib = (dlib_model("hog"), dlib_model("shape_predictor"))
 
     # -- public API -------------------------------------------------------------------------------------
     def align(self, image: np.ndarray) -> AlignResult:

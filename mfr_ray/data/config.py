@@ -58,7 +58,10 @@ class OutputConfig(StrictModel):
 
 class ComputeConfig(StrictModel):
     num_actors: int = Field(2, ge=1, description="Ray Data actors, each with its own aligner and mask engine")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs each actor asks Ray for; its torch and OpenCV threads are the whole CPUs "
+        "of it (at least 1) unless align.num_threads says otherwise"
+    )
     io_retry_s: float = Field(120.0, ge=0, description="how long a shard keeps retrying unreachable storage")
     wait_for_actors_s: int = Field(
         600, description="wait for the whole pool before dispatching, so every node gets work (<= 0: don't)"

@@ -64,8 +64,9 @@ def run_shards(cfg: PrepareConfig, index: DatasetIndex, pending: list[int], prog
     from tqdm import tqdm
 
     init_ray(cfg.ray)
-    ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.compute.wait_for_actors_s
     shards = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
+    shards.context.wait_for_min_actors_s = cfg.compute.wait_for_actors_s  # this dataset's own copy
+    shards.context.enable_progress_bars = False  # the bar below counts images; Ray Data's would count shards
     results = shards.map_batches(
         ShardProcessor,
         fn_constructor_kwargs={"config": cfg, "identities": index.identities},

@@ -107,7 +107,9 @@ class ShardProcessor:
         import ray
 
         from mfr_ray.data.align import FaceAligner
+        from mfr_ray.threads import threads_for, use_threads
 
+        use_threads(config.align.num_threads or threads_for(config.compute.cpus_per_actor))
         self.cfg = config
         self.identity_ids = {name: i for i, name in enumerate(identities)}
         self.aligner = FaceAligner(config.align)

@@ -81,9 +81,10 @@ class Embedder:
         import torch
 
         from mfr_ray.models import load_backbone
+        from mfr_ray.threads import use_threads
 
         if num_threads:
-            torch.set_num_threads(num_threads)
+            use_threads(num_threads)
         self.flip = flip
         self.bf16 = bf16
         net = load_backbone(model.backbone, model.checkpoint, **model.kwargs).eval()

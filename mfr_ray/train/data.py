@@ -5,6 +5,7 @@ small held-out validation set, and the decoding of encoded crops into model-read
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,32 +28,30 @@ def validation_identities(num_identities: int, count: int, seed: int) -> list[in
     return sorted(int(i) for i in rng.choice(num_identities, size=count, replace=False))
 
 
-def _drop_identities(ds, excluded: list[int], num_cpus: float):
-    excluded_arr = np.asarray(excluded, dtype=np.int64)
+def _select(
+    ds, columns: dict[str, str], num_cpus: float, drop: Sequence[int] = (), keep: Sequence[int] | None = None
+):
+    """Columns picked and renamed ({name: new name}) and rows of unwanted identities dropped (`drop`, or all
+    but `keep`), in one operator whose tasks ask for `num_cpus` (`data.ingest_cpus`): an ingest operator
+    asking for a whole CPU would never start beside the training workers."""
+    ids = np.asarray(drop if keep is None else keep, dtype=np.int64)
 
-    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = ~np.isin(batch["identity_id"], excluded_arr)
-        return {k: v[mask] for k, v in batch.items()}
+    def pick(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        wanted = np.isin(batch["identity_id"], ids, invert=keep is None)
+        return {new: batch[name][wanted] for name, new in columns.items()}
 
-    return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus) if excluded else ds
-
-
-def _keep_identities(ds, kept: list[int], num_cpus: float):
-    kept_arr = np.asarray(kept, dtype=np.int64)
-    return ds.map_batches(
-        lambda batch: {k: v[np.isin(batch["identity_id"], kept_arr)] for k, v in batch.items()},
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
+    return ds.map_batches(pick, batch_format="numpy", num_cpus=num_cpus)
 
 
 class OnTheFlyMasker:
     """Ray Data class UDF: adds `image_masked` to rows of unmasked aligned crops. The mask engine loads once
     per actor; every pass draws a fresh mask (the engine's draw key gets a per-call nonce)."""
 
-    def __init__(self, masking: MaskingConfig):
+    def __init__(self, masking: MaskingConfig, cpus: float):
         from mfr_ray.masking import MaskEngine
+        from mfr_ray.threads import threads_for, use_threads
 
+        use_threads(threads_for(cpus))
         self.engine = MaskEngine(masking)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,17 +80,18 @@ def training_dataset(
     the count before masking). Unmasked-only runs carry an empty `image_masked`."""
     import ray
 
+    ingest = cfg.ingest_cpus
     if use_masked and not cfg.on_the_fly_masking:
-        ds = paired_dataset(
-            cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
-        )
-        ds = _drop_identities(ds.select_columns(TRAIN_COLUMNS, num_cpus=cfg.ingest_cpus), held_out, cfg.ingest_cpus)
+        pairs = paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=ingest)
+        ds = _select(pairs, {c: c for c in TRAIN_COLUMNS}, ingest, drop=held_out)
         ds = ds.materialize() if cfg.materialize else ds
         return ds, ds.count()
-    unmasked = read_prepared(cfg.uri, storage, variants=["unmasked"], num_cpus=cfg.ingest_cpus).select_columns(
-        ["source_key", "identity_id", "image"], num_cpus=cfg.ingest_cpus
+    unmasked = _select(
+        read_prepared(cfg.uri, storage, variants=["unmasked"], num_cpus=ingest),
+        {"source_key": "source_key", "identity_id": "identity_id", "image": "image_unmasked"},
+        ingest,
+        drop=held_out,
     )
-    unmasked = _drop_identities(unmasked.rename_columns({"image": "image_unmasked"}, num_cpus=cfg.ingest_cpus), held_out, cfg.ingest_cpus)
     unmasked = unmasked.materialize() if cfg.materialize else unmasked
     rows = unmasked.count()
     if not use_masked:
@@ -102,12 +102,15 @@ def training_dataset(
                 "image_masked": np.full(len(b["identity_id"]), b"", dtype=object),
             },
             batch_format="numpy",
-            num_cpus=cfg.ingest_cpus,
+            num_cpus=ingest,
         )
         return without_masks, rows
     masked = unmasked.map_batches(
         OnTheFlyMasker,
-        fn_constructor_kwargs={"masking": cfg.masking.model_copy(update={"aligned": True})},
+        fn_constructor_kwargs={
+            "masking": cfg.masking.model_copy(update={"aligned": True}),
+            "cpus": cfg.masking_cpus,
+        },
         batch_size=32,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.masking_actors),
@@ -136,13 +139,10 @@ def validation_set(
     """Pairs of the held-out identities, deterministic in the seed; None when nothing is held out."""
     if not held_out:
         return None
-    ds = _keep_identities(
-        paired_dataset(
-            cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
-        ).select_columns(["source_key", *TRAIN_COLUMNS], num_cpus=cfg.ingest_cpus),
-        held_out,
-        cfg.ingest_cpus,
+    pairs = paired_dataset(
+        cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
     )
+    ds = _select(pairs, {c: c for c in ["source_key", *TRAIN_COLUMNS]}, cfg.ingest_cpus, keep=held_out)
     rows = sorted(ds.take_all(), key=lambda r: r["source_key"])
     order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.val_max_images]
     chosen = [rows[i] for i in sorted(order)]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mfr_ray.models import preprocess
+from mfr_ray.threads import threads_for, use_threads
 from mfr_ray.train.config import OptimConfig, TrainConfig
 from mfr_ray.train.data import ValidationSet, decode_pairs
 from mfr_ray.train.objective import build_model, compute_loss
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig.model_validate(config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    use_threads(cfg.scaling.torch_threads or threads_for(cfg.scaling.cpus_per_worker))
     torch.manual_seed(cfg.data.seed + rank)
     rng = np.random.default_rng(cfg.data.seed + rank)
     device = ray.train.torch.get_device()
