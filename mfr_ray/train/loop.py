@@ -153,7 +153,11 @@ def train_loop_per_worker(config: dict) -> None:
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        # Each worker downloads into its own folder: with `as_directory` the workers of one node share one
+        # download of an S3 checkpoint, and the first to finish may delete it while another still reads
+        # it ("file read failed" in a CI run).
+        with tempfile.TemporaryDirectory(prefix="mfr-resume-") as folder:
+            checkpoint.to_directory(folder)
             state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device; DDP when world > 1
