@@ -3,8 +3,12 @@
 Runs `jobs/prepare_dataset.py` as a fresh process per case (its own local Ray), into a scratch output,
 and samples the proportional set size (PSS, so shared object-store pages count once) and CPU time of
 every process in the job's session: the driver, the Ray daemons and the actors. Prints images/s end to
-end, where the actor time goes (read, decode, align, mask, encode, write), which processes used the CPU,
-and the peak memory.
+end, how that splits into start-up (process start to the first shard starting: Ray, the actors' model
+loading) and the steady rate while shards run, where the actor time goes (read, decode, align, mask, encode,
+write), which processes used the CPU, and the peak memory.
+
+The machine's speed drifts by tens of percent over minutes on shared hosts, so `--repeat N` runs the cases
+in rounds (1, 2, 1, 2, ...) and compares the medians; each round's own ratio is printed too.
 
     python benchmarks/bench_prepare.py --config configs/prepare_lfw_eval.yaml --cases 1300:1 1300:2 13233:2
 """
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,28 +84,40 @@ class ProcessSampler(threading.Thread):
         return {name: round(seconds, 1) for name, seconds in top}
 
 
-def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[str]) -> dict:
-    out = scratch / f"out-{images}-{actors}"
+def shard_span(out: Path) -> tuple[float, float]:
+    """(first shard start, last shard end) as wall-clock times, from the shards' done markers (a shard
+    starts its stage seconds before it finishes)."""
+    markers = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
+    starts = [m["finished_at"] - sum(m["seconds"].values()) for m in markers]
+    return min(starts), max(m["finished_at"] for m in markers)
+
+
+def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[str], round_: int = 0) -> dict:
+    out = scratch / f"out-{images}-{actors}-{round_}"
     cmd = [sys.executable, str(REPO / "jobs" / "prepare_dataset.py"), "--config", config, "--no-progress",
            f"output.uri={out}", f"index.limit={images}", f"compute.num_actors={actors}",
            "tracking.enabled=false", *extra]
-    started = time.perf_counter()
+    started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     sampler = ProcessSampler(proc.pid)
     sampler.start()
     output, _ = proc.communicate()
     sampler.running = False
-    wall = time.perf_counter() - started
+    wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"case {images}:{actors} failed:\n{output[-3000:]}")
     rate = float(re.search(r"([\d.]+) images/s", output).group(1))
     card = json.loads((out / "dataset_card.json").read_text())
+    first_start, last_end = shard_span(out)
     return {
         "images": images,
         "actors": actors,
+        "round": round_,
         "images_per_s": rate,
         "process_wall_s": round(wall, 1),
+        "startup_s": round(first_start - started, 1),
+        "steady_images_per_s": round(images / (last_end - first_start), 2),
         "peak_pss_mib": round(sampler.peak / 2**20),
         "peak_pss_mib_by_process": sampler.largest(),
         "cpu_s_by_process": sampler.busiest(),
@@ -114,30 +131,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/prepare_lfw_eval.yaml")
     parser.add_argument("--cases", nargs="+", default=["1300:1", "1300:2", "13233:2"], help="IMAGES:ACTORS")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all cases; figures are medians")
     parser.add_argument("--scratch", default=None, help="output folder (default: a temp folder)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     args = parser.parse_args()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-prepare-"))
-    results = []
-    for case in args.cases:
-        images, actors = (int(x) for x in case.split(":"))
-        result = run_case(args.config, images, actors, scratch, args.overrides)
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    print(f"\n{'images':>7} {'actors':>6} {'img/s':>7} {'peak MiB':>9}  actor seconds per stage")
-    for r in results:
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
-        print(f"{r['images']:>7} {r['actors']:>6} {r['images_per_s']:>7.2f} {r['peak_pss_mib']:>9}  {stages}")
-    by_case = {(r["images"], r["actors"]): r for r in results}
-    for images in sorted({r["images"] for r in results}):
-        if (images, 1) in by_case and (images, 2) in by_case:
-            speedup = by_case[images, 2]["images_per_s"] / by_case[images, 1]["images_per_s"]
-            print(f"speed-up 1 -> 2 actors on {images} images: {speedup:.2f}x")
-    sizes = sorted({r["images"] for r in results})
+    runs: dict[tuple[int, int], list[dict]] = {}
+    for round_ in range(args.repeat):
+        for case in args.cases:
+            images, actors = (int(x) for x in case.split(":"))
+            result = run_case(args.config, images, actors, scratch, args.overrides, round_)
+            runs.setdefault((images, actors), []).append(result)
+            print(json.dumps(result), flush=True)
+    report(runs)
+
+
+def report(runs: dict[tuple[int, int], list[dict]]) -> None:
+    """Median per case over the rounds, then the 1 -> 2 actor speed-up and the memory growth."""
+    median = {case: {key: statistics.median(r[key] for r in results)
+                     for key in ("images_per_s", "steady_images_per_s", "startup_s", "peak_pss_mib")}
+              for case, results in runs.items()}
+    print(f"\n{'images':>7} {'actors':>6} {'runs':>4} {'img/s':>7} {'steady':>7} {'start s':>7} {'peak MiB':>9}"
+          "  actor seconds per stage (last run)")
+    for (images, actors), results in runs.items():
+        m = median[images, actors]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in results[-1]["stage_seconds"].items())
+        print(f"{images:>7} {actors:>6} {len(results):>4} {m['images_per_s']:>7.2f} {m['steady_images_per_s']:>7.2f} "
+              f"{m['startup_s']:>7.1f} {m['peak_pss_mib']:>9.0f}  {stages}")
+    for images in sorted({images for images, _ in runs}):
+        if (images, 1) in runs and (images, 2) in runs:
+            one, two = median[images, 1], median[images, 2]
+            rounds = [b["images_per_s"] / a["images_per_s"] for a, b in zip(runs[images, 1], runs[images, 2])]
+            print(f"speed-up 1 -> 2 actors on {images} images: {two['images_per_s'] / one['images_per_s']:.2f}x "
+                  f"end to end (per round: {', '.join(f'{r:.2f}' for r in rounds)}), "
+                  f"{two['steady_images_per_s'] / one['steady_images_per_s']:.2f}x while shards run")
+    sizes = sorted({images for images, _ in runs})
     if len(sizes) >= 2:
-        small = max(r["peak_pss_mib"] for r in results if r["images"] == sizes[0])
-        large = max(r["peak_pss_mib"] for r in results if r["images"] == sizes[-1])
-        print(f"peak memory {sizes[0]} vs {sizes[-1]} images: {small} vs {large} MiB ({large / small - 1:+.0%})")
+        small = max(median[case]["peak_pss_mib"] for case in runs if case[0] == sizes[0])
+        large = max(median[case]["peak_pss_mib"] for case in runs if case[0] == sizes[-1])
+        print(f"peak memory {sizes[0]} vs {sizes[-1]} images: {small:.0f} vs {large:.0f} MiB ({large / small - 1:+.0%})")
 
 
 if __name__ == "__main__":
