@@ -10,7 +10,8 @@ write), which processes used the CPU, and the peak memory.
 The machine's speed drifts by tens of percent over minutes on shared hosts, so `--repeat N` runs the cases
 in rounds (1, 2, 1, 2, ...) and compares the medians; each round's own ratio is printed too.
 
-    python benchmarks/bench_prepare.py --config configs/prepare_lfw_eval.yaml --cases 1300:1 1300:2 13233:2
+    python benchmarks/bench_prepare.py --config configs/prepare_lfw_eval.yaml \
+        --cases 1300:1 1300:2 13233:1 13233:2 --repeat 2
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from mfr_ray.data.layout import CARD_JSON, DONE_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +90,7 @@ class ProcessSampler(threading.Thread):
 def shard_span(out: Path) -> tuple[float, float]:
     """(first shard start, last shard end) as wall-clock times, from the shards' done markers (a shard
     starts its stage seconds before it finishes)."""
-    markers = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
+    markers = [json.loads(p.read_text()) for p in (out / DONE_DIR).glob("*.json")]
     starts = [m["finished_at"] - sum(m["seconds"].values()) for m in markers]
     return min(starts), max(m["finished_at"] for m in markers)
 
@@ -108,7 +111,7 @@ def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[s
     if proc.returncode != 0:
         raise RuntimeError(f"case {images}:{actors} failed:\n{output[-3000:]}")
     rate = float(re.search(r"([\d.]+) images/s", output).group(1))
-    card = json.loads((out / "dataset_card.json").read_text())
+    card = json.loads((out / CARD_JSON).read_text())
     first_start, last_end = shard_span(out)
     return {
         "images": images,
