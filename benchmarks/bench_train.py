@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mfr_ray.config import load_config
+from mfr_ray.config.common import RayConfig, init_ray
 from mfr_ray.train.config import TrainConfig
 
 
@@ -110,7 +111,7 @@ def main() -> int:
             "registered_model_name": None,
         }
     )
-    ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
+    init_ray(RayConfig(num_cpus=args.cores, include_dashboard=False), log_to_driver=False)
     num_classes = label_count(cfg.data, cfg.storage)
     rows = paired_dataset(cfg.data.uri, cfg.storage, cfg.data.masked_variant, cfg.data.seed).take(2000)
 

@@ -55,11 +55,13 @@ def tiny_celeba_prepared(tmp_path_factory, ray_local, celeba_dir) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with 2 CPUs for the whole session (ray.shutdown stops the processes it started)."""
+    """A local Ray with 2 CPUs for the whole session, started as the jobs start theirs (`init_ray`: loopback
+    only, token auth on); ray.shutdown stops the processes it started."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from mfr_ray.config.common import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=2, include_dashboard=False), log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -70,6 +71,62 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """`pids` and every process below them (from /proc: workers are the raylet's children, agents too)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo += children.get(pid, [])
+    return found
+
+
+def _listening_by_inode() -> dict[str, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket, from /proc/net/tcp and tcp6."""
+    table = {}
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)  # each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            table[fields[9]] = (str(addr), int(hex_port, 16))
+    return table
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) for each TCP socket a process in `pids` listens on."""
+    table = _listening_by_inode()
+    found = []
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in table:
+                found.append((pid, name, *table[target[8:-1]]))
+    return sorted(set(found))
 
 
 @dataclass

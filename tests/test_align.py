@@ -1,5 +1,6 @@
-"""Face alignment on real LFW faces: landmarks land on the template, fallbacks are recorded, bad input
-becomes a status instead of an exception."""
+"""Face alignment on real LFW faces: landmarks land on the template, fallbacks are recorded (a guessed
+centre box is `ok_fallback`, never `ok`), bad input becomes a status instead of an exception, large
+photos detect on a shrunk copy, and the mask-robust fits ignore the mouth."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import cv2
 import numpy as np
 import pytest
 
+from mfr_ray.config import load_config
 from mfr_ray.data.align import (
     CROP_TEMPLATES,
+    USABLE_STATUSES,
     AlignConfig,
     ARCFACE_112x112,
     FaceAligner,
     SPHEREFACE_96x112,
+    fit_targets,
+    fit_weights,
     pick_face,
+    residual_similarity,
     similarity_transform,
+    template_matrix,
 )
+from tests.prepare_inputs import REPO
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0001.jpg",
         "George_W_Bush/George_W_Bush_0001.jpg", "Serena_Williams/Serena_Williams_0001.jpg"]
@@ -86,17 +94,104 @@ def test_channels_last_mtcnn_matches_default_layout(faces):
 
 def test_dlib_fallback_agrees_with_mtcnn(faces, aligner):
     mtcnn = aligner.align(faces[0])
-    dlib_result = aligner._finish(faces[0], None)  # as if MTCNN had found nothing
+    dlib_result = aligner._finish(faces[0], None, None)  # as if MTCNN had found nothing
     assert dlib_result.method == "dlib" and "mtcnn found no face" in dlib_result.reason
     assert np.abs(np.array(dlib_result.landmarks) - np.array(mtcnn.landmarks)).max() < 10
 
 
+def non_faces() -> list[np.ndarray]:
+    grey = np.full((250, 250, 3), 128, dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (250, 250, 3), dtype=np.uint8)
+    return [grey, noise]
+
+
 def test_no_face_falls_back_to_centre_or_reports(faces):
-    blank = np.full((250, 250, 3), 128, dtype=np.uint8)
-    centre = FaceAligner(AlignConfig(fallbacks=["center"])).align(blank)
-    assert centre.status == "ok" and centre.method == "center" and centre.crop.shape == (112, 96, 3)
-    none = FaceAligner(AlignConfig(fallbacks=[])).align(blank)
-    assert none.status == "no_face" and none.crop is None and "mtcnn found no face" in none.reason
+    for blank in non_faces():
+        centre = FaceAligner(AlignConfig(fallbacks=["center"])).align(blank)
+        assert centre.status == "ok_fallback" and centre.method == "center" and centre.crop.shape == (112, 96, 3)
+        assert centre.reason == "mtcnn found no face; centre box guessed" and centre.usable
+        none = FaceAligner(AlignConfig(fallbacks=[])).align(blank)
+        assert none.status == "no_face" and none.crop is None and "mtcnn found no face" in none.reason
+    assert USABLE_STATUSES == {"ok", "ok_fallback"}
+
+
+def _shipped_align(name: str) -> AlignConfig:
+    cfg = load_config(REPO / "configs" / name)
+    return cfg.align if hasattr(cfg, "align") else cfg.sources["unmasked"].align
+
+
+@pytest.mark.parametrize("name", ["prepare_celeba_112x96.yaml", "prepare_celeba_112x112.yaml"])
+def test_training_configs_turn_non_faces_into_no_face(faces, name):
+    """Training must not learn a guessed box: the shipped training configs have no centre fallback."""
+    aligner = FaceAligner(_shipped_align(name))
+    results = aligner.align_batch(non_faces() + faces[:2])
+    assert [r.status for r in results] == ["no_face", "no_face", "ok", "ok"]
+    assert results[0].reason == "mtcnn found no face; dlib found no face"
+
+
+@pytest.mark.parametrize("name", ["prepare_lfw_eval.yaml", "eval_lfw.yaml"])
+def test_evaluation_configs_keep_a_marked_centre_crop(faces, name):
+    """The LFW protocol needs a crop for every pair image: evaluation keeps the centre box, marked."""
+    results = FaceAligner(_shipped_align(name)).align_batch(non_faces() + faces[:1])
+    assert [r.status for r in results] == ["ok_fallback", "ok_fallback", "ok"]
+    assert results[1].reason == "mtcnn found no face; dlib found no face; centre box guessed"
+    assert results[2].reason == ""
+
+
+def test_large_image_detects_on_a_shrunk_copy(faces):
+    """A 3000x3000 photo: MTCNN sees at most detect_max_side px, the crop still comes from the full frame
+    and matches the 250 px original's."""
+    aligner = FaceAligner(AlignConfig(fallbacks=[]))
+    seen = []
+    detect = aligner._mtcnn.detect
+    aligner._mtcnn.detect = lambda stack, **kw: seen.append(stack.shape) or detect(stack, **kw)
+    big = cv2.resize(faces[0], (3000, 3000), interpolation=cv2.INTER_CUBIC)
+    small, large = aligner.align_batch([faces[0], big])
+    assert seen == [(1, 250, 250, 3), (1, 1024, 1024, 3)]
+    assert large.status == "ok" and large.method == "mtcnn"
+    assert np.abs(np.array(large.landmarks) / 12.0 - np.array(small.landmarks)).max() < 1.5
+    assert large.box[2] > 1000  # box in full-frame pixels
+    assert np.abs(large.crop.astype(int) - small.crop.astype(int)).mean() < 8
+
+
+def test_weighted_similarity_ignores_zero_weight_points():
+    src = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 3.0], [5.0, 5.0]])
+    dst = np.stack([5 - 2 * src[:, 1], 7 + 2 * src[:, 0]], 1)
+    dst[3:] += 40.0  # two wild points
+    exact = np.array([[0.0, -2.0, 5.0], [2.0, 0.0, 7.0]])
+    assert similarity_transform(src, dst, [1, 1, 1, 0, 0]) == pytest.approx(exact, abs=1e-9)
+    assert similarity_transform(src, dst) != pytest.approx(exact, abs=1.0)
+    with pytest.raises(ValueError, match="two points"):
+        similarity_transform(src, dst, [1, 0, 0, 0, 0])
+
+
+def test_upper_face_fit_does_not_move_with_the_mouth(faces, aligner):
+    """Masks move MTCNN's mouth corners: with upper_face they cannot move the crop, with all5 they do,
+    and `weighted` moves it less than all5."""
+    landmarks = np.array(aligner.align(faces[2]).landmarks)
+    moved = landmarks.copy()
+    moved[3:] += [3.0, 12.0]  # mouth corners dragged down by a mask's edge
+    centre = CROP_TEMPLATES["112x96"][1].mean(0)
+    shift = {}
+    for fit in ("all5", "weighted", "upper_face"):
+        weights = fit_weights(AlignConfig(landmark_fit=fit))
+        before, after = template_matrix(landmarks, "112x96", weights), template_matrix(moved, "112x96", weights)
+        offset, scale, rotation = residual_similarity(after, before, centre)
+        shift[fit] = np.linalg.norm(offset) + 100 * abs(scale) + abs(rotation)
+    assert shift["upper_face"] < 1e-9
+    assert shift["all5"] > 2.0
+    assert 0 < shift["weighted"] < 0.8 * shift["all5"]
+
+
+def test_landmark_fit_is_applied_to_the_crop(faces):
+    crops = {fit: FaceAligner(AlignConfig(landmark_fit=fit, fallbacks=[])).align(faces[1]) for fit in
+             ("all5", "upper_face")}
+    targets = fit_targets("112x96")
+    upper = np.array(crops["upper_face"].landmarks)
+    assert crops["upper_face"].matrix == pytest.approx(similarity_transform(upper[:3], targets[:3]), abs=0.02)
+    template = CROP_TEMPLATES["112x96"][1]
+    assert crops["all5"].matrix == pytest.approx(similarity_transform(crops["all5"].landmarks, template), abs=0.02)
+    assert np.abs(crops["upper_face"].crop.astype(int) - crops["all5"].crop.astype(int)).mean() > 1
 
 
 def test_largest_central_face_is_chosen(faces, aligner):
@@ -113,7 +208,9 @@ def test_bad_input_never_raises(aligner):
                                    np.zeros((120, 120), np.uint8), np.zeros((120, 120, 4), np.uint8)])
     assert [r.status for r in results[:3]] == ["unsupported"] * 3
     assert all(r.reason for r in results[:3])
-    assert [r.status for r in results[3:]] == ["ok", "ok"]  # grey and RGBA are converted (centre fallback)
+    # grey and RGBA arrays are converted, then (all black, no face) get the centre box, marked as a guess
+    assert [r.status for r in results[3:]] == ["ok_fallback", "ok_fallback"]
+    assert all("centre box guessed" in r.reason for r in results[3:])
 
 
 def test_prealigned_skips_detection(faces):

@@ -46,7 +46,36 @@ def test_doctor_all_green_with_s3(s3_server, tmp_path):
     assert s3_server.secret_key not in proc.stdout
 
 
-def test_doctor_reports_unreachable_s3():
-    proc = run("doctor", "--config", "configs/doctor.yaml", "--services", check=False,
-               env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "sssssecret"})
-    assert proc.returncode == 1 and "FAIL" in proc.stdout and "sssssecret" not in proc.stdout
+def test_doctor_reports_unreachable_s3_and_mlflow_without_secrets(tmp_path):
+    """The failures doctor prints do carry secrets (the probed key repeats the AWS secret; MLflow's error
+    quotes the tracking URI with its password): they must come out redacted, the rest of the detail kept."""
+    secret, password = "sssssecret-0123", "pw-7a6b5c4d"
+    config = tmp_path / "doctor.yaml"
+    config.write_text(yaml.safe_dump({
+        "kind": "doctor", "s3_uri": f"s3://mfr-b/{secret}/probe",
+        "tracking": {"tracking_uri": f"http://alice:{password}@127.0.0.1:9"},
+        "storage": {"max_attempts": 1, "connect_timeout_s": 1},  # a closed port: fail fast
+    }))
+    proc = run("doctor", "--config", str(config), "--services", check=False,
+               env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                    "AWS_SECRET_ACCESS_KEY": secret, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    rows = {line.split("│")[1].strip(): line.split("│")[3] for line in proc.stdout.splitlines()
+            if line.count("│") >= 3 and line.split("│")[1].strip()}
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "checking s3://mfr-b/***/probe failed" in rows["s3"], proc.stdout
+    assert "http://***@127.0.0.1:9" in rows["mlflow"], proc.stdout
+    assert secret not in proc.stdout + proc.stderr and password not in proc.stdout + proc.stderr
+
+
+def test_config_show_hides_credentials_in_uris_and_bad_secrets(tmp_path):
+    config = tmp_path / "doctor.yaml"
+    config.write_text(yaml.safe_dump({
+        "kind": "doctor", "tracking": {"tracking_uri": "postgresql://mlflow:db-pa55word@db.internal/mlflow"},
+        "storage": {"secret_access_key": "sk-shown-never-1"},
+    }))
+    shown = run("config", "show", str(config)).stdout
+    assert yaml.safe_load(shown)["tracking"]["tracking_uri"] == "postgresql://***@db.internal/mlflow"
+    assert "db-pa55word" not in shown and "sk-shown-never-1" not in shown
+    proc = run("config", "show", str(config), "storage.secret_access_key=918273645546", check=False)
+    assert proc.returncode == 2 and "storage.secret_access_key" in proc.stderr
+    assert "918273645546" not in proc.stdout + proc.stderr

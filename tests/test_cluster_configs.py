@@ -45,6 +45,14 @@ def test_aws_launcher_has_cpu_and_gpu_node_types():
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c)
 
 
+def test_aws_nodes_get_the_token_they_require():
+    """`ray start` in token mode refuses to run without a token (Ray makes one only for a local ray.init):
+    every node gets the launcher's token file, and the file holds no token itself."""
+    cfg = load("aws.yaml")
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "RAY_AUTH_TOKEN=" not in (CLUSTER / "aws.yaml").read_text()
+
+
 def test_raycluster_token_auth_and_worker_groups():
     cluster = load("kuberay/raycluster.yaml")
     assert cluster["kind"] == "RayCluster" and cluster["spec"]["authOptions"]["mode"] == "token"

@@ -68,3 +68,63 @@ def test_every_shipped_config_validates(path):
     data = yaml.safe_load(path.read_text())
     assert data.get("kind") in CONFIG_KINDS, f"{path.name}: kind {data.get('kind')!r} is not registered"
     load_config(path)
+
+
+def test_secret_of_the_wrong_type_is_never_echoed(tmp_path):
+    """A secret that fails validation: the error names the key, never the value (nor in a raw
+    ValidationError, which pydantic would print with its input)."""
+    from pydantic import ValidationError
+
+    from mfr_ray.config.common import StorageConfig
+
+    path = write(tmp_path, {"kind": "doctor", "storage": {"secret_access_key": 918273645546372819}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "storage.secret_access_key" in str(err.value) and "918273645546372819" not in str(err.value)
+    with pytest.raises(ValidationError) as raw:
+        StorageConfig(secret_access_key=918273645546372819)
+    assert "918273645546372819" not in str(raw.value)
+
+
+def test_section_given_a_string_hides_it(tmp_path):
+    """`storage: <a string>` (e.g. a pasted key) is a bad section; its value may be the secret itself."""
+    path = write(tmp_path, {"kind": "doctor", "storage": "AKIAEXAMPLE:hunter2-pasted-secret"})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "storage" in str(err.value) and "hunter2-pasted-secret" not in str(err.value)
+    with pytest.raises(ConfigError) as bad:  # a plain field still shows what it got
+        load_config(path, ["storage={}", "storage.max_attempts=lots"])
+    assert "lots" in str(bad.value)
+
+
+def test_yaml_error_does_not_quote_the_line(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("kind: doctor\nstorage:\n  secret_access_key: hunter2-in-yaml: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "not valid YAML at line 3" in str(err.value) and "hunter2-in-yaml" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "secret"),
+    [
+        ("https://alice:s3cr3t-pw@mlflow.example.com", "s3cr3t-pw"),
+        ("postgresql://mlflow:db-pa55word@db.internal:5432/mlflow", "db-pa55word"),
+        ("https://ghp_tokenonly123@mlflow.example.com/", "ghp_tokenonly123"),
+        ("https://mlflow.example.com/?token=tok-abc-123&x=1", "tok-abc-123"),
+    ],
+)
+def test_credentials_in_tracking_uri_never_shown(tmp_path, uri, secret):
+    """`dump_config` (config show, cards) and `flatten_config` (MLflow params) hide credentials inside
+    URIs; a bad value in a URI field is shown redacted too."""
+    cfg = load_config(write(tmp_path, {"kind": "doctor", "tracking": {"tracking_uri": uri}}))
+    assert cfg.tracking.tracking_uri == uri  # the jobs still connect with it
+    from mfr_ray.config import dump_config
+
+    shown = dump_config(cfg)["tracking"]["tracking_uri"]
+    assert secret not in shown and "***" in shown
+    assert secret not in str(flatten_config(cfg))
+    assert secret not in str(flatten_config({"tracking": {"tracking_uri": uri}}))  # plain dicts too
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {"kind": "doctor", "tracking": {"tracking_uri": uri, "enabled": uri}}))
+    assert "tracking.enabled" in str(err.value) and secret not in str(err.value)

@@ -126,7 +126,7 @@ def test_prepare_local_end_to_end_and_rerun(tmp_path, lfw_dir, ray_local, tmp_tr
 
     # readers: ok rows of chosen variants, and (unmasked, masked) pairs of the same image
     assert read_prepared(str(out), variants=["unmasked"]).count() == len(good)
-    assert read_prepared(str(out), variants=["unmasked"], status=None).count() == 13
+    assert read_prepared(str(out), variants=["unmasked"], statuses=None).count() == 13
     pairs = paired_dataset(str(out)).take_all()
     assert sorted(p["source_key"] for p in pairs) == sorted({r["source_key"] for r in ok_masked})
     assert all(p["image_masked"] != p["image_unmasked"] for p in pairs)

@@ -3,6 +3,8 @@ with metrics and artifacts, Ray Data embedding, masked variants and the mask-pai
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pytest
@@ -51,6 +53,25 @@ def test_lfw_two_folds_reach_published_level_and_are_logged(tmp_path, tmp_tracki
     table, compare_id = compare_runs(summary["run_id"], summary2["run_id"])
     assert "single.unmasked.accuracy_mean" in table and "| 0.0000 |" in table  # same model, same pairs
     assert "compare.md" in _artifacts(client, compare_id)
+
+
+def test_evaluation_shows_stage_bars_and_its_run_spans_the_work(tmp_path, tmp_tracking_uri, capfd):
+    """16 LFW pairs (prealigned crops): a tqdm bar with a rate per stage and variant on stderr, and the
+    MLflow run opened before the work, so its duration covers the alignment and embedding."""
+    cfg = EvaluateConfig(
+        name="lfw-progress", pairs={"limit_folds": 2, "max_pairs_per_fold": 8}, flip=False,
+        sources={"unmasked": {"align": {"skip_detection": True}}},
+        protocols=[{"name": "single", "feature": "single"}], analyses=NO_EXTRAS,
+        output_dir=str(tmp_path / "out"),
+    )
+    summary = evaluate(cfg)
+    err = capfd.readouterr().err
+    images = summary["n_images"]
+    assert re.search(rf"align unmasked: 100%.*\| {images}/{images} \[.*img/s", err), err[-2000:]
+    assert re.search(rf"embed unmasked: 100%.*\| {images}/{images} \[.*img/s", err), err[-2000:]
+    run = mlflow.MlflowClient(tmp_tracking_uri).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert (run.info.end_time - run.info.start_time) / 1000 >= summary["seconds"] > 0
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_masks_cover_nose_mouth_chin_and_leave_eyes_free(engine, faces, aligned)
             continue
         masked += 1
         assert result.image.shape == image.shape and result.alpha.shape == image.shape[:2]
-        placed += coverage_check(result.alpha, _landmarks(engine, image)).ok
+        placed += coverage_check(result.alpha, _landmarks(engine, image), style=result.record.style).ok
         assert len(result.record.keypoints) == len(KEYPOINT_NAMES) and len(result.record.polygon) >= 3
     assert masked >= 0.95 * len(faces)
     assert placed >= 0.95 * masked
@@ -127,15 +127,17 @@ def test_masks_cover_nose_mouth_chin_and_leave_eyes_free(engine, faces, aligned)
 
 def test_every_face_is_masked(engine, faces):
     """Two real faces side by side: both masked, each over its own nose tip and mouth."""
+    single = [(image, engine.mask(image, key, mask_type="N95")) for key, image in faces]
     clear = [
         image
-        for key, image in faces
-        if coverage_check(engine.mask(image, key, mask_type="N95").alpha, _landmarks(engine, image)).ok
+        for image, result in single
+        if coverage_check(result.alpha, _landmarks(engine, image), style=result.record.style).ok
     ][:2]
     result = engine.mask(np.hstack(clear), "pair", mask_type="N95")
     assert result.record.status == "ok" and result.record.num_faces == 2
     for offset, image in zip((0, 250), clear, strict=True):
-        assert coverage_check(result.alpha[:, offset : offset + 250], _landmarks(engine, image)).ok
+        alpha = result.alpha[:, offset : offset + 250]
+        assert coverage_check(alpha, _landmarks(engine, image), style=result.record.style).ok
 
 
 def test_same_seed_and_key_give_identical_bytes(faces):
@@ -221,7 +223,7 @@ def test_polygon_type_fills_seed_003_landmarks(engine, faces):
     lm = _landmarks(engine, image)
     assert len(result.record.polygon) == len(POLYGON_LANDMARKS)
     assert np.allclose(result.record.polygon[-1], lm[28], atol=0.01)
-    assert coverage_check(result.alpha, lm).ok
+    assert coverage_check(result.alpha, lm, style=result.record.style).ok
 
 
 def test_user_mask_type_and_pattern_from_files(tmp_path, faces):
@@ -245,7 +247,7 @@ def test_user_mask_type_and_pattern_from_files(tmp_path, faces):
     result = engine.mask(image, key)
     assert result.record.status == "ok" and result.record.mask_type == "my_mask"
     assert result.record.pattern == "red_lines"
-    assert coverage_check(result.alpha, _landmarks(engine, image)).ok
+    assert coverage_check(result.alpha, _landmarks(engine, image), style=result.record.style).ok
 
 
 def test_config_rejects_unknown_names():
@@ -313,4 +315,4 @@ def test_cnn_detector_path(faces):
     key, image = faces[7]
     result = engine.mask(image, key)
     assert result.record.status == "ok" and result.record.detector == "cnn"
-    assert coverage_check(result.alpha, _landmarks(engine, image)).ok
+    assert coverage_check(result.alpha, _landmarks(engine, image), style=result.record.style).ok

@@ -49,7 +49,7 @@ def test_detector_path_masks_97_percent_and_places_masks(engine, lfw):
         ok += 1
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         landmarks = engine.landmarker.fit(grey, result.record.face_boxes[0])
-        placed += coverage_check(result.alpha, landmarks).ok
+        placed += coverage_check(result.alpha, landmarks, style=result.record.style).ok
     print(f"detector path: masked {ok}/{len(lfw)}, well placed {placed}/{ok}")
     assert ok / len(lfw) >= 0.97, f"detector path masked {ok}/{len(lfw)}"
     assert placed / ok >= 0.98, f"well placed {placed}/{ok}"
@@ -71,7 +71,9 @@ def test_aligned_fast_path_masks_99_percent_and_places_masks(engine, lfw):
         if reference is None:
             continue
         judged += 1
-        placed += coverage_check(result.alpha, (reference - [left, top]) * scale).ok
+        placed += coverage_check(
+            result.alpha, (reference - [left, top]) * scale, style=result.record.style
+        ).ok
     print(f"fast path 112x112: masked {ok}/{len(lfw)}, well placed {placed}/{judged} judged")
     assert ok / len(lfw) >= 0.99, f"fast path masked {ok}/{len(lfw)}"
     assert judged >= 0.95 * len(lfw)
@@ -94,7 +96,9 @@ def test_other_aligned_layouts(engine, lfw, crop, size):
         reference = _central_landmarks(engine, image)
         if result.record.status == "ok" and reference is not None:
             judged += 1
-            placed += coverage_check(result.alpha, (reference - [left, top]) * scale).ok
+            placed += coverage_check(
+                result.alpha, (reference - [left, top]) * scale, style=result.record.style
+            ).ok
     print(f"fast path {size[0]}x{size[1]}: masked {ok}/150, well placed {placed}/{judged}")
     assert ok / 150 >= 0.99 and placed / judged >= 0.97
 
@@ -106,7 +110,7 @@ def test_aligned_lfw_250_fast_path(engine, lfw):
         ok += result.record.status == "ok"
         reference = _central_landmarks(engine, image)
         if result.record.status == "ok" and reference is not None:
-            placed += coverage_check(result.alpha, reference).ok
+            placed += coverage_check(result.alpha, reference, style=result.record.style).ok
     print(f"fast path LFW 250x250: masked {ok}/200, well placed {placed}/{ok}")
     assert ok / 200 >= 0.99
     assert placed / ok >= 0.97

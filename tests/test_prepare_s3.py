@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -73,3 +74,20 @@ def test_s3_job_survives_endpoint_restart(tmp_path, lfw_dir, s3_server):
     card = json.loads(client.get_object(Bucket=s3_server.bucket, Key="prepared/dataset_card.json")["Body"].read())
     assert card["counts"]["rows"]["unmasked"] == 64 and card["counts"]["rows"]["masked"] == 64
     assert not _objects(client, s3_server.bucket, "prepared/_tmp/")
+
+
+def test_s3_output_lock_refuses_a_second_run(s3_server):
+    """The lock on S3 (written, then read back): a second holder is refused with the owner named, and the
+    lock is gone once the first lets go, failure included."""
+    from mfr_ray.data.layout import LOCK_JSON, DatasetLayout, OutputLocked, output_lock
+
+    output = f"s3://{s3_server.bucket}/locked"
+    layout = DatasetLayout(output, s3_server.storage)
+    client = boto3_client(s3_server.storage)
+    refused = f"output {output} is locked by .* pid {os.getpid()}"
+    with pytest.raises(RuntimeError, match="the run fails"), output_lock(layout):
+        assert _objects(client, s3_server.bucket, "locked/") == [f"locked/{LOCK_JSON}"]
+        with pytest.raises(OutputLocked, match=refused), output_lock(DatasetLayout(output, s3_server.storage)):
+            pass
+        raise RuntimeError("the run fails")
+    assert f"locked/{LOCK_JSON}" not in _objects(client, s3_server.bucket, "locked/")

@@ -19,7 +19,7 @@ from mfr_ray.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-MODELS = ["CASIA checkpoint (untouched)", "no-mask network", "mask network"]
+MODELS = ["CASIA checkpoint (untouched)", "no-mask network", "mask network", "frozen-teacher network"]
 VARIANTS = ["unmasked", "surgical_green", "surgical_blue", "N95", "cloth", "mixed"]
 
 
@@ -50,18 +50,32 @@ def test_quick_quickstart_runs_every_stage(tmp_path):
     for row in rows:
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["tpr_at_far0.1pct"]) <= 1.0
     cell = {(r["model"], r["variant"]): r for r in rows}
-    gain = 100 * (float(cell["mask network", "mixed"]["tpr_at_far0.1pct"])
-                  - float(cell["no-mask network", "mixed"]["tpr_at_far0.1pct"]))
-    assert summary_run.data.metrics["tpr_at_far0.1pct_gain_mixed"] == pytest.approx(gain, abs=1e-6)
+
+    def points(model: str, reference: str, variant: str, metric: str) -> float:
+        return 100 * (float(cell[model, variant][metric]) - float(cell[reference, variant][metric]))
+
+    headline = summary_run.data.metrics
+    for model, reference, suffix in [
+        ("mask network", "no-mask network", ""),
+        ("mask network", "CASIA checkpoint (untouched)", "_vs_checkpoint"),
+        ("frozen-teacher network", "CASIA checkpoint (untouched)", "_frozen_teacher_vs_checkpoint"),
+    ]:
+        gain = points(model, reference, "mixed", "tpr_at_far0.1pct")
+        assert headline[f"tpr_at_far0.1pct_gain_mixed{suffix}"] == pytest.approx(gain, abs=1e-6)
+        change = points(model, reference, "unmasked", "accuracy")
+        assert headline[f"unmasked_accuracy_change{suffix}"] == pytest.approx(change, abs=1e-6)
+        assert f"tpr_at_far0.1pct_gain_mixed{suffix}={gain:+.2f} points" in run.stdout
 
     timings = json.loads(Path(client.download_artifacts(run_id, "timings.json", str(tmp_path))).read_text())
-    assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask"} <= set(timings)
+    assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher"} <= set(timings)
     assert sum(k.startswith("evaluate ") for k in timings) == len(MODELS)
 
-    # The stages logged into the same experiment: the two datasets, the two trainings (with their
-    # per-epoch validation) and the three evaluations.
+    # The stages logged into the same experiment: the two datasets, the three trainings (with their
+    # per-epoch validation) and the four evaluations; the frozen-teacher run is the frozen-teacher config.
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert {"prepare-celeba299-112x96", "prepare-lfw-sm-seed000"} <= set(runs)
-    assert {"quickstart-eval-casia", "quickstart-eval-no-mask", "quickstart-eval-mask"} <= set(runs)
-    for stage in ("train_nomask", "train_mask"):
+    assert {"quickstart-eval-casia", "quickstart-eval-no-mask", "quickstart-eval-mask",
+            "quickstart-eval-frozen-teacher"} <= set(runs)
+    for stage in ("train_nomask", "train_mask", "train_teacher"):
         assert client.get_metric_history(runs[f"quickstart-{stage}"].info.run_id, "val_tpr_at_far")
+    assert runs["quickstart-train_teacher"].data.params["loss.teacher"] == "frozen"

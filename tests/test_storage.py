@@ -55,15 +55,27 @@ def test_s3_new_bucket_and_env_credentials(s3_server, monkeypatch):
 
 
 def test_s3_errors_do_not_leak_credentials(s3_server):
+    """Errors that do carry a secret (a key path that repeats the configured secret, credentials pasted into
+    the URI) come out of the real read/list paths with the secret replaced, the rest of the message kept."""
+    secret = "wrong-secret-value-xyz"
     wrong = StorageConfig(
         endpoint_url=s3_server.endpoint_url,
         access_key_id="AKIAWRONGKEY123",
-        secret_access_key="wrong-secret-value-xyz",
+        secret_access_key=secret,
         max_attempts=1,
     )
+    uri = f"s3://{s3_server.bucket}/{secret}/missing.bin"
     with pytest.raises(StorageError) as err:
-        read_bytes(f"s3://{s3_server.bucket}/missing.bin", wrong)
-    assert "wrong-secret-value-xyz" not in str(err.value)
-    assert f"s3://{s3_server.bucket}/missing.bin" in str(err.value)
-    with pytest.raises(StorageError):
-        list(iter_files(f"s3://{s3_server.bucket}/", wrong))
+        read_bytes(uri, wrong)
+    message = str(err.value)
+    assert secret not in message and "AKIAWRONGKEY123" not in message
+    assert f"s3://{s3_server.bucket}/***/missing.bin" in message
+    with pytest.raises(StorageError) as listing:
+        list(iter_files(f"s3://{s3_server.bucket}/{secret}/", wrong))
+    assert secret not in str(listing.value) and "***" in str(listing.value)
+
+    pasted = f"s3://AKIAPASTED:pasted-secret-123@{s3_server.bucket}/x.bin"  # userinfo in an S3 URI
+    with pytest.raises(StorageError) as err:
+        read_bytes(pasted, s3_server.storage)
+    assert "pasted-secret-123" not in str(err.value) and f"s3://***@{s3_server.bucket}/x.bin holds credentials" in str(
+        err.value)

@@ -39,3 +39,26 @@ def test_embedded_sqlite_round_trip(tmp_tracking_uri):
 
 def test_server_round_trip(mlflow_server):
     _log_and_read_back(TrackingConfig(tracking_uri=mlflow_server, experiment="served"))
+
+
+def test_tracking_uri_credentials_never_logged(mlflow_server):
+    """A tracking URI with credentials (basic auth in the URI, which MLflow's client sends) still reaches the
+    server, and neither the password nor a secret of a plain-dict config lands in the run's params."""
+    from pydantic import SecretStr
+
+    password = "pw-9f8e7d6c5b"
+    authed = mlflow_server.replace("http://", f"http://alice:{password}@")
+    cfg = TrackingConfig(tracking_uri=authed, experiment="authed")
+    config = DoctorConfig(storage=StorageConfig(secret_access_key="sk-in-model-0042"), tracking=cfg)
+    with start_run(cfg, run_name="authed") as run:
+        logged = log_config_params(config)
+        log_config_params({"sweep": {"secret": SecretStr("sk-in-dict-0043"), "store": authed}})
+    params = MlflowClient(tracking_uri=mlflow_server).get_run(run.info.run_id).data.params
+    assert params["tracking.tracking_uri"].startswith("http://***@127.0.0.1:") and logged == {
+        k: v for k, v in params.items() if k in logged
+    }
+    for secret in (password, "sk-in-model-0042", "sk-in-dict-0043"):
+        assert secret not in str(params), secret
+    from mfr_ray.tracking import shown_tracking_uri
+
+    assert shown_tracking_uri(cfg) == mlflow_server.replace("http://", "http://***@")

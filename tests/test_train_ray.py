@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-import mlflow.pytorch
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mfr_ray.config import load_config
 from mfr_ray.config.common import TrackingConfig
 from mfr_ray.models import create_backbone
+from mfr_ray.models.registry import load_registered_model
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train import TrainConfig, run_training
 from mfr_ray.train.loop import MODEL_FILE, STATE_FILE
@@ -106,7 +109,11 @@ def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, t
     version = client.get_model_version("mfr-train-test", outcome.model_version)
     assert version.run_id == run.info.run_id
     assert "train_config.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    registered = mlflow.pytorch.load_model(f"models:/mfr-train-test/{outcome.model_version}")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
+        "model/mfr_model.json",
+        "model/weights.pt",
+    ]
+    registered = load_registered_model(f"models:/mfr-train-test/{outcome.model_version}", tmp_tracking_uri)
     assert registered(torch.zeros(1, 3, 112, 96)).shape == (1, 128)
     assert_checkpoint_loads(outcome.result)
 
@@ -215,3 +222,31 @@ def test_rerun_by_name_resumes_from_s3_checkpoint(tiny_prepared, s3_server, tmp_
     assert second.result.metrics["epoch"] == 1 and second.result.metrics["global_step"] == 2 * STEPS
     assert second.mlflow_run_id == first.mlflow_run_id
     assert_checkpoint_loads(second.result)
+
+
+def test_console_shows_one_bar_per_epoch_and_no_ingest_noise(tiny_prepared, tmp_path):
+    """`jobs/train.py` as a user runs it (its own local Ray, worker logs forwarded to the console): one
+    progress bar per epoch with steps, loss, images/s and the validation TPR; none of Ray Data's
+    `split(2, equal=True)` bars or per-execution banners, no DDP grad-stride warning."""
+    overrides = [
+        f"data.uri={tiny_prepared}", "data.val_identities=2", "data.val_max_images=24",
+        "data.shuffle_buffer=16", "schedule.epochs=2", "schedule.batch_size=8",
+        f"schedule.steps_per_epoch={STEPS}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "scaling.torch_threads=1", f"checkpoint.storage_path={tmp_path / 'ckpt'}", "tracking.enabled=false",
+        "registered_model_name=null", "ray.num_cpus=2", "ray.include_dashboard=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "jobs" / "train.py"), "--config",
+         str(PROJECT_ROOT / "configs" / "train_mobilefacenet_distill.yaml"), *overrides],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    for epoch in (1, 2):
+        steps = rf"{STEPS}(\.00)?/{STEPS}(\.00)?"  # the driver draws it with unit_scale
+        bar = rf"epoch {epoch}/2 loss \d+\.\d+ \d+\.\d img/s val TPR \d\.\d{{3}}: 100%.*\| {steps} "
+        assert re.search(bar, console), console[-4000:]
+    assert "split(" not in console and "Starting execution of Dataset" not in console, console[-4000:]
+    assert "Grad strides do not match" not in console, console[-4000:]
+    assert "Reporting training result" not in console, console[-4000:]

@@ -127,3 +127,45 @@ def test_ingest_cpu_shortfall_warns_when_workers_leave_no_whole_cpu():
     assert ingest_cpu_shortfall(cfg, cluster_cpus=3.0) is None
     shipped = load_config(PROJECT_ROOT / "configs" / "train_mobilefacenet_distill.yaml", expected=TrainConfig)
     assert ingest_cpu_shortfall(shipped, cluster_cpus=2.0) is None  # the default config fits the 2-core default
+
+
+def _tracked_config(storage) -> TrainConfig:
+    return load_config(
+        PROJECT_ROOT / "configs" / "train_mobilefacenet_distill.yaml",
+        [f"checkpoint.storage_path={storage}", "tracking.experiment=reattach", "data.uri=/data/prepared"],
+        expected=TrainConfig,
+    )
+
+
+def test_rerun_reattaches_only_to_the_newest_run_whose_checkpoints_remain(tmp_path, tmp_tracking_uri):
+    """A real MLflow store: a rerun continues the newest earlier run of the same name and storage while
+    Ray Train's checkpoint record of it is still there; once the checkpoints are deleted, a new run."""
+    from mfr_ray.train.trainer import RAY_TRAIN_SNAPSHOT, _mlflow_run
+
+    cfg = _tracked_config(tmp_path / "ckpt")
+    first = _mlflow_run(cfg, "run-a", None, {})
+    second = _mlflow_run(cfg, "run-a", None, {})  # no checkpoints yet: Ray Train starts afresh
+    assert second != first
+    snapshot = tmp_path / "ckpt" / "run-a" / RAY_TRAIN_SNAPSHOT
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    assert _mlflow_run(cfg, "run-a", None, {}) == second  # the newest, not the oldest
+    other_storage = _tracked_config(tmp_path / "elsewhere")
+    assert _mlflow_run(other_storage, "run-a", None, {}) not in (first, second)
+    snapshot.unlink()  # checkpoints deleted
+    assert _mlflow_run(cfg, "run-a", None, {}) not in (first, second)
+
+
+def test_run_names_with_quotes_neither_break_nor_inject_the_search(tmp_path, tmp_tracking_uri):
+    from mfr_ray.train.trainer import RAY_TRAIN_SNAPSHOT, _mlflow_run
+
+    cfg = _tracked_config(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "plain").mkdir(parents=True)
+    (tmp_path / "ckpt" / "plain" / RAY_TRAIN_SNAPSHOT).write_text("{}")
+    plain = _mlflow_run(cfg, "plain", None, {})
+    for name in ["it's \"quoted\"", "plain' or tags.`mfr.stage` = 'train", "x\\' OR 1=1 --"]:
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+        (tmp_path / "ckpt" / name / RAY_TRAIN_SNAPSHOT).write_text("{}")
+        created = _mlflow_run(cfg, name, None, {})
+        assert created != plain
+        assert _mlflow_run(cfg, name, None, {}) == created  # found again by its exact name

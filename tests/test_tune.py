@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from mfr_ray.config import load_config
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train import TrainConfig
-from mfr_ray.tune import TuneConfig
+from mfr_ray.tune import SearchDimension, TuneConfig
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +137,54 @@ def test_search_killed_midway_resumes_and_logs_every_trial(tmp_path, tiny_celeba
     artifacts = {a.path for a in client.list_artifacts(parent, "search")}
     assert {"search/trials.csv", "search/best_train.yaml", "search/objective.png"} <= artifacts
     assert client.get_run(parent).data.metrics["best_val_tpr_at_far"] == pytest.approx(float(best["val_tpr_at_far"]))
+
+
+SECRET = "Tune-S3cret-wJalrXUtnFEMI-K7MDENG"
+
+
+def test_resume_guard_restart_and_no_secret_anywhere(tmp_path, tiny_celeba_prepared, tmp_tracking_uri, ray_local):
+    """A one-trial search with a real secret in base_overrides: no MLflow param, artifact, best config or
+    file the search wrote holds it. Resumed with a changed search space it is refused with the changed
+    keys named (no MLflow crash); resumed unchanged (Ray on other settings) it continues the same parent
+    run; with resume=false (`--restart`) it starts a new parent run."""
+    from mfr_ray.tune import SearchChangedError
+    from mfr_ray.tune import run_search as search
+
+    path = search_yaml(tmp_path, tiny_celeba_prepared, tmp_tracking_uri, "guarded", 1)
+    data = yaml.safe_load(path.read_text())
+    data["base_overrides"] += [
+        "schedule.epochs=1", "schedule.steps_per_epoch=1", f"storage.secret_access_key={SECRET}",
+        "storage.access_key_id=AKIATUNEGUARD",
+    ]
+    data["search_space"] = {"loss.beta": {"type": "loguniform", "low": 0.1, "high": 10.0}}
+    data["scheduler"] = {"type": "fifo"}
+    cfg = TuneConfig.model_validate({k: v for k, v in data.items() if k != "kind"})
+    first = search(cfg)
+
+    client = MlflowClient(tmp_tracking_uri)
+    parent = client.get_run(first.parent_run_id)
+    assert "storage.secret_access_key=***" in parent.data.params["base_overrides"]
+    best = Path(cfg.best_config_out).read_text()
+    assert "Secrets left out: storage.access_key_id, storage.secret_access_key" in best
+    assert load_config(cfg.best_config_out, expected=TrainConfig).storage.secret_access_key is None
+    logged = Path(client.download_artifacts(parent.info.run_id, "search/best_train.yaml", str(tmp_path / "dl")))
+    assert logged.read_text() == best
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == []  # params, artifacts, Tune state, checkpoints, the MLflow database itself
+
+    changed = cfg.model_copy(
+        update={"search_space": {"loss.beta": SearchDimension(type="loguniform", low=0.1, high=30.0)}}
+    )
+    with pytest.raises(SearchChangedError, match=r"search_space\.loss\.beta\.high: 10\.0 -> 30\.0.*--restart"):
+        search(changed)
+    assert client.get_run(first.parent_run_id).data.params == parent.data.params
+
+    again = search(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": 1})}))
+    assert again.parent_run_id == first.parent_run_id and again.best_params == first.best_params
+
+    restarted = search(changed.model_copy(update={"resume": False}))
+    assert restarted.parent_run_id != first.parent_run_id
+    assert client.get_run(restarted.parent_run_id).data.params["search_space.loss.beta.high"] == "30.0"
+    assert json.loads((tmp_path / "tune" / "guarded" / "mlflow_parent_run.json").read_text())["run_id"] == (
+        restarted.parent_run_id
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from mfr_ray.cli.common import load_or_exit
+from mfr_ray.config.common import StorageConfig
 
 Check = tuple[str, Callable[[], str]]
 
@@ -79,10 +80,12 @@ def _pyarrow() -> str:
 def _ray() -> str:
     import ray
 
+    from mfr_ray.config.common import RayConfig, init_ray
+
     started = time.perf_counter()
     already = ray.is_initialized()
     if not already:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray(RayConfig(num_cpus=1, include_dashboard=False), log_to_driver=False, configure_logging=False)
     try:
         value = ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60)
         if value != 42:
@@ -103,7 +106,7 @@ def _mlflow(cfg) -> Callable[[], str]:
 
         uri = resolve_tracking_uri(cfg.tracking)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        return f"{mlflow.__version__}, store {uri}"
+        return f"{mlflow.__version__}, store {uri}"  # run_checks redacts credentials inside the URI
 
     return check
 
@@ -137,15 +140,20 @@ def _shared() -> str:
     return f"{root}: {', '.join(found)}"
 
 
-def run_checks(checks: list[Check]) -> list[tuple[str, str, str]]:
+def run_checks(checks: list[Check], storage: StorageConfig | None = None) -> list[tuple[str, str, str]]:
+    """Run each check; every detail, ok or failed, is redacted (storage secrets, credentials in URIs such as
+    a tracking URI `https://user:pass@host`) before anyone sees it."""
+    from mfr_ray.storage import redact
+
     rows = []
     for name, check in checks:
         try:
-            rows.append((name, "ok", check()))
+            status, detail = "ok", check()
         except Skip as exc:
-            rows.append((name, "skip", str(exc)))
+            status, detail = "skip", str(exc)
         except Exception as exc:
-            rows.append((name, "FAIL", f"{type(exc).__name__}: {exc}"))
+            status, detail = "FAIL", f"{type(exc).__name__}: {exc}"
+        rows.append((name, status, redact(detail, storage)))
     return rows
 
 
@@ -175,7 +183,7 @@ def register(app: typer.Typer) -> None:
         ]
         if services:
             checks += [("ray", _ray), ("mlflow", _mlflow(cfg)), ("s3", _s3(cfg))]
-        rows = run_checks(checks)
+        rows = run_checks(checks, cfg.storage)
         table = Table(title="mfr doctor")
         for column in ("check", "status", "detail"):
             table.add_column(column)

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
         quick: bool = typer.Option(False, "--quick", help="A few identities, pairs and steps (minutes)."),
     ) -> None:
-        """Prepare, train the no-mask and the mask network, evaluate all three models, compare."""
+        """Prepare, train the no-mask, mask and frozen-teacher networks, evaluate all four models, compare."""
         from mfr_ray.quickstart import QuickstartConfig, print_outcome, run_quickstart
 
         cfg = load_or_exit(config, [*(overrides or []), *(["quick=true"] if quick else [])], expected=QuickstartConfig)

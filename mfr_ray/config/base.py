@@ -8,4 +8,9 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """Unknown keys are errors; a raw ValidationError never quotes its input (a section's input holds its
+    secrets): `load_config` names the key and shows a value only where it is safe."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), hide_input_in_errors=True
+    )

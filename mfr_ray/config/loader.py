@@ -7,11 +7,13 @@ job config here as "module:Class" so loading one kind does not import every stag
 from __future__ import annotations
 
 import importlib
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from mfr_ray.config.base import ConfigError
 
@@ -27,6 +29,20 @@ CONFIG_KINDS: dict[str, str] = {
 
 REDACTED = "***"
 
+# scheme://user:password@host -> scheme://***@host (the user part can be a token too, e.g. https://TOKEN@host)
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+# ?token=... &X-Amz-Signature=... &password=...: query values whose name says they are a secret
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<name>[?&;][\w.-]*(?:token|secret|passw|pwd|key|signature|sig|credential|auth)[\w.-]*=)[^&#\s'\"]+"
+)
+
+
+def redact_uri(text: str) -> str:
+    """Hide the credentials URIs carry anywhere in `text`: userinfo (`https://user:pass@host`,
+    `postgresql://u:p@h/db`) and secret-named query values (`?token=`, `X-Amz-Signature=`)."""
+    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['name']}{REDACTED}", text)
+
 
 def config_class(kind: str) -> type[BaseModel]:
     if kind not in CONFIG_KINDS:
@@ -41,7 +57,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, _, raw = item.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key")
+        raise ConfigError(f"override {key + '=...'!r} has an empty key")  # the value may be a secret
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -67,16 +83,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _holds_secret(annotation: Any, seen: frozenset = frozenset()) -> bool:
+    """A SecretStr field, or a section with one anywhere below it."""
+    if annotation in (SecretStr, SecretBytes):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation not in seen and any(
+            _holds_secret(f.annotation, seen | {annotation}) for f in annotation.model_fields.values()
+        )
+    return any(_holds_secret(arg, seen) for arg in typing.get_args(annotation))
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_secret_field(model: type[BaseModel], loc: tuple[int | str, ...]) -> bool:
+    """Is the field at the error location a secret, or a section holding one (whatever was given there, e.g.
+    a string instead of the `storage` mapping, may be a secret)?"""
+    models = [model]
+    fields = []
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            return False
+        models = [m for f in fields for m in _models_in(f.annotation)]
+    return any(_holds_secret(f.annotation) for f in fields)
+
+
+def _format_errors(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """One line per error naming the key; the input is shown only when it is a plain value of a field
+    that is not a secret (no dicts or lists: a section's input would hold its secrets)."""
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
-        else:
-            shown = err.get("input")
-            shown = "" if isinstance(shown, dict | list) else f" (got {shown!r})"
-            lines.append(f"  {key}: {err['msg']}{shown}")
+            continue
+        shown = err.get("input")
+        hidden = isinstance(shown, dict | list | tuple | BaseModel) or _is_secret_field(model, err["loc"])
+        lines.append(f"  {key}: {err['msg']}{'' if hidden else f' (got {redact_uri(repr(shown))})'}")
     return "\n".join(lines)
 
 
@@ -91,8 +141,11 @@ def load_config(
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # its str() quotes the offending line, which may hold a secret
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides)
@@ -108,12 +161,14 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+        raise ConfigError(_format_errors(exc, str(path), model)) from None
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, SecretStr):
+    if isinstance(value, SecretStr | SecretBytes):
         return REDACTED if value.get_secret_value() else ""
+    if isinstance(value, str):
+        return redact_uri(value)
     if isinstance(value, BaseModel):
         return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, dict):
@@ -126,13 +181,14 @@ def _plain(value: Any) -> Any:
 
 
 def dump_config(config: BaseModel) -> dict[str, Any]:
-    """Plain-data view of a config with every secret replaced by `***` (safe to print or log)."""
+    """Plain-data view of a config with every secret (SecretStr, credentials inside URIs) replaced by `***`
+    (safe to print or log; not for rebuilding the config)."""
     return _plain(config)
 
 
 def flatten_config(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, secrets redacted; the shape MLflow params want."""
-    data = dump_config(config) if isinstance(config, BaseModel) else config
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, secrets redacted (in plain dicts too); the shape MLflow params want."""
+    data = _plain(config)
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"

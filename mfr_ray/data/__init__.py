@@ -5,11 +5,13 @@ The job pieces load lazily so importing the readers does not pull in torch, dlib
 """
 
 from mfr_ray.data.reader import (
+    IncompleteDataset,
     load_label_map,
     paired_dataset,
     prepared_variants,
     read_prepared,
     read_variant_table,
+    require_complete,
 )
 
 _LAZY = {
@@ -19,6 +21,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "IncompleteDataset",
     "PrepareConfig",
     "PrepareSummary",
     "load_label_map",
@@ -26,6 +29,7 @@ __all__ = [
     "prepared_variants",
     "read_prepared",
     "read_variant_table",
+    "require_complete",
     "run_prepare",
 ]
 

@@ -87,6 +87,7 @@ def build_card(cfg: PrepareConfig, index: DatasetIndex, totals: dict) -> dict:
         "unlabelled_skipped": index.unlabelled,
         "num_shards": len(index.shard_sizes),
         "variants": [UNMASKED] + [v.name for v in cfg.variants],
+        "fallback_crops": totals["status"].get(UNMASKED, {}).get("ok_fallback", 0),
         "counts": totals,
         "config": dump_config(cfg),
         "fingerprint": index.fingerprint,
@@ -105,6 +106,10 @@ def card_markdown(card: dict) -> str:
             f" ({card['unlabelled_skipped']} files outside an identity folder skipped)"
         ),
         f"- crop {card['config']['align']['crop']}, format {card['config']['output']['image_format']}",
+        (
+            f"- {card['fallback_crops']} fallback crops (status ok_fallback: no face found, a guessed box; "
+            "left out of training unless data.keep_fallback=true)"
+        ),
         f"- code: mfr-ray {card['code_version']['package']} commit {card['code_version']['git_commit']}",
         f"- created {card['created_at']}",
         "",

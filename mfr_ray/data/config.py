@@ -30,6 +30,9 @@ class IndexConfig(StrictModel):
         "images an evaluation's pair list references"
     )
     shard_size: int = Field(128, ge=1, le=100_000, description="images per output shard (the unit of resume)")
+    max_file_bytes: int = Field(
+        64 * 2**20, ge=1, description="larger files are never read into memory: they become a too_large row"
+    )
 
     @field_validator("uri", "include")
     @classmethod
@@ -49,6 +52,10 @@ class OutputConfig(StrictModel):
     uri: str = Field(..., description="local folder, file:// or s3://bucket/prefix")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    force_unlock: bool = Field(
+        False, description="take over the output's _lock.json even if another run holds it (that run must "
+        "be dead: two runs into one output delete each other's staging)"
+    )
 
     @field_validator("uri")
     @classmethod
@@ -66,6 +73,23 @@ class ComputeConfig(StrictModel):
     wait_for_actors_s: int = Field(
         600, description="wait for the whole pool before dispatching, so every node gets work (<= 0: don't)"
     )
+    max_image_attempts: int = Field(
+        2, ge=1, description="an image in progress when its actor died this many times becomes a `crashed` "
+        "row and the shard completes without it"
+    )
+    max_actor_restarts: int = Field(
+        4, ge=0, description="times Ray restarts a dead prepare actor and retries its shard (Ray Data's "
+        "default is forever, so a poison input would loop); must allow max_image_attempts deaths"
+    )
+
+    @model_validator(mode="after")
+    def _restarts_cover_attempts(self) -> ComputeConfig:
+        if self.max_actor_restarts < self.max_image_attempts:
+            raise ValueError(
+                f"max_actor_restarts ({self.max_actor_restarts}) must be >= max_image_attempts "
+                f"({self.max_image_attempts}): the actor has to survive the deaths that mark an image crashed"
+            )
+        return self
 
 
 class PrepareConfig(StrictModel):

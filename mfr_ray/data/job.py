@@ -1,7 +1,9 @@
 """The composed job: index -> (align -> mask -> write on Ray Data actors) -> card, check, summary, MLflow.
 
-Resumable and idempotent: finished shards (marker present, file row counts matching) are skipped, so a
-rerun after a crash does only the rest and a rerun of a finished job writes nothing.
+Resumable and idempotent: finished shards (marker present, file footers readable and row counts
+matching) are skipped, so a rerun after a crash does only the rest (and redoes a shard whose file a power
+loss truncated) and a rerun of a finished job writes nothing. One run at a time writes an output: it
+holds the output's lock.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -16,7 +19,16 @@ from mfr_ray.config.common import init_ray
 from mfr_ray.data.card import aggregate_markers, build_card, card_markdown, check_complete, write_card
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import DatasetIndex, IndexMismatch, index_images, load_index
-from mfr_ray.data.layout import CARD_JSON, LABEL_MAP, TMP_DIR, UNMASKED, DatasetLayout, StorageUnavailable
+from mfr_ray.data.layout import (
+    CARD_JSON,
+    LABEL_MAP,
+    TMP_DIR,
+    UNMASKED,
+    DatasetLayout,
+    OutputLocked,
+    StorageUnavailable,
+    output_lock,
+)
 from mfr_ray.data.process import STAGES, ShardProcessor
 from mfr_ray.storage import StorageError, ensure_bucket
 
@@ -49,7 +61,10 @@ class PrepareSummary:
 
 def finished_marker(layout: DatasetLayout, index: DatasetIndex, shard_id: int, variants: list[str]) -> dict | None:
     """The shard's marker if the shard is complete: marker present, input count and file rows matching."""
-    marker = layout.read_json(layout.done_path(shard_id))
+    try:
+        marker = layout.read_json(layout.done_path(shard_id))
+    except ValueError:  # a torn marker: the shard is redone
+        return None
     if marker is None or marker.get("inputs") != index.shard_sizes[shard_id]:
         return None
     for variant in variants:
@@ -67,13 +82,20 @@ def run_shards(cfg: PrepareConfig, index: DatasetIndex, pending: list[int], prog
     shards = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     shards.context.wait_for_min_actors_s = cfg.compute.wait_for_actors_s  # this dataset's own copy
     shards.context.enable_progress_bars = False  # the bar below counts images; Ray Data's would count shards
-    results = shards.map_batches(
-        ShardProcessor,
-        fn_constructor_kwargs={"config": cfg, "identities": index.identities},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cfg.compute.num_actors),
-        num_cpus=cfg.compute.cpus_per_actor,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for these actor options yet, only the deprecated extra kwargs
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        results = shards.map_batches(
+            ShardProcessor,
+            fn_constructor_kwargs={"config": cfg, "identities": index.identities},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=cfg.compute.num_actors),
+            num_cpus=cfg.compute.cpus_per_actor,
+            # bounded, not Ray Data's forever: a shard whose image kills the actor gets this many retries,
+            # enough for ShardProcessor to write that image off as `crashed` (compute.max_image_attempts)
+            max_restarts=cfg.compute.max_actor_restarts,
+            max_task_retries=cfg.compute.max_actor_restarts,
+        )
     total = sum(index.shard_sizes[s] for s in pending)
     done = 0
     with tqdm(total=total, unit="img", desc=f"prepare {cfg.name}", disable=not progress, file=sys.stderr) as bar:
@@ -96,6 +118,11 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareSummary:
     started = time.perf_counter()
     ensure_bucket(cfg.output.uri, cfg.storage)
     layout = DatasetLayout(cfg.output.uri, cfg.storage, cfg.compute.io_retry_s)
+    with output_lock(layout, force=cfg.output.force_unlock):
+        return _run_locked(cfg, layout, started, progress)
+
+
+def _run_locked(cfg: PrepareConfig, layout: DatasetLayout, started: float, progress: bool) -> PrepareSummary:
     index = load_index(cfg, layout) or index_images(cfg, layout)
     variants = [UNMASKED] + [v.name for v in cfg.variants]
     markers: dict[int, dict] = {}
@@ -192,10 +219,10 @@ def summary_table(summary: PrepareSummary, totals: dict) -> str:
         rows = sum(counts.values())
         lines.append(f"{variant:<{width}} {rows:>8} " + " ".join(f"{counts.get(s, 0):>12}" for s in statuses))
     unmasked = summary.status_counts.get(UNMASKED, {})
-    ok = unmasked.get("ok", 0)
+    ok, fallback = unmasked.get("ok", 0), unmasked.get("ok_fallback", 0)
     lines.append(
         f"check: images in {summary.num_images} = unmasked rows out {sum(unmasked.values())} "
-        f"(ok {ok} + failed {sum(unmasked.values()) - ok}): "
+        f"(ok {ok} + ok_fallback {fallback} + failed {sum(unmasked.values()) - ok - fallback}): "
         + ("OK" if summary.complete else "MISMATCH: " + "; ".join(summary.problems))
     )
     seconds = totals["stage_seconds"]
@@ -212,7 +239,9 @@ def prepare_and_report(cfg: PrepareConfig, progress: bool = True) -> int:
     """Exit status for the command-line forms: 0 when complete, 1 with a one-paragraph reason otherwise."""
     try:
         summary = run_prepare(cfg, progress)
-    except (PrepareFailed, IndexMismatch, StorageUnavailable, StorageError, FileNotFoundError) as exc:
+    except (
+        PrepareFailed, IndexMismatch, OutputLocked, StorageUnavailable, StorageError, FileNotFoundError
+    ) as exc:
         print(f"prepare failed: {exc}", file=sys.stderr, flush=True)
         return 1
     if not summary.complete:

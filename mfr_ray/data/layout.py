@@ -7,10 +7,13 @@
     <out>/data/<variant>/shard-00000.parquet the rows, one file per shard and variant
     <out>/_done/shard-00000.json             written last for a shard: its files are complete
     <out>/_tmp/                              local staging for renames (never read)
+    <out>/_attempts/shard-00000.json         images a shard was working on, kept until the shard is done
+    <out>/_lock.json                         owner (host, pid, run id, time) of the run writing the output
 
-A file becomes visible only complete: local files are written under `_tmp` and renamed, S3 objects
-appear only when their upload finishes. Every name derives from the shard id, so redoing a shard
-overwrites exactly what an interrupted attempt may have left.
+A file becomes visible only complete: local files are written under `_tmp`, fsynced, renamed and their
+folder fsynced (a marker never outlives its data after a power loss), S3 objects appear only when their
+upload finishes. Every name derives from the shard id, so redoing a shard overwrites exactly what an
+interrupted attempt may have left.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -36,6 +42,8 @@ INDEX_DIR = "_index"
 DONE_DIR = "_done"
 DATA_DIR = "data"
 TMP_DIR = "_tmp"
+ATTEMPTS_DIR = "_attempts"
+LOCK_JSON = "_lock.json"
 INDEX_MANIFEST = "_manifest.json"
 LABEL_MAP = "label_map.json"
 CARD_JSON = "dataset_card.json"
@@ -45,6 +53,10 @@ UNMASKED = "unmasked"
 
 class StorageUnavailable(RuntimeError):
     """Storage kept failing past the retry budget; finished shards are kept and a rerun continues."""
+
+
+class OutputLocked(RuntimeError):
+    """Another run is writing the same output (its `_lock.json` names it)."""
 
 
 def shard_name(shard_id: int) -> str:
@@ -94,8 +106,11 @@ class DatasetLayout:
     def done_path(self, shard_id: int) -> str:
         return self.path(DONE_DIR, f"{shard_name(shard_id)}.json")
 
+    def attempts_path(self, shard_id: int) -> str:
+        return self.path(ATTEMPTS_DIR, f"{shard_name(shard_id)}.json")
+
     # -- atomic writes -------------------------------------------------------------------------------------
-    def _put(self, path: str, write: Callable[[Any], None]) -> None:
+    def _put(self, path: str, write: Callable[[Any], None], durable: bool = True) -> None:
         def attempt() -> None:
             if not self.local:
                 with self.fs.open_output_stream(path) as sink:
@@ -106,13 +121,18 @@ class DatasetLayout:
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
             with self.fs.open_output_stream(staging) as sink:
                 write(sink)
+            if durable:
+                fsync_path(staging)
             os.replace(staging, path)
+            if durable:
+                fsync_path(posixpath.dirname(path), directory=True)
 
         with_retry(attempt, f"writing {path}", self.retry_s)
 
-    def write_json(self, path: str, payload: Any) -> None:
+    def write_json(self, path: str, payload: Any, durable: bool = True) -> None:
+        """`durable=False` skips the fsyncs, for records that only have to survive a crashed process."""
         data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode()
-        self._put(path, lambda sink: sink.write(data))
+        self._put(path, lambda sink: sink.write(data), durable)
 
     def write_text(self, path: str, text: str) -> None:
         self._put(path, lambda sink: sink.write(text.encode()))
@@ -137,7 +157,8 @@ class DatasetLayout:
         return with_retry(lambda: pq.read_table(path, filesystem=self.fs), f"reading {path}", self.retry_s)
 
     def parquet_rows(self, path: str) -> int | None:
-        """Row count from the Parquet footer, or None when the file is missing."""
+        """Row count from the Parquet footer, or None when the file is missing or its footer unreadable
+        (a file truncated by a power loss or a full disk: the shard is redone, not a crash)."""
 
         def attempt() -> int:
             with self.fs.open_input_file(path) as handle:
@@ -145,7 +166,7 @@ class DatasetLayout:
 
         try:
             return with_retry(attempt, f"reading {path}", self.retry_s)
-        except FileNotFoundError:
+        except (FileNotFoundError, pa.ArrowInvalid):
             return None
 
     def list_names(self, *parts: str) -> list[str]:
@@ -154,6 +175,13 @@ class DatasetLayout:
         infos = with_retry(lambda: self.fs.get_file_info(selector), f"listing {self.path(*parts)}", self.retry_s)
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
+    def delete_file(self, path: str) -> None:
+        """Remove one file, if present."""
+        try:
+            with_retry(lambda: self.fs.delete_file(path), f"deleting {path}", self.retry_s)
+        except FileNotFoundError:
+            pass
+
     def delete(self, *parts: str) -> None:
         """Remove a folder and everything in it, if present."""
         target = self.path(*parts)
@@ -161,3 +189,93 @@ class DatasetLayout:
             pafs.FileType.NotFound
         ):
             with_retry(lambda: self.fs.delete_dir(target), f"deleting {target}", self.retry_s)
+
+
+def fsync_path(path: str, directory: bool = False) -> None:
+    """Flush a local file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _holder_is_dead(holder: dict) -> bool:
+    """True only when the lock's owner ran on this host and its process is gone (a crashed driver)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _read_lock(layout: DatasetLayout) -> dict | None:
+    try:
+        return layout.read_json(layout.path(LOCK_JSON))
+    except ValueError:  # half-written by an owner that died while creating it
+        return {"host": "unknown", "pid": None, "run_id": "unreadable lock file", "since_utc": "unknown"}
+
+
+@contextmanager
+def output_lock(layout: DatasetLayout, force: bool = False) -> Iterator[dict]:
+    """Hold `<out>/_lock.json` while a run writes the output, so a second run into the same output fails
+    at once instead of deleting the first one's staging and index. Local: created with O_EXCL. S3 has no
+    conditional write through pyarrow: written, then read back after a pause (the later writer wins and
+    the other one sees a foreign run id). A lock left by a dead process of this host is taken over;
+    `force` takes over any lock. Released on the way out, failure included."""
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "run_id": uuid.uuid4().hex,
+        "since": time.time(),
+        "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = layout.path(LOCK_JSON)
+    data = json.dumps(owner, indent=1, sort_keys=True).encode()
+
+    def refuse(holder: dict) -> OutputLocked:
+        return OutputLocked(
+            f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} (run "
+            f"{holder.get('run_id')}) since {holder.get('since_utc')}; if that run is dead, delete "
+            f"{layout.uri}/{LOCK_JSON} or rerun with output.force_unlock=true"
+        )
+
+    for _ in range(3):  # a lock that vanished or was taken over is tried again
+        holder = _read_lock(layout)
+        if holder is not None:
+            if not (force or _holder_is_dead(holder)):
+                raise refuse(holder)
+            layout.delete_file(path)
+        if layout.local:
+            os.makedirs(layout.root, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            break
+        layout.write_json(path, owner)
+        time.sleep(1.0)  # let a concurrent writer's object land before reading back
+        holder = _read_lock(layout)
+        if holder is None or holder.get("run_id") != owner["run_id"]:
+            raise refuse(holder or {})
+        break
+    else:
+        raise refuse(_read_lock(layout) or {})
+    try:
+        yield owner
+    finally:
+        try:
+            holder = _read_lock(layout)
+            if holder is not None and holder.get("run_id") == owner["run_id"]:
+                layout.delete_file(path)
+        except StorageUnavailable as exc:  # never hide the run's own outcome; a rerun here takes it over
+            print(f"warning: could not release {path}: {exc}", file=sys.stderr, flush=True)

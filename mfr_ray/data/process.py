@@ -2,8 +2,10 @@
 
 `ShardProcessor` is the class UDF of `map_batches(..., compute=ActorPoolStrategy)`: MTCNN, dlib and the
 mask templates load once per actor in `__init__`; each call gets shard ids and writes those shards
-atomically. Every input image leaves exactly one "unmasked" row (ok or failed with status and reason);
-bad content never raises. Only storage that stays unreachable past the retry budget fails a shard.
+atomically. Every input image leaves exactly one "unmasked" row (ok, ok_fallback, or failed with status
+and reason); bad content never raises. An image that kills its actor outright (a native crash, memory) is
+found from the shard's attempt record when Ray retries the shard, and after `compute.max_image_attempts`
+deaths becomes a `crashed` row. Only storage that stays unreachable past the retry budget fails a shard.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mfr_ray.data.align import USABLE_STATUSES
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import read_index_shard
 from mfr_ray.data.layout import UNMASKED, DatasetLayout, with_retry
@@ -49,6 +52,9 @@ OUTPUT_SCHEMA = pa.schema(
 )
 STAGES = ("read", "decode", "align", "mask", "encode", "write")
 DETECTED_METHODS = ("mtcnn", "dlib", "prealigned")
+# Fault injection for the tests: the actor processing this source key exits on the spot, like an image
+# that crashes a native decoder would make it.
+EXIT_ON_KEY_ENV = "MFR_TEST_EXIT_ON_KEY"
 
 
 class StageTimer:
@@ -87,17 +93,72 @@ def failed_row(base: dict, variant: str, copy_index: int, status: str, reason: s
     }
 
 
-def read_source(fs, path: str, retry_s: float) -> tuple[bytes | None, str]:
-    """Bytes of one input file; a file gone since indexing is a row (decode_error), not a failure."""
+def too_large_reason(size: int, max_bytes: int) -> str:
+    return f"file of {size} bytes exceeds index.max_file_bytes = {max_bytes}; not read"
 
-    def attempt() -> bytes:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
+
+def read_source(fs, path: str, retry_s: float, max_bytes: int) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") of one input file, or (None, status, reason): a file gone since indexing is a
+    decode_error row and one grown past `max_bytes` a too_large row, not a failure."""
+
+    def attempt() -> bytes | int:
+        with fs.open_input_file(path) as handle:
+            size = handle.size()
+            return size if size > max_bytes else handle.read()
 
     try:
-        return with_retry(attempt, f"reading {path}", retry_s), ""
+        data = with_retry(attempt, f"reading {path}", retry_s)
     except FileNotFoundError:
-        return None, "file disappeared after indexing"
+        return None, "decode_error", "file disappeared after indexing"
+    if isinstance(data, int):
+        return None, "too_large", too_large_reason(data, max_bytes)
+    return data, "", ""
+
+
+class ShardAttempts:
+    """The images a shard is working on, recorded in `_attempts/<shard>.json` before each group, so that
+    when the actor dies and Ray retries the shard the images in progress are known: each gets one death,
+    goes alone from then on (an innocent neighbour of a batch is cleared by its own run), and after
+    `max_attempts` deaths is not tried again."""
+
+    def __init__(self, layout: DatasetLayout, shard_id: int, max_attempts: int):
+        self.layout = layout
+        self.path = layout.attempts_path(shard_id)
+        self.max_attempts = max_attempts
+        try:
+            record = layout.read_json(self.path) or {}
+        except ValueError:  # torn by a crash mid-write: nothing usable in it
+            record = {}
+        self.deaths: Counter = Counter(record.get("deaths", {}))
+        self.deaths.update(record.get("in_progress", []))
+        if self.deaths:
+            self.begin([])  # count each death once, even if this attempt dies before its first group
+
+    def crashed(self, key: str) -> int:
+        """Deaths caused by `key` if it reached the limit (it is not tried again), else 0."""
+        return self.deaths[key] if self.deaths[key] >= self.max_attempts else 0
+
+    def groups(self, entries: list[dict], batch_size: int) -> Iterator[list[dict]]:
+        """Batches of entries to try; an image that was in progress at a death goes alone."""
+        group: list[dict] = []
+        for entry in entries:
+            if self.deaths[entry["source_key"]]:
+                yield [entry]
+                continue
+            group.append(entry)
+            if len(group) == batch_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def begin(self, entries: list[dict]) -> None:
+        """Record the group about to be processed (no fsync: it only has to outlive the process)."""
+        record = {"deaths": dict(self.deaths), "in_progress": [e["source_key"] for e in entries]}
+        self.layout.write_json(self.path, record, durable=False)
+
+    def finish(self) -> None:
+        self.layout.delete_file(self.path)
 
 
 class ShardProcessor:
@@ -121,6 +182,7 @@ class ShardProcessor:
         self.source_fs, self.source_root = filesystem_for(config.index.uri, config.storage)
         self.layout = DatasetLayout(config.output.uri, config.storage, config.compute.io_retry_s)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.exit_on_key = os.environ.get(EXIT_ON_KEY_ENV)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         shard_ids = [int(s) for s in batch["shard_id"]]
@@ -133,10 +195,20 @@ class ShardProcessor:
         manifest = read_index_shard(self.layout, shard_id).to_pylist()
         rows: dict[str, list[dict]] = {UNMASKED: []}
         rows.update({v.name: [] for v in self.cfg.variants})
-        batch = self.cfg.align.batch_size
-        for start in range(0, len(manifest), batch):
-            for row in self.process_images(manifest[start : start + batch], timer):
+        attempts = ShardAttempts(self.layout, shard_id, self.cfg.compute.max_image_attempts)
+        tried = []
+        for entry in manifest:
+            if deaths := attempts.crashed(entry["source_key"]):
+                reason = f"killed its worker {deaths} times (in progress at each death); not tried again"
+                rows[UNMASKED].append(failed_row(self.base_of(entry), UNMASKED, 0, "crashed", reason, "none"))
+            else:
+                tried.append(entry)
+        for group in attempts.groups(tried, self.cfg.align.batch_size):
+            attempts.begin(group)
+            for row in self.process_images(group, timer):
                 rows[row["variant"]].append(row)
+        if attempts.deaths:
+            attempts.begin([])  # a death from here on is no image's fault
         with timer("write"):
             files = {}
             for variant, variant_rows in rows.items():
@@ -145,40 +217,59 @@ class ShardProcessor:
                 files[variant] = table.num_rows
         marker = shard_marker(shard_id, len(manifest), rows, files, timer.seconds, self.node_id)
         self.layout.write_json(self.layout.done_path(shard_id), marker)
+        attempts.finish()
         release_freed_memory()
         return marker
+
+    def base_of(self, entry: dict) -> dict:
+        """The columns every row of an image shares; status and reason are those of its unmasked crop
+        (ok_fallback and decode notes such as a colour conversion carry over to the masked copies)."""
+        return {
+            "source_key": entry["source_key"],
+            "identity": entry["identity"],
+            "identity_id": self.identity_ids[entry["identity"]],
+            "status": "ok",
+            "reason": "",
+        }
 
     def process_images(self, entries: list[dict], timer: StageTimer) -> list[dict]:
         """Rows for a group of manifest entries: read + decode each, align the decodable ones together,
         then mask and encode every aligned crop."""
         bases, decoded, out = [], [], []
+        max_bytes = self.cfg.index.max_file_bytes
         for entry in entries:
-            base = {
-                "source_key": entry["source_key"],
-                "identity": entry["identity"],
-                "identity_id": self.identity_ids[entry["identity"]],
-            }
+            base = self.base_of(entry)
+            if entry["source_key"] == self.exit_on_key:
+                os._exit(3)
+            if entry["size"] > max_bytes:
+                reason = too_large_reason(entry["size"], max_bytes)
+                out.append(failed_row(base, UNMASKED, 0, "too_large", reason, "none"))
+                continue
             with timer("read"):
-                data, missing = read_source(
-                    self.source_fs, posixpath.join(self.source_root, entry["source_key"]), self.cfg.compute.io_retry_s
+                data, status, reason = read_source(
+                    self.source_fs,
+                    posixpath.join(self.source_root, entry["source_key"]),
+                    self.cfg.compute.io_retry_s,
+                    max_bytes,
                 )
             if data is None:
-                out.append(failed_row(base, UNMASKED, 0, "decode_error", missing, "none"))
+                out.append(failed_row(base, UNMASKED, 0, status, reason, "none"))
                 continue
             with timer("decode"):
                 image = decode_image(data, max_pixels=self.cfg.align.max_pixels)
             if not image.ok:
                 out.append(failed_row(base, UNMASKED, 0, image.status, image.reason, "none"))
                 continue
-            bases.append(base)
+            bases.append({**base, "reason": image.reason})
             decoded.append(image.image)
         with timer("align"):
             aligned = self.align(decoded)
         for base, result in zip(bases, aligned, strict=True):
-            if result.status != "ok" or result.crop is None:
-                out.append(failed_row(base, UNMASKED, 0, result.status, result.reason, result.method))
+            reason = "; ".join(filter(None, [base["reason"], result.reason]))
+            if result.status not in USABLE_STATUSES or result.crop is None:
+                out.append(failed_row(base, UNMASKED, 0, result.status, reason, result.method))
                 continue
-            out.extend(self.crop_rows(base, result, timer))
+            out.extend(self.crop_rows({**base, "status": result.status, "reason": reason}, result, timer))
         return out
 
     def align(self, images: list[np.ndarray]) -> list:
@@ -199,8 +290,10 @@ class ShardProcessor:
             return results
 
     def crop_rows(self, base: dict, aligned, timer: StageTimer) -> list[dict]:
-        """The unmasked row of an aligned crop plus its masked copies for every configured variant (one
-        landmark fit shared by all copies)."""
+        """The unmasked row of an aligned crop plus its masked copies for every configured variant, cut as
+        `align.masked_twin` says (reuse: one landmark fit on the crop shared by all copies)."""
+        from mfr_ray.data.twins import masked_twins
+
         detected = 1 if aligned.method in DETECTED_METHODS else 0
         rows = [self.image_row(base, UNMASKED, 0, aligned.crop, aligned.method, timer, num_faces=detected)]
         copies = [(variant, i) for variant in self.cfg.variants for i in range(variant.copies)]
@@ -212,23 +305,26 @@ class ShardProcessor:
         ]
         with timer("mask"):
             try:
-                results = self.engine.mask_copies(aligned.crop, requests, aligned=True)
+                twins = masked_twins(self.aligner, self.engine, aligned, requests)
             except Exception as exc:  # noqa: BLE001 - becomes these copies' status
                 return rows + [
                     failed_row(base, v.name, i, "unsupported", f"masking failed: {exc!r}", aligned.method)
                     for v, i in copies
                 ]
-        for (variant, copy_index), result in zip(copies, results, strict=True):
-            rows.append(self.masked_row(base, variant.name, copy_index, result, aligned.method, timer))
+        for (variant, copy_index), twin in zip(copies, twins, strict=True):
+            rows.append(self.masked_row(base, variant.name, copy_index, twin, timer))
         return rows
 
-    def masked_row(self, base: dict, variant: str, copy_index: int, result, align_method: str, timer) -> dict:
-        record = result.record
+    def masked_row(self, base: dict, variant: str, copy_index: int, twin, timer) -> dict:
+        """Row of one masked copy (a `MaskedTwin`); its reason adds how the twin was cropped to the
+        unmasked row's."""
+        record = twin.result.record
         extra = {"mask_type": record.mask_type, "pattern": record.pattern, "color": color_text(record.color)}
-        if result.image is None or record.status != "ok":
-            row = failed_row(base, variant, copy_index, record.status, record.reason, align_method)
+        if twin.result.image is None or record.status != "ok":
+            row = failed_row(base, variant, copy_index, record.status, record.reason, twin.align_method)
             return {**row, **extra, "num_faces": record.num_faces}
-        row = self.image_row(base, variant, copy_index, result.image, align_method, timer, record.num_faces)
+        base = {**base, "reason": "; ".join(filter(None, [base["reason"], twin.reason]))}
+        row = self.image_row(base, variant, copy_index, twin.result.image, twin.align_method, timer, record.num_faces)
         return {**row, **extra}
 
     def image_row(self, base, variant, copy_index, image, align_method, timer, num_faces) -> dict:
@@ -243,8 +339,8 @@ class ShardProcessor:
             "image_format": fmt,
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
-            "status": "ok",
-            "reason": "",
+            "status": base["status"],
+            "reason": base["reason"],
             "align_method": align_method,
             "num_faces": num_faces,
         }
@@ -274,7 +370,7 @@ def shard_marker(
                 methods[row["align_method"]] += 1
                 if row["status"] == "ok":
                     identities[row["identity"]] += 1
-            elif row["status"] == "ok":
+            elif row["status"] in USABLE_STATUSES:
                 mask_types[variant][row.get("mask_type") or "none"] += 1
     return {
         "shard_id": shard_id,

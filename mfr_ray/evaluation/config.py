@@ -95,6 +95,8 @@ class EvaluateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> EvaluateConfig:
+        if self.model.registered() and self.model.tracking_uri is None and self.tracking.tracking_uri:
+            self.model.tracking_uri = self.tracking.tracking_uri  # the registry of the evaluation's store
         if not self.sources:
             raise ValueError("sources: at least one variant is needed")
         if len({p.name for p in self.protocols}) != len(self.protocols):

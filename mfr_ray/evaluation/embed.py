@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,25 +20,59 @@ from mfr_ray.paths import expand_shared
 
 
 class ModelSpec(StrictModel):
-    """A backbone by registry name and an optional checkpoint (Xiaoccer's or ours)."""
+    """A backbone by registry name and an optional checkpoint: a file (Xiaoccer's or ours) or a model
+    registered by `mfr train` (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), which brings its own backbone
+    and arguments and loads without pickle."""
 
     backbone: str = "mobilefacenet"
     checkpoint: str | None = Field("${shared}/weights/mobilefacenet_casia.ckpt", validate_default=True)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="backbone arguments, e.g. embedding_size")
     label: str | None = Field(None, description="name shown in reports; default: backbone + checkpoint file")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store of a models:/ checkpoint; None: the evaluation's tracking store"
+    )
 
     @field_validator("checkpoint")
     @classmethod
     def _expand(cls, value: str | None) -> str | None:
         return expand_shared(value) if value else None
 
+    def registered(self) -> bool:
+        from mfr_ray.models.registry import is_registry_uri
+
+        return is_registry_uri(self.checkpoint)
+
+    def _tracking_uri(self) -> str:
+        from mfr_ray.tracking import TrackingConfig, resolve_tracking_uri
+
+        return resolve_tracking_uri(TrackingConfig(tracking_uri=self.tracking_uri))
+
     def display_name(self) -> str:
-        return self.label or (f"{self.backbone}:{Path(self.checkpoint).name}" if self.checkpoint else self.backbone)
+        if self.label or not self.checkpoint:
+            return self.label or self.backbone
+        return self.checkpoint if self.registered() else f"{self.backbone}:{Path(self.checkpoint).name}"
 
     def fingerprint(self) -> str:
-        stat = os.stat(self.checkpoint) if self.checkpoint and os.path.exists(self.checkpoint) else None
-        payload = [self.model_dump(mode="json"), [stat.st_size, stat.st_mtime_ns] if stat else None]
+        if self.registered():
+            from mfr_ray.models.registry import registered_version
+
+            identity = list(registered_version(self.checkpoint, self._tracking_uri()))
+        else:
+            stat = os.stat(self.checkpoint) if self.checkpoint and os.path.exists(self.checkpoint) else None
+            identity = [stat.st_size, stat.st_mtime_ns] if stat else None
+        exclude = {"tracking_uri", "label"} | ({"checkpoint"} if self.registered() else set())  # version counts
+        payload = [self.model_dump(mode="json", exclude=exclude), identity]
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def load(self):
+        """The backbone with its weights, in eval mode (weights only: nothing from a file or the registry is
+        unpickled)."""
+        from mfr_ray.models import load_backbone
+        from mfr_ray.models.registry import load_registered_model
+
+        if self.registered():
+            return load_registered_model(self.checkpoint, self._tracking_uri()).eval()
+        return load_backbone(self.backbone, self.checkpoint, **self.kwargs).eval()
 
 
 @dataclass
@@ -80,14 +115,13 @@ class Embedder:
     def __init__(self, model: ModelSpec, flip: bool = True, num_threads: int | None = None, bf16: bool = False):
         import torch
 
-        from mfr_ray.models import load_backbone
         from mfr_ray.threads import use_threads
 
         if num_threads:
             use_threads(num_threads)
         self.flip = flip
         self.bf16 = bf16
-        net = load_backbone(model.backbone, model.checkpoint, **model.kwargs).eval()
+        net = model.load()
         self.net = net.to(memory_format=torch.channels_last)
         self.input_size = tuple(net.input_size)
 
@@ -126,16 +160,21 @@ def embed_crops(
     batch_size: int = 128,
     num_threads: int | None = None,
     bf16: bool = False,
+    progress: Callable[[int], Any] | None = None,
 ) -> EmbeddingSet:
-    """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given."""
+    """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given. `progress(n)` is called as
+    each batch of n crops is done (e.g. a tqdm bar's `update`)."""
     if cache_path is not None and cache_path.is_file():
         return EmbeddingSet.load(cache_path)
+    progress = progress or (lambda n: None)
+    parts = []
     if num_actors <= 1 or len(keys) <= batch_size:
         embedder = Embedder(model, flip, num_threads, bf16)
-        parts = [
-            embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(keys)))})
-            for s in range(0, len(keys), batch_size)
-        ]
+        for s in range(0, len(keys), batch_size):
+            parts.append(
+                embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(keys)))})
+            )
+            progress(len(parts[-1]["row"]))
     else:
         import ray
 
@@ -146,7 +185,10 @@ def embed_crops(
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
         )
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(part)
+            progress(len(part["row"]))
     rows = np.concatenate([p["row"] for p in parts])
     order = np.argsort(rows)
     embedding = np.concatenate([p["embedding"] for p in parts])[order]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mfr_ray.config.common import init_ray
+from mfr_ray.data.align import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.evaluation import classifiers, clustering, identification
 from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
 from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
@@ -64,16 +69,59 @@ def _cache_dir(cfg: EvaluateConfig) -> Path | None:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
 
 
-def prepare_variants(cfg: EvaluateConfig, keys: list[str]) -> dict[str, VariantData]:
-    """Crops and embeddings of every variant (and their upper-half versions when asked)."""
+@contextmanager
+def stage_bar(desc: str, total: int, enabled: bool = True) -> Iterator:
+    """A tqdm bar on stderr for one stage of one variant (images, with a rate). It redraws every second
+    even while the stage reports nothing, so a long alignment never looks like a hang."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled, mininterval=1.0)
+    stop = threading.Event()
+
+    def redraw() -> None:
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    ticker = threading.Thread(target=redraw, daemon=True)
+    ticker.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's own bars off while our stage bars count the images (datasets copy the context)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = saved
+
+
+def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True) -> dict[str, VariantData]:
+    """Crops and embeddings of every variant (and their upper-half versions when asked), a bar per stage."""
     cache = _cache_dir(cfg)
+    quiet = _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
     out = {}
     for variant, source in cfg.sources.items():
         if cfg.compute.torch_threads and source.align.num_threads is None:
             source = source.model_copy(
                 update={"align": source.align.model_copy(update={"num_threads": cfg.compute.torch_threads})}
             )
-        crops = load_crops(source, keys, cache, cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size)
+        with stage_bar(f"align {variant}", len(keys), progress) as bar, quiet():
+            crops = load_crops(
+                source, keys, cache, cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size,
+                progress=bar.update,
+            )
+            bar.update(len(keys) - bar.n)
         versions = {variant: crops.crops}
         if cfg.analyses.upper_half:
             versions[variant + UPPER_SUFFIX] = blank_lower_half(crops.crops)
@@ -82,12 +130,14 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str]) -> dict[str, VariantD
                 f"{cfg.model.fingerprint()}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
                 f"{'-bf16' if cfg.compute.bf16 else ''}-{name}"
             )
-            embeddings = embed_crops(
-                keys, array, cfg.model, cfg.flip,
-                cache_path=cache / f"emb-{tag}.npz" if cache else None,
-                num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
-                num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16,
-            )
+            with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet():
+                embeddings = embed_crops(
+                    keys, array, cfg.model, cfg.flip,
+                    cache_path=cache / f"emb-{tag}.npz" if cache else None,
+                    num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
+                    num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
+                )
+                bar.update(len(keys) - bar.n)  # from the cache: all at once
             out[name] = VariantData(crops, embeddings)
     return out
 
@@ -167,16 +217,40 @@ def run_analyses(cfg: EvaluateConfig, data: dict[str, VariantData], primary: str
     return out
 
 
-def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None) -> dict:
-    """Run the whole evaluation; returns the summary dict (also written as summary.json/report.md)."""
-    started = time.time()
+def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None, progress: bool = True) -> dict:
+    """Run the whole evaluation; returns the summary dict (also written as summary.json/report.md). The
+    MLflow run opens first, so it shows as running while the work runs and ends with its real duration
+    (failed, if the evaluation raises)."""
     output_dir = Path(output_dir or Path(cfg.output_dir) / cfg.name)
+    with _evaluation_run(cfg) as run:
+        summary = _run_evaluation(cfg, output_dir, progress)
+        if run is not None:
+            log_to_mlflow(summary["metrics"], output_dir)
+            summary["run_id"] = run.info.run_id
+    return summary
+
+
+@contextmanager
+def _evaluation_run(cfg: EvaluateConfig) -> Iterator:
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    from mfr_ray.tracking import log_config_params, start_run
+
+    with start_run(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
+                   tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}) as run:
+        log_config_params(cfg)
+        yield run
+
+
+def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> dict:
+    started = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(cfg)
     keys = pairs.keys()
     if cfg.compute.num_actors > 1:
         init_ray(cfg.ray)
-    data = prepare_variants(cfg, keys)
+    data = prepare_variants(cfg, keys, progress)
     primary = cfg.primary_variant()
     metrics: dict[str, float] = {}
     rows, curves, fold_table = [], {}, None
@@ -219,8 +293,6 @@ def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None) -> dict:
     summary["seconds"] = round(time.time() - started, 1)
     write_summary_json(output_dir / "summary.json", summary)
     (output_dir / "report.md").write_text(markdown_report(summary))
-    if cfg.tracking.enabled:
-        summary["run_id"] = _log_run(cfg, metrics, output_dir)
     summary["metrics"] = metrics
     return summary
 
@@ -231,19 +303,11 @@ def _alignment_summary(data: dict[str, VariantData]) -> str:
         if variant.endswith(UPPER_SUFFIX):
             continue
         methods, counts = np.unique(d.crops.method, return_counts=True)
-        failed = int((d.crops.status != "ok").sum())
+        failed = int((~np.isin(d.crops.status, list(USABLE_STATUSES))).sum())
+        fallback = int((d.crops.status == OK_FALLBACK).sum())
         unmasked = int(np.char.startswith(d.crops.reason.astype(str), "mask not applied").sum())
         parts.append(f"{variant}: " + ", ".join(f"{m or 'none'} {c}" for m, c in zip(methods, counts))
                      + (f", {failed} failed (black crop)" if failed else "")
+                     + (f", {fallback} {OK_FALLBACK} (centre box guessed)" if fallback else "")
                      + (f", {unmasked} left unmasked (no landmarks for the mask)" if unmasked else ""))
     return "; ".join(parts)
-
-
-def _log_run(cfg: EvaluateConfig, metrics: dict, output_dir: Path) -> str:
-    from mfr_ray.tracking import log_config_params, start_run
-
-    with start_run(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
-                   tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}) as run:
-        log_config_params(cfg)
-        log_to_mlflow(metrics, output_dir)
-        return run.info.run_id

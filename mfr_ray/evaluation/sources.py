@@ -20,11 +20,17 @@ from pydantic import Field, field_validator
 
 from mfr_ray.config.base import StrictModel
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
+from mfr_ray.data.align import CROP_TEMPLATES, USABLE_STATUSES, AlignConfig
 from mfr_ray.imageio import DecodedImage, decode_image
 from mfr_ray.paths import expand_shared
 
 UNMASKED = "unmasked"
+# AlignConfig fields that cannot change an evaluation crop: speed settings and how prepare cuts masked
+# training twins (evaluation always aligns the image it is given).
+EVAL_IRRELEVANT_ALIGN = {
+    "num_threads", "batch_size", "masked_twin", "jitter_shift", "jitter_shift_y_mean", "jitter_scale",
+    "jitter_scale_mean", "jitter_rotation_deg",
+}
 
 
 class ImageSourceConfig(StrictModel):
@@ -48,7 +54,8 @@ class ImageSourceConfig(StrictModel):
 @dataclass
 class CropSet:
     """Crops in the order of `keys`; an image that could not be read or aligned keeps a black crop and its
-    status/reason, so it is counted in the report rather than dropped."""
+    status/reason, so it is counted in the report rather than dropped. A centre-box guess (no face found)
+    is a real crop with status `ok_fallback`: the pair protocol needs every image."""
 
     keys: list[str]
     crops: np.ndarray  # (n, H, W, 3) uint8
@@ -75,7 +82,7 @@ class CropSet:
 def source_fingerprint(source: ImageSourceConfig, keys: list[str]) -> str:
     """Hash of the source config (less the settings that cannot change a crop) and the key list: the
     cache key of its crops and embeddings."""
-    config = source.model_dump(mode="json", exclude={"align": {"num_threads", "batch_size"}})
+    config = source.model_dump(mode="json", exclude={"align": EVAL_IRRELEVANT_ALIGN})
     payload = json.dumps([config, keys], sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -124,21 +131,24 @@ class FolderCropper:
             images.append(image)
             slots.append(i)
         for i, result in zip(slots, self.aligner.align_batch(images), strict=True):
-            method[i] = result.method
-            if result.status != "ok":
-                status[i], reason[i] = result.status, "; ".join(filter(None, [reason[i], result.reason]))
-                continue
-            crops[i] = result.crop
+            method[i], status[i] = result.method, result.status
             reason[i] = "; ".join(filter(None, [reason[i], result.reason]))
+            if result.usable:
+                crops[i] = result.crop
         return {"key": np.array(keys), "crop": crops, "method": np.array(method), "status": np.array(status),
                 "reason": np.array(reason)}
 
 
-def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int) -> CropSet:
-    """Align in-process for small sets, else on a pool of Ray actors (one aligner each)."""
+def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, progress=None) -> CropSet:
+    """Align in-process for small sets, else on a pool of Ray actors (one aligner each); `progress(n)` is
+    called with the size of every finished batch."""
+    progress = progress or (lambda n: None)
+    parts = []
     if num_actors <= 1 or len(keys) <= batch_size:
         cropper = FolderCropper(source, storage)
-        parts = [cropper({"key": np.array(keys[s : s + batch_size])}) for s in range(0, len(keys), batch_size)]
+        for s in range(0, len(keys), batch_size):
+            parts.append(cropper({"key": np.array(keys[s : s + batch_size])}))
+            progress(len(parts[-1]["key"]))
     else:
         import ray
 
@@ -149,7 +159,9 @@ def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int) 
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
         )
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(part)
+            progress(len(part["key"]))
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     order = {k: i for i, k in enumerate(merged["key"].tolist())}
     idx = np.array([order[k] for k in keys])
@@ -177,8 +189,8 @@ def _crops_from_parquet(source: ImageSourceConfig, keys: list[str], storage, siz
             status[i], reason[i] = "no_face", f"not in the prepared dataset (variant {source.variant})"
             continue
         method[i] = table.column("align_method")[row].as_py() or ""
-        if statuses[row].as_py() != "ok" or images[row].as_py() is None:
-            status[i], reason[i] = statuses[row].as_py(), table.column("reason")[row].as_py() or ""
+        status[i], reason[i] = statuses[row].as_py(), table.column("reason")[row].as_py() or ""
+        if status[i] not in USABLE_STATUSES or images[row].as_py() is None:
             continue
         decoded = decode_image(images[row].as_py())
         if decoded.status != "ok":
@@ -198,13 +210,15 @@ def load_crops(
     storage: StorageConfig | None = None,
     num_actors: int = 1,
     batch_size: int = 64,
+    progress=None,
 ) -> CropSet:
-    """Crops for `keys` from `source`, read from / written to `cache_dir` when given."""
+    """Crops for `keys` from `source`, read from / written to `cache_dir` when given; `progress(n)` counts
+    aligned images as they finish."""
     cache = Path(cache_dir) / f"crops-{source_fingerprint(source, keys)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         return CropSet.load(cache)
     if source.type == "folder":
-        crops = _crops_from_folder(source, keys, storage, num_actors, batch_size)
+        crops = _crops_from_folder(source, keys, storage, num_actors, batch_size, progress)
     else:
         crops = _crops_from_parquet(source, keys, storage, CROP_TEMPLATES[source.align.crop][0])
     if cache is not None:

@@ -1,7 +1,8 @@
 """Synthetic face masks (MaskTheFace method): dlib landmarks -> six key points + tilt -> template view ->
-homography warp -> blend matched to the face's light. Templates and patterns are drawn by our own code."""
+homography warp -> blend matched to the face's light, with a recorded, holdable style (how it is worn, print,
+straps, valve, shading, grain, soft edges). Templates and patterns are drawn by our own code."""
 
-from mfr_ray.masking.config import AlignedLayout, CustomMaskType, MaskingConfig, parse_mix
+from mfr_ray.masking.config import AlignedLayout, CustomMaskType, MaskingConfig, MaskStyleConfig, parse_mix
 from mfr_ray.masking.engine import (
     MaskChoice,
     MaskEngine,
@@ -16,6 +17,8 @@ from mfr_ray.masking.landmarks import (
     FaceLandmarker,
     face_tilt,
     implausible_landmarks,
+    landmark_box,
+    shifted_keypoints,
     six_keypoints,
     view_for_tilt,
 )
@@ -30,14 +33,17 @@ __all__ = [
     "MaskEngine",
     "MaskRecord",
     "MaskResult",
+    "MaskStyleConfig",
     "MaskingConfig",
     "available_mask_types",
     "available_patterns",
     "face_tilt",
     "implausible_landmarks",
+    "landmark_box",
     "parse_mix",
     "record_schema",
     "rng_for",
+    "shifted_keypoints",
     "six_keypoints",
     "view_for_tilt",
 ]

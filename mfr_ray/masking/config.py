@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mfr_ray.config.base import StrictModel
 
@@ -61,10 +61,80 @@ class CustomMaskType(StrictModel):
         return self
 
 
+STYLE_AXES = ("coverage", "print", "straps", "valve")
+COVERAGE_STYLES = ("standard", "nose_high", "nose_low", "chin_exposed")
+PRINT_STYLES = ("solid", "stripes", "checks", "florals", "dots", "camouflage", "other")
+STRAP_STYLES = ("ear_loops", "none")
+VALVE_STYLES = ("no_valve", "valve")
+STYLE_OPTIONS = dict(
+    zip(STYLE_AXES, (COVERAGE_STYLES, PRINT_STYLES, STRAP_STYLES, VALVE_STYLES), strict=True)
+)
+Range = tuple[float, float]
+
+
+class MaskStyleConfig(StrictModel):
+    """How each drawn mask looks beyond its type: discrete styles per axis (option -> weight, drawn per
+    image) and ranges of the continuous rendering settings (uniform draws). A mask's drawn values are kept
+    in its record (`style`), so a training set and an evaluation set can be told apart by them."""
+
+    coverage: dict[str, float] = Field(
+        default_factory=lambda: {"standard": 4.0, "nose_high": 1.0, "nose_low": 1.0, "chin_exposed": 1.0},
+        description="where the mask sits: nose bridge high/low, chin left out",
+    )
+    print: dict[str, float] = Field(
+        default_factory=lambda: {
+            "solid": 3.0,
+            "stripes": 1.0,
+            "checks": 1.0,
+            "florals": 1.0,
+            "dots": 1.0,
+            "camouflage": 0.5,
+            "other": 0.5,
+        },
+        description="cloth masks without a fixed pattern or colour: a solid colour or a pattern family",
+    )
+    straps: dict[str, float] = Field(default_factory=lambda: {"ear_loops": 4.0, "none": 1.0})
+    valve: dict[str, float] = Field(
+        default_factory=lambda: {"no_valve": 1.0, "valve": 1.0}, description="N95"
+    )
+    lighting: Range = Field((0.6, 1.0), description="how strongly the face's own light shades the mask (0-1)")
+    texture: Range = Field((0.01, 0.03), description="fabric grain contrast")
+    feather: Range = Field(
+        (0.006, 0.014), description="edge blur sigma as a share of the cheek-to-cheek width"
+    )
+
+    @field_validator("coverage", "print", "straps", "valve")
+    @classmethod
+    def _options(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        options = STYLE_OPTIONS[info.field_name]
+        unknown = sorted(set(value) - set(options))
+        if unknown:
+            raise ValueError(f"unknown {info.field_name} style {unknown}; known: {', '.join(options)}")
+        if any(w < 0 for w in value.values()):
+            raise ValueError(f"{info.field_name} style weights must be >= 0")
+        return value
+
+    @field_validator("lighting", "texture", "feather")
+    @classmethod
+    def _range(cls, value: Range) -> Range:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError(f"a range needs 0 <= low <= high, got {list(value)}")
+        return value
+
+
+def style_name(axis: str, option: str) -> str:
+    return f"{axis}:{option}"
+
+
+ALL_STYLES = {style_name(axis, option) for axis, options in STYLE_OPTIONS.items() for option in options}
+
+
 class MaskingConfig(StrictModel):
     """What mask goes on which face. `mask_type` fixes one type; otherwise `mix` draws a type per image
     with the given weights (keys `type` or `type/pattern` or `type/#rrggbb`, like MaskTheFace's --code);
-    neither means `surgical`. Draws depend only on (seed, image key)."""
+    neither means `surgical`. Draws depend only on (seed, image key). `style` sets how masks look;
+    `exclude_types` / `exclude_styles` ("axis:option", e.g. "coverage:chin_exposed") hold types and styles
+    out (never drawn), so they can be kept for evaluation only."""
 
     mask_type: str | None = None
     mix: dict[str, float] = Field(default_factory=dict)
@@ -90,6 +160,14 @@ class MaskingConfig(StrictModel):
     preload_templates: bool = Field(True, description="draw the templates in use when the engine starts")
     custom_masks: dict[str, CustomMaskType] = Field(default_factory=dict)
     custom_patterns: dict[str, str] = Field(default_factory=dict, description="name -> RGB image tile path")
+    style: MaskStyleConfig = Field(default_factory=MaskStyleConfig)
+    exclude_types: list[str] = Field(default_factory=list, description="mask types never drawn")
+    exclude_styles: list[str] = Field(default_factory=list, description="'axis:option' styles never drawn")
+
+    def style_weights(self, axis: str) -> dict[str, float]:
+        """An axis' option weights with the excluded styles dropped."""
+        weights = getattr(self.style, axis)
+        return {o: w for o, w in weights.items() if w > 0 and style_name(axis, o) not in self.exclude_styles}
 
     @field_validator("color")
     @classmethod
@@ -124,7 +202,50 @@ class MaskingConfig(StrictModel):
                 raise ValueError(f"mix entry {entry!r}: {variant!r} is neither a pattern nor #rrggbb")
         if self.pattern not in (None, RANDOM) and self.pattern not in patterns:
             raise ValueError(f"unknown pattern {self.pattern!r}; known: {', '.join(sorted(patterns))}")
+        self._check_held_out(types)
         return self
+
+    def _check_held_out(self, types: set[str]) -> None:
+        from mfr_ray.masking.patterns import pattern_family
+
+        for name in self.exclude_types:
+            if name not in types:
+                raise ValueError(
+                    f"exclude_types: unknown mask type {name!r}; known: {', '.join(sorted(types))}"
+                )
+        for name in self.exclude_styles:
+            if name not in ALL_STYLES:
+                raise ValueError(
+                    f"exclude_styles: unknown style {name!r}; known: {', '.join(sorted(ALL_STYLES))}"
+                )
+        if self.mask_type in self.exclude_types:
+            raise ValueError(f"mask_type {self.mask_type!r} is in exclude_types")
+        if self.mix and not self.mix_entries():
+            raise ValueError("every mix entry is excluded by exclude_types / exclude_styles")
+        if (
+            self.pattern not in (None, RANDOM)
+            and style_name("print", pattern_family(self.pattern)) in self.exclude_styles
+        ):
+            raise ValueError(f"pattern {self.pattern!r} is of an excluded print style")
+        for axis in STYLE_AXES:
+            if not self.style_weights(axis):
+                raise ValueError(f"style.{axis}: no option left with a positive weight after exclude_styles")
+
+    def mix_entries(self) -> dict[str, float]:
+        """`mix` without held-out types and without entries whose fixed pattern is of a held-out print."""
+        from mfr_ray.masking.patterns import pattern_family
+
+        kept = {}
+        for entry, weight in self.mix.items():
+            mask_type, _, variant = entry.partition("/")
+            held_print = (
+                variant
+                and not HEX_COLOR.match(variant)
+                and (style_name("print", pattern_family(variant)) in self.exclude_styles)
+            )
+            if weight > 0 and mask_type not in self.exclude_types and not held_print:
+                kept[entry] = weight
+        return kept
 
 
 def parse_mix(text: str) -> dict[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import json
+import zlib
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
@@ -12,17 +14,29 @@ import cv2
 import numpy as np
 
 from mfr_ray.imageio import decode_image
-from mfr_ray.masking.config import HEX_COLOR, RANDOM, VIEWS, MaskingConfig
+from mfr_ray.masking.config import HEX_COLOR, RANDOM, VIEWS, MaskingConfig, style_name
 from mfr_ray.masking.landmarks import (
+    REFITS,
     Box,
     FaceLandmarker,
     aligned_face_box,
+    box_overlap,
     face_tilt,
     implausible_landmarks,
+    landmark_box,
+    shifted_keypoints,
     six_keypoints,
     view_for_tilt,
 )
-from mfr_ray.masking.patterns import PATTERNS, hex_to_rgb, load_pattern_file, pattern_tile
+from mfr_ray.masking.patterns import (
+    CLOTH_SOLIDS,
+    PATTERN_FAMILIES,
+    PATTERNS,
+    hex_to_rgb,
+    load_pattern_file,
+    pattern_family,
+    pattern_tile,
+)
 from mfr_ray.masking.templates import (
     MASK_TYPES,
     POLYGON_COLORS,
@@ -37,6 +51,18 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 ANCHORED = [0, 5]  # nose bridge and chin: the points whose misplacement shows most (eyes, chin)
 POLYGON_LANDMARKS = [*range(2, 15), 28]  # seed 003's landmarks 3-15 and 29, counted from 1
 POLYGON_MARGIN = 0.04  # jaw points pushed out by this share of the face height, so the chin is inside
+# Coverage styles: ranges of (nose shift in nose lengths, > 0 lower; chin lift in lip-to-chin distances)
+COVERAGE_RANGES = {
+    "standard": ((-0.05, 0.05), (-0.03, 0.03)),
+    "nose_high": ((-0.3, -0.15), (-0.03, 0.03)),
+    "nose_low": ((0.2, 0.3), (-0.03, 0.03)),
+    "chin_exposed": ((-0.15, -0.05), (0.45, 0.6)),  # pulled up: the homography spreads the lift
+}
+STRAP_WIDTH = 0.016  # ear loop thickness, share of the cheek-to-cheek width
+SHADOW_SIGMA, SHADOW_DEPTH = 0.03, 0.3  # the mask's contact shadow on the skin around it
+DRAWN_LOOK_WEIGHT = 0.85  # real printed cloth: the print covers the fabric almost fully
+GRAIN_TILE = 256
+LIGHT_CELLS = 6  # the face's light under the mask is low-passed to about this many cells across
 
 
 def polygon_outline(landmarks: np.ndarray) -> np.ndarray:
@@ -84,6 +110,7 @@ class MaskRecord:
     width: int = 0
     height: int = 0
     face_boxes: list[list[float]] = field(default_factory=list)
+    style: str = ""  # JSON of the drawn style (MaskingConfig.style): discrete axes and continuous settings
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -111,6 +138,7 @@ def record_schema():
             ("width", pa.int64()),
             ("height", pa.int64()),
             ("face_boxes", points),
+            ("style", pa.string()),
         ]
     )
 
@@ -138,9 +166,17 @@ class LocatedFaces:
 
 @dataclass(frozen=True)
 class MaskChoice:
+    """What to draw: type, pattern and colour, and the style (discrete axes, e.g. "coverage", and the
+    continuous rendering settings, e.g. "lighting"), all drawn from (seed, key)."""
+
     mask_type: str
     pattern: str | None
     color: str | None
+    style: dict = field(default_factory=dict, hash=False)
+    drawn_look: bool = False  # pattern/colour drawn by the print style: printed at DRAWN_LOOK_WEIGHT
+
+    def style_json(self) -> str:
+        return json.dumps(self.style, sort_keys=True) if self.style else ""
 
 
 @dataclass(frozen=True)
@@ -153,6 +189,7 @@ class TemplateLayers:
     fabric: np.ndarray
     keypoints: np.ndarray
     outline: np.ndarray
+    straps: np.ndarray
 
     @classmethod
     def of(cls, t: MaskTemplate) -> TemplateLayers:
@@ -160,13 +197,46 @@ class TemplateLayers:
         light = (t.fabric * np.clip(t.shade, 0, 1.5) * t.alpha)[..., None]
         base = np.ascontiguousarray(np.dstack([rgb, t.alpha]), dtype=np.float32)
         fabric = np.ascontiguousarray(np.dstack([rgb * t.fabric[..., None], light]), dtype=np.float32)
-        return cls(base, fabric, t.keypoints, t.outline)
+        return cls(base, fabric, t.keypoints, t.outline, t.straps)
 
 
 @cache
-def builtin_layers(mask_type: str, view: str) -> TemplateLayers:
+def builtin_layers(mask_type: str, view: str, valve: bool = True) -> TemplateLayers:
     """Built-in templates are drawn once per process and shared by every engine."""
-    return TemplateLayers.of(build_template(mask_type, view))
+    return TemplateLayers.of(build_template(mask_type, view, valve))
+
+
+@cache
+def grain_tile() -> np.ndarray:
+    """Fine fabric grain: a fixed, seamless 256 px tile of blurred unit noise, shared by every mask (each
+    mask reads it at its own offset), so no noise is generated per image."""
+    noise = np.random.default_rng(7).standard_normal((GRAIN_TILE, GRAIN_TILE)).astype(np.float32)
+    pad = 4  # blur a wrapped copy and keep the centre, so the tile repeats without seams
+    grain = cv2.GaussianBlur(np.pad(noise, pad, mode="wrap"), (0, 0), 0.7)[pad:-pad, pad:-pad]
+    return grain / grain.std()
+
+
+def grain_patch(shape: tuple[int, int], key: str) -> np.ndarray:
+    """An HxW window of the grain tile at an offset drawn from `key`."""
+    h, w = shape
+    offset = zlib.crc32(key.encode())
+    oy, ox = offset % GRAIN_TILE, (offset >> 8) % GRAIN_TILE
+    tile = grain_tile()
+    reps = (-(-(oy + h) // GRAIN_TILE), -(-(ox + w) // GRAIN_TILE))
+    if reps != (1, 1):
+        tile = np.tile(tile, reps)
+    return tile[oy : oy + h, ox : ox + w]
+
+
+def _pick(weights: dict[str, float], u: float) -> str:
+    """The option a uniform draw `u` in [0, 1) lands on, options in their listed order."""
+    names = list(weights)
+    edges = np.cumsum([weights[n] for n in names])
+    return names[min(int(np.searchsorted(edges, u * edges[-1], side="right")), len(names) - 1)]
+
+
+def _uniform(bounds: tuple[float, float], u: float) -> float:
+    return round(bounds[0] + (bounds[1] - bounds[0]) * u, 4)
 
 
 class MaskEngine:
@@ -179,14 +249,19 @@ class MaskEngine:
         self.landmarker = FaceLandmarker(cfg.detector, cfg.upsample, cfg.retry_upsample, cfg.detect_max_side)
         self._custom_layers = {name: self._load_custom(spec) for name, spec in cfg.custom_masks.items()}
         self._custom_tiles = {name: load_pattern_file(path) for name, path in cfg.custom_patterns.items()}
-        self.patterns = sorted(set(PATTERNS) | set(self._custom_tiles))
-        self._mix_entries = list(cfg.mix)
-        weights = np.array([cfg.mix[e] for e in self._mix_entries], np.float64)
+        held = {o for o in cfg.style.print if style_name("print", o) in cfg.exclude_styles}
+        self.patterns = sorted(
+            p for p in set(PATTERNS) | set(self._custom_tiles) if pattern_family(p) not in held
+        )
+        mix = cfg.mix_entries()
+        self._mix_entries = list(mix)
+        weights = np.array([mix[e] for e in self._mix_entries], np.float64)
         self._mix_probs = weights / weights.sum() if len(weights) else weights
         self._layouts = {(layout.width, layout.height): layout for layout in cfg.aligned_layouts}
         for mask_type in self._types_in_use() if cfg.preload_templates else ():
             for view in VIEWS:
-                self.layers(mask_type, view)
+                for valve in (True, False) if MASK_TYPES[mask_type].valve else (True,):
+                    self.layers(mask_type, view, valve)
 
     # ---- templates ---------------------------------------------------------------------------------
     @staticmethod
@@ -210,15 +285,15 @@ class MaskEngine:
         if self.config.mask_type:
             names = [self.config.mask_type]
         elif self.config.mix:
-            names = [entry.partition("/")[0] for entry in self.config.mix]
+            names = [entry.partition("/")[0] for entry in self._mix_entries]
         else:
             names = list(MASK_TYPES)
         return [n for n in dict.fromkeys(names) if n != POLYGON_TYPE and n not in self._custom_layers]
 
-    def layers(self, mask_type: str, view: str) -> TemplateLayers:
+    def layers(self, mask_type: str, view: str, valve: bool = True) -> TemplateLayers:
         if mask_type in self._custom_layers:
             return self._custom_layers[mask_type][view]
-        return builtin_layers(mask_type, view)
+        return builtin_layers(mask_type, view, valve)
 
     def _tile(self, pattern: str) -> np.ndarray:
         return self._custom_tiles[pattern] if pattern in self._custom_tiles else pattern_tile(pattern)
@@ -239,6 +314,8 @@ class MaskEngine:
             )
         if mask_type not in MASK_TYPES and mask_type not in self._custom_layers:
             raise ValueError(f"unknown mask type {mask_type!r}")
+        if mask_type in cfg.exclude_types:
+            raise ValueError(f"mask type {mask_type!r} is held out (exclude_types)")
         if mask_type == POLYGON_TYPE:
             color = (
                 variant
@@ -250,13 +327,48 @@ class MaskEngine:
             return MaskChoice(mask_type, None, color or POLYGON_COLORS[pattern_pick % len(POLYGON_COLORS)])
         if variant:
             is_color = bool(HEX_COLOR.match(variant))
-            return MaskChoice(mask_type, None if is_color else variant, variant if is_color else None)
-        pattern = self.patterns[pattern_pick] if cfg.pattern == RANDOM else cfg.pattern
-        color = cfg.color
-        if color == RANDOM:
-            r, g, b = colorsys.hsv_to_rgb(hue, 0.3 + 0.6 * sat, 0.3 + 0.65 * val)
-            color = "#{:02x}{:02x}{:02x}".format(*(round(c * 255) for c in (r, g, b)))
-        return MaskChoice(mask_type, pattern, color)
+            pattern, color = (None, variant) if is_color else (variant, None)
+        else:
+            pattern = self.patterns[pattern_pick] if cfg.pattern == RANDOM else cfg.pattern
+            color = cfg.color
+            if color == RANDOM:
+                r, g, b = colorsys.hsv_to_rgb(hue, 0.3 + 0.6 * sat, 0.3 + 0.65 * val)
+                color = "#{:02x}{:02x}{:02x}".format(*(round(c * 255) for c in (r, g, b)))
+        return self._styled(key, mask_type, pattern, color)
+
+    def _styled(self, key: str, mask_type: str, pattern: str | None, color: str | None) -> MaskChoice:
+        """Draw the style of one mask from its own random stream (so adding a style axis never changes the
+        type/pattern/colour draws). Axes that do not apply to the type are left out of the style."""
+        cfg = self.config
+        u = rng_for(cfg.seed, f"{key}\x00style").random(10)
+        spec = MASK_TYPES.get(mask_type)
+        coverage = _pick(cfg.style_weights("coverage"), u[0])
+        nose, chin = COVERAGE_RANGES[coverage]
+        style: dict = {
+            "coverage": coverage,
+            "nose_shift": _uniform(nose, u[1]),
+            "chin_lift": _uniform(chin, u[2]),
+            "lighting": _uniform(cfg.style.lighting, u[3]),
+            "texture": _uniform(cfg.style.texture, u[4]),
+            "feather": _uniform(cfg.style.feather, u[5]),
+        }
+        drawn_look = spec is not None and spec.printable and pattern is None and color is None
+        if drawn_look:
+            family = _pick(cfg.style_weights("print"), u[6])
+            if family == "solid":
+                color = CLOTH_SOLIDS[int(u[7] * len(CLOTH_SOLIDS))]
+            else:
+                names = [p for p in self.patterns if pattern_family(p) == family] or list(
+                    PATTERN_FAMILIES[family]
+                )
+                pattern = names[int(u[7] * len(names))]
+        if spec is not None and spec.printable:
+            style["print"] = pattern_family(pattern) if pattern else "solid"
+        if mask_type != POLYGON_TYPE and len(self.layers(mask_type, "front").straps):
+            style["straps"] = _pick(cfg.style_weights("straps"), u[8])
+        if spec is not None and spec.valve:
+            style["valve"] = _pick(cfg.style_weights("valve"), u[9])
+        return MaskChoice(mask_type, pattern, color, style, drawn_look)
 
     # ---- masking -------------------------------------------------------------------------------------
     def mask_bytes(self, data: bytes, key: str, **kw) -> MaskResult:
@@ -282,7 +394,9 @@ class MaskEngine:
         shared by every copy (several variants of one crop cost one landmark fit)."""
         rgb, status, reason = self._as_rgb(image)
         if rgb is None:
-            return [MaskResult(None, MaskRecord(key=key, status=status, reason=reason)) for key, _ in requests]
+            return [
+                MaskResult(None, MaskRecord(key=key, status=status, reason=reason)) for key, _ in requests
+            ]
         try:
             faces = self._locate(rgb, self.config.aligned if aligned is None else aligned, reason)
             return [self._paint(rgb, faces, key, mask_type) for key, mask_type in requests]
@@ -291,7 +405,9 @@ class MaskEngine:
             return [
                 MaskResult(
                     None,
-                    MaskRecord(key=key, status="unsupported", reason=problem, width=rgb.shape[1], height=rgb.shape[0]),
+                    MaskRecord(
+                        key=key, status="unsupported", reason=problem, width=rgb.shape[1], height=rgb.shape[0]
+                    ),
                 )
                 for key, _ in requests
             ]
@@ -353,14 +469,27 @@ class MaskEngine:
         boxes, detector, box_note = self._face_boxes(rgb, grey, aligned)
         notes = [n for n in (note, box_note) if n]
         fitted = []
-        for box in boxes:
-            landmarks = self.landmarker.fit(grey, box)
+        for prior in boxes:
+            box, landmarks = prior, self.landmarker.fit(grey, prior)
+            if detector == "aligned":
+                box, landmarks = self._refit(grey, box, landmarks)
             problem = implausible_landmarks(landmarks, box) if detector == "aligned" else None
             if problem:
                 notes.append(f"landmark fit rejected: {problem}")
             else:
                 fitted.append((box, landmarks))
         return LocatedFaces(boxes, fitted, detector, notes)
+
+    def _refit(self, grey: np.ndarray, box: Box, landmarks: np.ndarray) -> tuple[Box, np.ndarray]:
+        """Refit an aligned crop's landmarks on the box its own fit implies until the box settles: the
+        layout's prior box only has to be roughly right (FaceNet crops with or without margin, other
+        cropping tools)."""
+        for _ in range(REFITS):
+            implied = landmark_box(landmarks)
+            if not np.isfinite(implied).all() or box_overlap(implied, box) > 0.75:
+                break
+            box, landmarks = implied, self.landmarker.fit(grey, implied)
+        return box, landmarks
 
     def _paint(self, rgb: np.ndarray, located: LocatedFaces, key: str, mask_type: str | None) -> MaskResult:
         cfg = self.config
@@ -388,9 +517,10 @@ class MaskEngine:
             if choice.mask_type == POLYGON_TYPE:
                 polygon = self._paint_polygon(out, alpha, polygon_outline(landmarks), choice.color)
             else:
-                polygon = self._paint_template(
-                    out, alpha, self.layers(choice.mask_type, view), choice, keypoints
-                )
+                style = choice.style
+                worn = shifted_keypoints(keypoints, landmarks, style["nose_shift"], style["chin_lift"])
+                layers = self.layers(choice.mask_type, view, style.get("valve") != "no_valve")
+                polygon = self._paint_template(out, alpha, layers, choice, worn, landmarks, key)
             if polygon is None:
                 notes.append("mask could not be placed (degenerate key points)")
                 continue
@@ -403,6 +533,7 @@ class MaskEngine:
         record.status = "ok"
         record.num_faces = len(faces)
         record.mask_type, record.pattern, record.color = choice.mask_type, choice.pattern, choice.color
+        record.style = choice.style_json()
         record.tilt_deg = round(tilt, 3)
         record.keypoints = np.round(keypoints, 2).tolist()
         record.polygon = np.round(polygon, 2).tolist()
@@ -425,8 +556,12 @@ class MaskEngine:
         layers: TemplateLayers,
         choice: MaskChoice,
         keypoints: np.ndarray,
+        landmarks: np.ndarray,
+        key: str,
     ) -> np.ndarray | None:
-        """Warp the template onto the six key points and blend it into `out` (in place) inside its ROI."""
+        """Warp the template onto the six key points and blend it into `out` (in place) inside its ROI:
+        ear loops under it, edges feathered, shaded by the face's own light, fabric grain, and a soft
+        contact shadow on the skin around it."""
         anchors = [*range(6), *ANCHORED]  # least squares, with the bridge and chin counted twice
         homography, _ = cv2.findHomography(layers.keypoints[anchors], keypoints[anchors], 0)
         if homography is None or abs(np.linalg.det(homography[:2, :2])) < 1e-9:
@@ -436,7 +571,19 @@ class MaskEngine:
         face_size = float(np.ptp(keypoints, axis=0).max())
         if not np.isfinite(polygon).all() or float(np.ptp(polygon, axis=0).max()) > 4 * face_size + 4:
             return None
-        roi = self._roi(polygon, w, h)
+        style = choice.style
+        width = float(np.linalg.norm(keypoints[2] - keypoints[1]))  # cheek to cheek, pixels
+        feather = style["feather"] * width
+        straps = (
+            self._strap_lines(layers, homography, polygon, landmarks, width)
+            if style.get("straps") == "ear_loops"
+            else []
+        )
+        pad = int(np.ceil(3 * max(feather, SHADOW_SIGMA * width))) + 1
+        extent = np.concatenate([polygon, *straps]) if straps else polygon
+        roi = self._roi(
+            np.concatenate([extent.min(0, keepdims=True) - pad, extent.max(0, keepdims=True) + pad]), w, h
+        )
         if roi is None:
             return None
         x0, y0, x1, y1 = roi
@@ -453,20 +600,101 @@ class MaskEngine:
         if choice.color or choice.pattern:
             fabric = warp(layers.fabric)
             fabric_rgb, light = fabric[..., :3], fabric[..., 3:4]
+            cfg = self.config
+            wc, wp = (DRAWN_LOOK_WEIGHT,) * 2 if choice.drawn_look else (cfg.color_weight, cfg.pattern_weight)
             if choice.color:
-                wc, color = self.config.color_weight, hex_to_rgb(choice.color)
+                color = hex_to_rgb(choice.color)
                 mask_rgb = mask_rgb - wc * fabric_rgb + (wc * color) * light
                 fabric_rgb = (1 - wc) * fabric_rgb + (wc * color) * light
             if choice.pattern:
-                wp = self.config.pattern_weight
                 tile = warp(self._tile(choice.pattern), cv2.BORDER_WRAP)
                 mask_rgb = mask_rgb - wp * fabric_rgb + wp * tile * light
+        if straps:
+            mask_rgb, a = self._under_straps(mask_rgb, a, straps, (x0, y0), width, self._strap_color(choice))
+        if feather > 0.05:  # soft outwards only: the blur never uncovers what the sharp mask covered
+            layer = np.dstack([mask_rgb, a])
+            soft = cv2.GaussianBlur(layer, (0, 0), feather)
+            layer = np.where(soft[..., 3:4] > a, soft, layer)
+            mask_rgb, a = layer[..., :3], layer[..., 3:4]
         face_u8 = out[y0:y1, x0:x1]
         mask_rgb = self._match_light(mask_rgb, a, face_u8)
-        blended = face_u8.astype(np.float32) * (1 - a) + mask_rgb * 255
+        shading = self._face_light(face_u8, a, style["lighting"]) * 255
+        if style["texture"] > 0:
+            shading = shading * (1 + style["texture"] * grain_patch(a.shape[:2], f"{self.config.seed}/{key}"))
+        uncovered = 1 - a[..., 0]
+        shadow = cv2.GaussianBlur(a, (0, 0), SHADOW_SIGMA * width) * uncovered
+        keep = uncovered * (1 - SHADOW_DEPTH * shadow)
+        blended = face_u8.astype(np.float32) * keep[..., None] + mask_rgb * shading[..., None]
         out[y0:y1, x0:x1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
         np.maximum(alpha[y0:y1, x0:x1], (a[..., 0] * 255 + 0.5).astype(np.uint8), out=alpha[y0:y1, x0:x1])
         return polygon
+
+    @staticmethod
+    def _strap_lines(
+        layers: TemplateLayers,
+        homography: np.ndarray,
+        outline: np.ndarray,
+        landmarks: np.ndarray,
+        width: float,
+    ) -> list[np.ndarray]:
+        """Ear loops as polylines (image pixels): from the mask's side anchors to the ear, just outside the
+        top of the jaw line (landmarks 0 and 16), sagging slightly. A loop whose ear end lies under the mask (the
+        far side of a turned face) is hidden and left out."""
+        if not len(layers.straps):
+            return []
+        ends = cv2.perspectiveTransform(layers.straps[None].astype(np.float64), homography)[0]
+        centre = landmarks[27:31].mean(axis=0)
+        ears = []
+        for top, lower in ((0, 2), (16, 14)):
+            outward = landmarks[top] - centre
+            outward = outward / max(float(np.linalg.norm(outward)), 1e-6)
+            up = landmarks[top] - landmarks[lower]
+            ears += [
+                landmarks[top] + 0.05 * up + outward * 0.05 * width,
+                landmarks[top] - 0.3 * up + outward * 0.06 * width,
+            ]
+        lines = []
+        for start, ear in zip(ends, ears, strict=True):
+            if cv2.pointPolygonTest(outline, (float(ear[0]), float(ear[1])), False) >= 0:
+                continue
+            mid = (start + ear) / 2 + np.array([0.0, 0.025 * width])
+            t = np.linspace(0, 1, 9)[:, None]
+            lines.append(((1 - t) ** 2 * start + 2 * t * (1 - t) * mid + t**2 * ear).astype(np.float32))
+        return lines
+
+    def _strap_color(self, choice: MaskChoice) -> np.ndarray:
+        spec = MASK_TYPES.get(choice.mask_type)
+        color = (spec.strap_color if spec else None) or choice.color or (spec.color if spec else "#f4f4f2")
+        return hex_to_rgb(color)
+
+    @staticmethod
+    def _under_straps(
+        mask_rgb: np.ndarray, a: np.ndarray, lines: list[np.ndarray], origin, width: float, color: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Composite ear loops under the (premultiplied) mask layer."""
+        cover = np.zeros(a.shape[:2], np.uint8)
+        thickness = max(1, round(STRAP_WIDTH * width))
+        fixed = [np.round((line - origin) * 16).astype(np.int32) for line in lines]
+        cv2.polylines(cover, fixed, False, 255, thickness, cv2.LINE_AA, shift=4)
+        strap = (cover.astype(np.float32) / 255)[..., None] * (1 - a)
+        return mask_rgb + strap * (color * 0.85), a + strap
+
+    @staticmethod
+    def _face_light(face: np.ndarray, a: np.ndarray, strength: float) -> np.ndarray:
+        """The face's own light as a multiplier for the mask: the luminance of the covered skin low-passed
+        to a few cells across (light direction and falloff, not features), relative to its mean under the
+        mask, raised to `strength`."""
+        h, w = a.shape[:2]
+        if strength <= 0 or min(h, w) < 4:
+            return np.ones((h, w), np.float32)
+        grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        cells = (max(2, round(LIGHT_CELLS * w / max(h, w))), max(2, round(LIGHT_CELLS * h / max(h, w))))
+        small = cv2.resize(grey, cells, interpolation=cv2.INTER_AREA)
+        low = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+        weight = a[..., 0]
+        mean = float((low * weight).sum() / max(float(weight.sum()), 1e-6))
+        relative = np.clip(low * (1 / max(mean, 1.0)), 0.3, 1.7)
+        return relative if strength == 1 else cv2.exp(cv2.log(relative) * strength)
 
     def _match_light(self, premult: np.ndarray, a: np.ndarray, face: np.ndarray) -> np.ndarray:
         """Scale the mask's brightness and saturation by the face's (HSV value and saturation of the

@@ -180,6 +180,61 @@ def implausible_landmarks(landmarks: np.ndarray, box: Box) -> str | None:
     return None
 
 
+BOX_PER_FACE = 1.22  # dlib HOG box side / (eye-to-mouth + eye-to-eye distance), mean of 396 LFW faces
+REFITS = 2  # landmark fits on a box drawn from the previous fit, at most, after the layout's prior box
+
+
+def landmark_box(landmarks: np.ndarray) -> Box:
+    """The box dlib's detector would draw around a face with these landmarks: centred between the eyes and
+    the mouth, its side proportional to the eye-mouth plus eye-eye distance. Refitting on it makes an
+    aligned crop's fit independent of how much margin its layout leaves around the face."""
+    left_eye, right_eye = eye_line(landmarks)
+    eyes, mouth = (left_eye + right_eye) / 2, (landmarks[48] + landmarks[54]) / 2
+    half = BOX_PER_FACE * float(np.linalg.norm(mouth - eyes) + np.linalg.norm(right_eye - left_eye)) / 2
+    cx, cy = (eyes + mouth) / 2
+    return float(cx - half), float(cy - half), float(cx + half), float(cy + half)
+
+
+def box_overlap(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def shifted_keypoints(
+    keypoints: np.ndarray, landmarks: np.ndarray, nose_shift: float, chin_lift: float
+) -> np.ndarray:
+    """Key points of a mask worn higher/lower on the nose (`nose_shift`, share of the nose length, > 0 is
+    lower) and with its chin edge lifted (`chin_lift`, share of the lip-to-chin distance). The top is kept
+    below the eyelids and above the nose tip whatever the shift."""
+    points = keypoints.copy()
+    left_eye, right_eye = eye_line(landmarks)
+    direction = (right_eye - left_eye) / max(float(np.linalg.norm(right_eye - left_eye)), 1e-6)
+    down = np.array([-direction[1], direction[0]], np.float32)
+    eye_low = float((landmarks[36:48] @ down).max())
+    lip = float(landmarks[57] @ down)
+    top_min = eye_low + 0.07 * (lip - eye_low)  # the highest the top may go: just under the eyelids
+    nose_length = float((landmarks[30] - landmarks[27]) @ down)
+    top_max = float(landmarks[30] @ down) - max(0.25 * nose_length, 0.15 * (lip - eye_low))  # above the tip
+    nose = landmarks[30] - landmarks[27]
+    step = float(nose @ down)
+    if step > 1e-6:
+        now = float(points[0] @ down)
+        target = now + nose_shift * step
+        # moving up stops under the eyelids, moving down stops above the tip (never past where it was)
+        target = max(target, min(top_min, now)) if nose_shift < 0 else min(target, max(top_max, now))
+        move = nose * ((target - now) / step)
+        points[0] += move
+        points[1:3] += 0.6 * move
+    lift = chin_lift * (landmarks[57] - landmarks[8])
+    points[5] += lift
+    points[3:5] += 0.5 * lift
+    points[0:3] += 0.12 * lift  # the least-squares homography would otherwise pull the top down the nose
+    return points
+
+
 def aligned_face_box(face_box: tuple[float, float, float, float], width: int, height: int) -> Box:
     """A layout's fractional box in pixels of a width x height crop."""
     fl, ft, fr, fb = face_box

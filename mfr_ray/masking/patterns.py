@@ -371,3 +371,44 @@ def load_pattern_file(path: str) -> np.ndarray:
     if not decoded.ok:
         raise ValueError(f"pattern file {path}: {decoded.status}: {decoded.reason}")
     return decoded.image.astype(np.float32) / 255.0
+
+
+# Print style (MaskingConfig.style.print) of each built-in pattern; user patterns count as "other".
+PATTERN_FAMILIES = {
+    "stripes": (
+        "stripes_horizontal",
+        "stripes_vertical",
+        "stripes_diagonal",
+        "pinstripe",
+        "chevron",
+        "zigzag",
+        "waves",
+    ),
+    "checks": ("checks", "gingham", "tartan", "plaid", "houndstooth", "grid", "argyle"),
+    "florals": ("floral_daisy", "floral_rose", "floral_ditsy", "leaves"),
+    "dots": ("polka_dots", "micro_dots", "stars", "hearts"),
+    "camouflage": ("camouflage_woodland", "camouflage_desert", "camouflage_urban", "leopard"),
+    "other": ("denim", "herringbone", "honeycomb", "triangles", "marble", "tie_dye"),
+}
+FAMILY_OF = {name: family for family, names in PATTERN_FAMILIES.items() for name in names}
+
+# Solid colours of real cloth and surgical masks (sampled for print style "solid" without a fixed colour).
+CLOTH_SOLIDS = (
+    "#1d1f24",
+    "#2f3e5c",
+    "#3b4b3a",
+    "#6d6f73",
+    "#b9b6ae",
+    "#e9e4da",
+    "#7a1f2b",
+    "#c4a484",
+    "#8fa9c9",
+    "#d98b9a",
+    "#4a6c8c",
+    "#5b4636",
+)
+
+
+def pattern_family(name: str) -> str:
+    """The print style a pattern belongs to ("other" for user patterns)."""
+    return FAMILY_OF.get(name, "other")

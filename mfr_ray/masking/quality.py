@@ -3,6 +3,7 @@ and the benchmark share."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,14 @@ class Coverage:
     failures: list[str]
 
 
-def coverage_check(alpha: np.ndarray, landmarks: np.ndarray, threshold: int = 128) -> Coverage:
+def coverage_check(
+    alpha: np.ndarray, landmarks: np.ndarray, threshold: int = 128, style: str = ""
+) -> Coverage:
     """A mask is well placed when its alpha (uint8 HxW) covers the nose tip, both mouth corners and the
     chin landmark and leaves every eye landmark uncovered. Landmarks outside the image (a chin cut off by
-    a tight aligned crop) are not judged."""
+    a tight aligned crop) are not judged. `style` (the record's JSON): a mask worn with the chin exposed
+    must leave the chin landmark free instead of covering it."""
+    chin_exposed = bool(style) and json.loads(style).get("coverage") == "chin_exposed"
     h, w = alpha.shape
     points = np.round(landmarks).astype(int)
     inside = (points[:, 0] >= 0) & (points[:, 0] < w) & (points[:, 1] >= 0) & (points[:, 1] < h)
@@ -35,8 +40,10 @@ def coverage_check(alpha: np.ndarray, landmarks: np.ndarray, threshold: int = 12
     failures = [
         f"{name} not covered"
         for name, idx in MUST_COVER.items()
-        if not all(covered(i) for i in idx if inside[i])
+        if not (chin_exposed and name == "chin") and not all(covered(i) for i in idx if inside[i])
     ]
+    if chin_exposed and inside[8] and covered(8):
+        failures.append("chin covered (style chin_exposed)")
     failures += [
         f"{name} covered" for name, idx in MUST_NOT_COVER.items() if any(covered(i) for i in idx if inside[i])
     ]

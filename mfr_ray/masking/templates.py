@@ -11,7 +11,7 @@ the folds: `albedo` (base colours), `shade` (multiplicative light), `fabric` (wh
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -40,6 +40,8 @@ class MaskTemplate:
     alpha: np.ndarray  # HxW float32 0..1
     keypoints: np.ndarray  # 6x2 float32, template pixels, KEYPOINT_NAMES order
     outline: np.ndarray  # Nx2 float32 polygon, template pixels
+    straps: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    # ^ where ear loops leave the mask (template pixels): left top, left bottom, right top, right bottom
 
 
 def to_pixels(points) -> np.ndarray:
@@ -112,7 +114,12 @@ def _base(outline: np.ndarray, color: str) -> tuple[np.ndarray, np.ndarray, np.n
     return albedo, np.ones_like(alpha), alpha.copy(), alpha
 
 
-def _template(outline, albedo, shade, fabric, alpha) -> MaskTemplate:
+def _template(outline, albedo, shade, fabric, alpha, straps=None) -> MaskTemplate:
+    """`straps`: (x, y) of the right-side top and bottom loop anchors in face units (mirrored for the left)."""
+    anchors = np.zeros((0, 2), np.float32)
+    if straps is not None:
+        (xt, yt), (xb, yb) = straps
+        anchors = to_pixels([(-xt, yt), (-xb, yb), (xt, yt), (xb, yb)])
     return MaskTemplate(
         albedo=np.clip(albedo, 0, 1).astype(np.float32),
         shade=np.clip(shade, 0.2, 1.6).astype(np.float32),
@@ -120,6 +127,7 @@ def _template(outline, albedo, shade, fabric, alpha) -> MaskTemplate:
         alpha=np.clip(alpha, 0, 1).astype(np.float32),
         keypoints=to_pixels(FACE_KEYPOINTS),
         outline=to_pixels(outline),
+        straps=anchors,
     )
 
 
@@ -141,15 +149,23 @@ def _surgical(color: str) -> MaskTemplate:
     )
     albedo, shade, fabric, alpha = _base(outline, color)
     x, y = _face_grid()
-    for fold in (0.2, 0.34, 0.48):
-        d = y - (fold + 0.08 * x**2)
-        shade = shade - 0.2 * _gauss(d - 0.012, 0.013) + 0.07 * _gauss(d + 0.02, 0.02)
-    shade = shade * (1 - 0.25 * x**2) * (1 - 0.12 * _gauss(_edge_distance(alpha) - 0.03, 0.006))
-    shade = shade - 0.1 * _gauss(y - 0.01 - 0.05 * np.abs(x), 0.008) * (np.abs(x) < 0.16)  # nose wire
-    return _template(outline, albedo, shade, fabric, alpha)
+    # three pleats: each a lit band over the fold, a sharp dark crease under it, and a soft shadow below
+    for fold in (0.21, 0.35, 0.49):
+        d = y - (fold + 0.07 * x**2)
+        shade = (
+            shade
+            + 0.12 * _gauss(d + 0.025, 0.022)
+            - 0.28 * _gauss(d - 0.006, 0.008)
+            - 0.1 * _gauss(d - 0.03, 0.02)
+        )
+    edge = _edge_distance(alpha)
+    hem = (edge < 0.05) * (0.04 + 0.05 * (np.sin((x + y) * 400) > 0.6))  # stitched hem band
+    shade = shade * (1 - 0.25 * x**2) * (1 - hem) * (1 - 0.14 * _gauss(edge - 0.05, 0.005))
+    shade = shade - 0.12 * _gauss(y - 0.012 - 0.05 * np.abs(x), 0.008) * (np.abs(x) < 0.17)  # nose wire
+    return _template(outline, albedo, shade, fabric, alpha, straps=((0.555, 0.05), (0.5, 0.5)))
 
 
-def _n95(color: str) -> MaskTemplate:
+def _n95(color: str, valve: bool = True) -> MaskTemplate:
     a, b, cy, n = 0.6, 0.44, 0.375, 3.2
     t = np.linspace(0, 2 * np.pi, 160, endpoint=False)
     xs = a * np.sign(np.cos(t)) * np.abs(np.cos(t)) ** (2 / n)
@@ -161,10 +177,14 @@ def _n95(color: str) -> MaskTemplate:
     r2 = np.clip((np.abs(x) / a) ** n + (np.abs(y - cy) / b) ** n, 0, 1)
     rim = _edge_distance(alpha)
     shade = (0.78 + 0.3 * (1 - r2)) * (1 - 0.18 * _gauss(rim - 0.025, 0.008)) * (1 - 0.1 * (rim < 0.02))
-    valve = _fill([_circle(0.24, 0.46, 0.085)])
-    albedo = albedo * (1 - valve[..., None]) + hex_to_rgb("#c9ccd1") * valve[..., None]
-    shade = shade * (1 - 0.25 * _gauss(np.hypot(x - 0.24, y - 0.46) - 0.085, 0.01))
-    return _template(outline, albedo, shade, fabric * (1 - valve), alpha)
+    shade = shade * (1 - 0.12 * _gauss(x, 0.01) * (y > 0.05))  # moulded centre ridge
+    if not valve:
+        return _template(outline, albedo, shade, fabric, alpha, straps=((0.56, 0.12), (0.52, 0.6)))
+    disc = _fill([_circle(0.24, 0.46, 0.085)])
+    albedo = albedo * (1 - disc[..., None]) + hex_to_rgb("#c9ccd1") * disc[..., None]
+    r = np.hypot(x - 0.24, y - 0.46)
+    shade = shade * (1 - 0.3 * _gauss(r - 0.085, 0.01)) * (1 - 0.25 * disc * (np.sin(y * 300) > 0.5))
+    return _template(outline, albedo, shade, fabric * (1 - disc), alpha, straps=((0.56, 0.12), (0.52, 0.6)))
 
 
 def _kn95(color: str) -> MaskTemplate:
@@ -184,10 +204,13 @@ def _kn95(color: str) -> MaskTemplate:
     albedo, shade, fabric, alpha = _base(outline, color)
     x, y = _face_grid()
     edge = _edge_distance(alpha)
-    weld = (edge < 0.045) * (0.92 + 0.08 * (np.sin(x * 260) * np.sin(y * 260) > 0))
-    shade = np.where(edge < 0.045, weld, 1.0) * np.where(x < 0, 0.9, 1.0) * (1 - 0.35 * _gauss(x, 0.006))
+    weld = (edge < 0.045) * (0.9 + 0.1 * (np.sin(x * 260) * np.sin(y * 260) > 0))
+    # folded in two: the halves face the light differently, a sharp centre seam, a crease across each half
+    halves = np.where(x < 0, 0.88, 1.0) + 0.06 * np.clip(1 - np.abs(x) / 0.25, 0, 1)
+    crease = _gauss(y - 0.3 - 0.18 * np.abs(x), 0.01) * (np.abs(x) > 0.05)
+    shade = np.where(edge < 0.045, weld, 1.0) * halves * (1 - 0.4 * _gauss(x, 0.006)) * (1 - 0.12 * crease)
     shade = shade * (1 - 0.15 * x**2)
-    return _template(outline, albedo, shade, fabric, alpha)
+    return _template(outline, albedo, shade, fabric, alpha, straps=((0.57, 0.06), (0.52, 0.45)))
 
 
 def _cloth(color: str) -> MaskTemplate:
@@ -214,7 +237,7 @@ def _cloth(color: str) -> MaskTemplate:
     stitches = (np.abs(edge - 0.035) < 0.004) * (np.sin((x + y) * 180) > 0)
     seam = _gauss(x + 0.03 * np.sin(3 * y), 0.008)
     shade = (0.93 + 0.06 * weave) * (1 - 0.3 * seam) * (1 - 0.2 * stitches) * (1 - 0.2 * x**2)
-    return _template(outline, albedo, shade, fabric, alpha)
+    return _template(outline, albedo, shade, fabric, alpha, straps=((0.555, 0.05), (0.49, 0.5)))
 
 
 def _gas(color: str) -> MaskTemplate:
@@ -255,19 +278,22 @@ def _gas(color: str) -> MaskTemplate:
 
 @dataclass(frozen=True)
 class MaskTypeSpec:
-    build: Callable[[str], MaskTemplate] | None  # None: drawn from landmarks (the polygon type)
+    build: Callable[..., MaskTemplate] | None  # None: drawn from landmarks (the polygon type)
     color: str
+    printable: bool = False  # fabric that takes a drawn print style when no pattern/colour is fixed
+    valve: bool = False  # has a valve / no-valve variant (style axis "valve")
+    strap_color: str | None = None  # ear loops: None = the mask's own colour
 
 
 MASK_TYPES: dict[str, MaskTypeSpec] = {
-    "surgical": MaskTypeSpec(_surgical, "#a9cfe6"),
-    "surgical_blue": MaskTypeSpec(_surgical, "#3f7fc4"),
-    "surgical_green": MaskTypeSpec(_surgical, "#77b8a1"),
-    "surgical_white": MaskTypeSpec(_surgical, "#f1f1ee"),
-    "surgical_black": MaskTypeSpec(_surgical, "#2a2a2c"),
-    "N95": MaskTypeSpec(_n95, "#efece3"),
-    "KN95": MaskTypeSpec(_kn95, "#f4f4f4"),
-    "cloth": MaskTypeSpec(_cloth, "#2f3e5c"),
+    "surgical": MaskTypeSpec(_surgical, "#a9cfe6", strap_color="#f4f4f2"),
+    "surgical_blue": MaskTypeSpec(_surgical, "#3f7fc4", strap_color="#f4f4f2"),
+    "surgical_green": MaskTypeSpec(_surgical, "#77b8a1", strap_color="#f4f4f2"),
+    "surgical_white": MaskTypeSpec(_surgical, "#f1f1ee", strap_color="#f4f4f2"),
+    "surgical_black": MaskTypeSpec(_surgical, "#2a2a2c", strap_color="#2a2a2c"),
+    "N95": MaskTypeSpec(_n95, "#efece3", valve=True, strap_color="#e8e2c8"),
+    "KN95": MaskTypeSpec(_kn95, "#f4f4f4", strap_color="#f2f2f2"),
+    "cloth": MaskTypeSpec(_cloth, "#2f3e5c", printable=True),
     "gas": MaskTypeSpec(_gas, "#3a3b3c"),
     POLYGON_TYPE: MaskTypeSpec(None, POLYGON_COLORS[0]),
 }
@@ -301,15 +327,16 @@ def side_view(front: MaskTemplate, side: str) -> MaskTemplate:
         remap(front.alpha),
         squeeze(front.keypoints),
         squeeze(front.outline),
+        squeeze(front.straps),
     )
 
 
-def build_template(mask_type: str, view: str) -> MaskTemplate:
-    """Draw one built-in template (callers cache it)."""
+def build_template(mask_type: str, view: str, valve: bool = True) -> MaskTemplate:
+    """Draw one built-in template (callers cache it); `valve` picks the variant of types that have one."""
     spec = MASK_TYPES[mask_type]
     if spec.build is None:
         raise ValueError(f"{mask_type!r} is drawn from landmarks and has no template")
-    front = spec.build(spec.color)
+    front = spec.build(spec.color, valve) if spec.valve else spec.build(spec.color)
     return front if view == "front" else side_view(front, view)
 
 
@@ -345,4 +372,5 @@ def mirror_template(template: MaskTemplate) -> MaskTemplate:
         flip(template.alpha),
         mirror(template.keypoints)[MIRROR_ORDER],
         mirror(template.outline),
+        mirror(template.straps)[[2, 3, 0, 1]] if len(template.straps) else template.straps,
     )

@@ -89,3 +89,94 @@ def preprocess(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
     if tensor.ndim == 3:
         tensor = tensor.unsqueeze(0)
     return (tensor.permute(0, 3, 1, 2).float() - PIXEL_MEAN) / PIXEL_SCALE
+
+
+# A trained model as registry files that load without unpickling: the state dict (tensors only, read back
+# with weights_only=True) and a JSON spec naming the factory, backbone and arguments that rebuild the module.
+MODEL_SPEC_FILE = "mfr_model.json"
+WEIGHTS_FILE = "weights.pt"
+MODEL_FORMAT = "mfr-ray/backbone-state-dict/1"
+FACTORY = "mfr_ray.models:create_backbone"
+REGISTRY_SCHEME = "models:/"
+
+
+def save_model_files(model: nn.Module, backbone: str, kwargs: dict, folder: str | Path) -> Path:
+    """Write `model`'s weights and spec into `folder` (what `_finish_mlflow` registers)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    spec = {
+        "format": MODEL_FORMAT,
+        "factory": FACTORY,
+        "backbone": backbone,
+        "kwargs": kwargs,
+        "input_size": list(model.input_size),
+        "embedding_size": int(model.embedding_size),
+        "weights": WEIGHTS_FILE,
+        "torch": torch.__version__,
+    }
+    (folder / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return folder
+
+
+def load_model_files(folder: str | Path) -> nn.Module:
+    """Rebuild a model (in eval mode) from `save_model_files` output: the spec picks our factory (nothing
+    else is called) and the weights load with weights_only=True, so a pickled object in the registry raises,
+    never runs."""
+    import json
+    import pickle
+
+    folder = Path(folder)
+    spec_path = folder / MODEL_SPEC_FILE
+    if not spec_path.is_file():
+        raise ValueError(f"{folder} has no {MODEL_SPEC_FILE}: not a model registered by mfr-ray")
+    spec = json.loads(spec_path.read_text())
+    if spec.get("format") != MODEL_FORMAT or spec.get("factory") != FACTORY:
+        raise ValueError(f"{spec_path}: format {spec.get('format')!r} / factory {spec.get('factory')!r} "
+                         f"is not {MODEL_FORMAT!r} / {FACTORY!r}")
+    model = create_backbone(spec["backbone"], **spec.get("kwargs", {}))
+    try:
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{folder / WEIGHTS_FILE} is not a plain state dict (refused, not unpickled): "
+                         f"{type(exc).__name__}") from None
+    model.load_state_dict(state, strict=True)
+    if list(model.input_size) != spec["input_size"] or model.embedding_size != spec["embedding_size"]:
+        raise ValueError(f"{spec_path}: sizes {spec['input_size']}/{spec['embedding_size']} do not match "
+                         f"the rebuilt {spec['backbone']}")
+    return model.eval()
+
+
+def is_registry_uri(checkpoint: str | Path | None) -> bool:
+    return str(checkpoint or "").startswith(REGISTRY_SCHEME)
+
+
+def registered_version(uri: str, tracking_uri: str) -> tuple[str, str, str]:
+    """(name, version, run_id) of `models:/NAME/VERSION` or `models:/NAME@ALIAS` (an alias can move:
+    caches key on the version it points at now)."""
+    from mlflow import MlflowClient
+
+    ref = uri.removeprefix(REGISTRY_SCHEME)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif ref.count("/") == 1 and ref.rsplit("/", 1)[1].isdigit():
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        raise ValueError(f"{uri!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+    return name, str(version.version), version.run_id or ""
+
+
+def load_registered_model(uri: str, tracking_uri: str) -> nn.Module:
+    """Download a `models:/` version's files from the MLflow registry and rebuild it (no pickle)."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=folder)
+        return load_model_files(local)

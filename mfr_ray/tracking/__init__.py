@@ -14,7 +14,14 @@ from pydantic import BaseModel
 from mfr_ray.config import flatten_config
 from mfr_ray.config.common import TrackingConfig
 
-__all__ = ["TrackingConfig", "log_config_params", "resolve_tracking_uri", "start_run", "ui_command"]
+__all__ = [
+    "TrackingConfig",
+    "log_config_params",
+    "resolve_tracking_uri",
+    "shown_tracking_uri",
+    "start_run",
+    "ui_command",
+]
 
 DEFAULT_DB = "mlflow.db"
 MLFLOW_PARAM_LIMIT = 6000  # characters MLflow accepts in one param value
@@ -25,6 +32,14 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     if cfg is not None and cfg.tracking_uri:
         return cfg.tracking_uri
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def shown_tracking_uri(cfg: TrackingConfig | None = None) -> str:
+    """The store as it may be printed or logged: credentials inside the URI (`https://user:pass@host`,
+    `postgresql://u:p@h/db`) replaced by `***`."""
+    from mfr_ray.config.loader import redact_uri
+
+    return redact_uri(resolve_tracking_uri(cfg))
 
 
 def local_artifact_root(uri: str) -> str | None:
@@ -71,7 +86,8 @@ def start_run(
 
 
 def log_config_params(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    """Log a config as flat params (secrets already redacted by `flatten_config`); returns what was logged."""
+    """Log a config (a model or a plain dict) as flat params; `flatten_config` has replaced SecretStr values
+    and credentials inside URIs by `***`. Returns what was logged."""
     import mlflow
 
     params = {k: ("" if v is None else str(v))[:MLFLOW_PARAM_LIMIT] for k, v in flatten_config(config).items()}

@@ -43,6 +43,12 @@ class TrainDataConfig(StrictModel):
         "(fast epochs for sets that fit; false streams from storage every epoch)",
     )
     shuffle_buffer: int = Field(256, ge=0, description="local shuffle buffer per worker (0: off)")
+    keep_fallback: bool = Field(
+        False, description="also train on `ok_fallback` crops (no face found, a guessed box: often not a face)"
+    )
+    allow_incomplete: bool = Field(
+        False, description="train on a dataset whose prepare did not finish (its finished shards only)"
+    )
     seed: int = 0
 
     @field_validator("uri")
@@ -65,16 +71,30 @@ class TrainModelConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """`margin_distill`: head(unmasked) + masked_weight * head(masked) + beta * distillation(masked ->
-    unmasked); `triplet`: FaceNet's triplet loss on all embeddings of the batch (the paper's baseline)."""
+    """`margin_distill`: head_weight * [head(unmasked) + masked_weight * head(masked)] + beta *
+    distillation(masked -> teacher) + teacher_unmasked_weight * distillation(unmasked -> teacher), where the
+    teacher is the network's own unmasked embedding (`self`, the paper's recipe) or the starting checkpoint,
+    frozen, on the unmasked crop (`frozen`: the student cannot drift away from what it knew); `triplet`:
+    FaceNet's triplet loss on all embeddings of the batch (the paper's baseline)."""
 
     kind: Literal["margin_distill", "triplet"] = "margin_distill"
     use_masked: bool = Field(
         True, description="train on the masked crops too (False: unmasked-only baseline)"
     )
     masked_weight: float = Field(1.0, ge=0)
+    head_weight: float = Field(
+        1.0, ge=0, description="weight of the margin head's terms; 0 builds no head (frozen teacher only)"
+    )
     distillation: Literal["none", "mse", "cosine", "margin_cosine"] = "cosine"
-    beta: float = Field(1.0, ge=0, description="weight of the distillation term")
+    teacher: Literal["self", "frozen"] = Field(
+        "self",
+        description="self: the unmasked embedding of the network being trained; frozen: a copy of "
+        "model.checkpoint in eval mode, never updated, embedding the unmasked crop",
+    )
+    beta: float = Field(1.0, ge=0, description="weight of the distillation of the masked embedding")
+    teacher_unmasked_weight: float = Field(
+        0.0, ge=0, description="weight of the distillation of the unmasked embedding onto the frozen teacher"
+    )
     distill_margin: float = Field(0.0, ge=0, le=2, description="margin of the margin cosine distillation")
     distill_layer: str = Field(
         "embedding",
@@ -82,16 +102,38 @@ class LossConfig(StrictModel):
     )
     dynamic_balancing: bool = Field(
         False,
-        description="count distillation only for pairs whose masked and unmasked crops are both classified right",
+        description="count the masked distillation only for pairs whose masked and unmasked crops are both "
+        "classified right by the head",
     )
-    detach_teacher: bool = Field(True, description="the unmasked side is the teacher: no gradient through it")
+    detach_teacher: bool = Field(
+        True, description="self teacher: no gradient through the unmasked side (a frozen one never has any)"
+    )
     triplet_margin: float = Field(0.2, gt=0)
     triplet_mining: Literal["batch_hard", "semi_hard"] = "batch_hard"
 
     @model_validator(mode="after")
     def _consistent(self) -> LossConfig:
-        if self.kind == "margin_distill" and self.distillation != "none" and not self.use_masked:
-            raise ValueError("distillation needs masked crops: set use_masked true or distillation none")
+        if self.kind == "triplet":
+            if self.teacher == "frozen":
+                raise ValueError("teacher frozen is a term of kind margin_distill, not of the triplet loss")
+            return self
+        if self.teacher == "self":
+            if self.distillation != "none" and not self.use_masked:
+                raise ValueError("distillation needs masked crops: set use_masked true or distillation none")
+            if self.teacher_unmasked_weight > 0:
+                raise ValueError("teacher_unmasked_weight needs teacher frozen (self: unmasked teaches)")
+            if self.head_weight == 0:
+                raise ValueError("head_weight 0 needs teacher frozen: self-distillation anchors nothing")
+        else:
+            if self.distillation == "none":
+                raise ValueError("teacher frozen needs a distillation (mse, cosine or margin_cosine)")
+            masked_term = self.use_masked and self.beta > 0
+            if not masked_term and self.teacher_unmasked_weight == 0 and self.head_weight == 0:
+                raise ValueError(
+                    "no loss term left: set beta (with masked crops), teacher_unmasked_weight or head_weight"
+                )
+        if self.dynamic_balancing and self.head_weight == 0:
+            raise ValueError("dynamic_balancing needs the head's predictions: head_weight > 0")
         return self
 
 
@@ -168,3 +210,11 @@ class TrainConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _teacher_has_weights(self) -> TrainConfig:
+        """A frozen teacher is the starting checkpoint: without one there is nothing to distil toward, and the
+        worker would only find out after the cluster has started."""
+        if self.loss.teacher == "frozen" and not self.model.checkpoint:
+            raise ValueError("loss.teacher frozen needs model.checkpoint (the frozen teacher's weights)")
+        return self

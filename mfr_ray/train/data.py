@@ -12,12 +12,23 @@ from typing import Any
 import numpy as np
 
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.data import load_label_map, paired_dataset, read_prepared
+from mfr_ray.data import load_label_map, paired_dataset, read_prepared, require_complete
 from mfr_ray.imageio import decode_image, encode_image
 from mfr_ray.masking.config import MaskingConfig
 from mfr_ray.train.config import TrainDataConfig
 
 TRAIN_COLUMNS = ["identity_id", "image_unmasked", "image_masked"]
+
+
+def training_statuses(cfg: TrainDataConfig) -> tuple[str, ...]:
+    """Row statuses trained on: detected faces, plus the guessed-box fallbacks only when asked."""
+    return ("ok", "ok_fallback") if cfg.keep_fallback else ("ok",)
+
+
+def check_dataset(cfg: TrainDataConfig, storage: StorageConfig) -> None:
+    """Refuse a dataset whose prepare did not finish (unless `data.allow_incomplete`)."""
+    if not cfg.allow_incomplete:
+        require_complete(cfg.uri, storage)
 
 
 def validation_identities(num_identities: int, count: int, seed: int) -> list[int]:
@@ -80,14 +91,17 @@ def training_dataset(
     the count before masking). Unmasked-only runs carry an empty `image_masked`."""
     import ray
 
-    ingest = cfg.ingest_cpus
+    check_dataset(cfg, storage)
+    ingest, statuses = cfg.ingest_cpus, training_statuses(cfg)
     if use_masked and not cfg.on_the_fly_masking:
-        pairs = paired_dataset(cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=ingest)
+        pairs = paired_dataset(
+            cfg.uri, storage, cfg.masked_variant, seed=cfg.seed, num_cpus=ingest, statuses=statuses
+        )
         ds = _select(pairs, {c: c for c in TRAIN_COLUMNS}, ingest, drop=held_out)
         ds = ds.materialize() if cfg.materialize else ds
         return ds, ds.count()
     unmasked = _select(
-        read_prepared(cfg.uri, storage, variants=["unmasked"], num_cpus=ingest),
+        read_prepared(cfg.uri, storage, variants=["unmasked"], statuses=statuses, num_cpus=ingest),
         {"source_key": "source_key", "identity_id": "identity_id", "image": "image_unmasked"},
         ingest,
         drop=held_out,
@@ -140,7 +154,12 @@ def validation_set(
     if not held_out:
         return None
     pairs = paired_dataset(
-        cfg.uri, storage, masked_variant=cfg.masked_variant, seed=cfg.seed, num_cpus=cfg.ingest_cpus
+        cfg.uri,
+        storage,
+        masked_variant=cfg.masked_variant,
+        seed=cfg.seed,
+        num_cpus=cfg.ingest_cpus,
+        statuses=training_statuses(cfg),
     )
     ds = _select(pairs, {c: c for c in ["source_key", *TRAIN_COLUMNS]}, cfg.ingest_cpus, keep=held_out)
     rows = sorted(ds.take_all(), key=lambda r: r["source_key"])
@@ -182,4 +201,7 @@ def decode_pairs(
 
 
 def label_count(cfg: TrainDataConfig, storage: StorageConfig) -> int:
+    """Classes of the head: the identities of a finished dataset (the first thing a run reads, so an
+    unfinished prepare is refused before any worker starts)."""
+    check_dataset(cfg, storage)
     return len(load_label_map(cfg.uri, storage))

@@ -5,11 +5,13 @@ newest checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,46 @@ class StepLogger:
         )
 
 
+# Messages every step or report repeats that say nothing to act on: DDP's note that MobileFaceNet's
+# depthwise-conv gradients are not laid out like its buckets (a speed hint, the values are right), and
+# Ray Train's per-report and per-checkpoint INFO lines (the epoch bar shows the same).
+NOISE_WARNINGS = ("Grad strides do not match bucket view strides",)
+
+
+def quiet_worker() -> None:
+    """Silence the known noise of a training worker, by message or logger, and nothing else."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for module in (context, storage):  # their loggers (context's is named by its file path)
+        module.logger.setLevel(logging.WARNING)
+
+
+class EpochBar:
+    """Rank 0's progress bar of one epoch, drawn by the driver (Ray's distributed tqdm): steps, loss,
+    images/s, then the validation TPR."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, enabled: bool):
+        self.prefix = f"epoch {epoch + 1}/{epochs}"
+        self.bar = None
+        if enabled:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(desc=self.prefix, total=steps, unit="step")
+
+    def step(self, loss: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"{self.prefix} loss {loss:.3f} {images_per_s:.1f} img/s")
+            self.bar.update(1)
+
+    def close(self, loss: float, images_per_s: float, val_tpr: float) -> None:
+        if self.bar is not None:
+            val = "" if math.isnan(val_tpr) else f" val TPR {val_tpr:.3f}"
+            self.bar.set_description(f"{self.prefix} loss {loss:.3f} {images_per_s:.1f} img/s{val}")
+            self.bar.close()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config`: {"train": TrainConfig as dict, "num_classes", "steps_per_epoch",
     "validation": ObjectRef of a ValidationSet or None, "tracking_uri", "mlflow_run_id"}."""
@@ -139,6 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_worker()
     cfg = TrainConfig.model_validate(config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -193,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=cfg.data.seed + epoch * world + rank if cfg.data.shuffle_buffer else None,
         )
         terms: dict[str, float] = {}
+        bar = EpochBar(epoch, cfg.schedule.epochs, steps_per_epoch, enabled=rank == 0)
         for batch in batches:
             if epoch_step >= steps_per_epoch:
                 break
@@ -233,10 +277,12 @@ def train_loop_per_worker(config: dict) -> None:
                 "images_per_s": seen / max(time.perf_counter() - step_start, 1e-9),
             }
             logger.log(step, terms)
+            bar.step(terms.get("loss_total", math.nan), images / max(time.perf_counter() - epoch_start, 1e-9))
         epoch_seconds = time.perf_counter() - epoch_start
         last_epoch = epoch + 1 == cfg.schedule.epochs
         if validation is not None and ((epoch + 1) % cfg.schedule.validate_every_epochs == 0 or last_epoch):
             val_metrics = validate(model.backbone, validation, cfg.val_far, cfg.data.val_folds, device)
+        bar.close(terms.get("loss_total", math.nan), images / epoch_seconds, val_metrics["val_tpr_at_far"])
         metrics = {
             **terms,
             **val_metrics,

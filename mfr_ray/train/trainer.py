@@ -4,17 +4,23 @@ model. Shared by `mfr train`, `jobs/train.py` and the Tune trials."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from mfr_ray.config import dump_config
-from mfr_ray.storage import filesystem_for, is_s3
+from mfr_ray.storage import exists, filesystem_for, is_s3, join_uri
 from mfr_ray.train.config import TrainConfig
 
 RUN_NAME_TAG = "mfr.train_run"
 STORAGE_TAG = "mfr.train_storage"
+TRAIN_KEY_TAG = "mfr.train_key"  # digest of (run name, storage): searchable without quoting either
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 
 
 @dataclass
@@ -34,11 +40,21 @@ def _storage(cfg: TrainConfig) -> tuple[str, Any]:
     return os.path.abspath(filesystem_for(cfg.checkpoint.storage_path)[1]), None
 
 
+def train_key(name: str, storage_path: str) -> str:
+    return hashlib.sha256(json.dumps([name, storage_path]).encode()).hexdigest()
+
+
+def has_checkpoints(cfg: TrainConfig, name: str) -> bool:
+    """Whether Ray Train will resume run `name` from checkpoints in the storage (else it starts afresh)."""
+    return exists(join_uri(cfg.checkpoint.storage_path, name, RAY_TRAIN_SNAPSHOT), cfg.storage)
+
+
 def _mlflow_run(
     cfg: TrainConfig, name: str, parent_run_id: str | None, derived: dict[str, Any]
 ) -> str | None:
-    """The MLflow run of this training run: the one an earlier attempt of the same name and storage
-    opened (a resumed run continues it), else a new one with the flattened config as params."""
+    """The MLflow run of this training run: when Ray Train resumes it from checkpoints still in the storage,
+    the newest run an earlier attempt of the same name and storage opened; else a new one with the
+    flattened config as params. The search filter holds a hex digest, never the name or path."""
     if not cfg.tracking.enabled:
         return None
     import mlflow
@@ -47,16 +63,20 @@ def _mlflow_run(
 
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is not None:
+    key = train_key(name, cfg.checkpoint.storage_path)
+    if experiment is not None and has_checkpoints(cfg, name):
         earlier = mlflow.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{STORAGE_TAG}` = '{cfg.checkpoint.storage_path}'",
-            order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`{TRAIN_KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
             output_format="list",
         )
         if earlier:
             return earlier[0].info.run_id
-    tags = {"mfr.stage": "train", RUN_NAME_TAG: name, STORAGE_TAG: cfg.checkpoint.storage_path}
+    tags = {
+        "mfr.stage": "train", RUN_NAME_TAG: name, STORAGE_TAG: cfg.checkpoint.storage_path, TRAIN_KEY_TAG: key
+    }
     with start_run(cfg.tracking, run_name=name, parent_run_id=parent_run_id, tags=tags) as run:
         log_config_params(cfg)
         mlflow.log_params({f"derived.{k}": str(v) for k, v in derived.items()})
@@ -64,14 +84,17 @@ def _mlflow_run(
 
 
 def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
-    """Final tags on the run; the final model logged and, if configured, registered with its config.
-    Returns the registered model version."""
+    """Final tags on the run; the final model logged as `model/` (state dict + JSON spec, loadable without
+    pickle: `mfr_ray.models.registry.load_registered_model`) and, if configured, registered as a new
+    version of `registered_model_name`. Returns the registered model version."""
+    import tempfile
+
     import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from mfr_ray.models import load_backbone
+    from mfr_ray.models.registry import save_model_files
     from mfr_ray.tracking import resolve_tracking_uri
     from mfr_ray.train.loop import MODEL_FILE
 
@@ -89,24 +112,39 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
             backbone = load_backbone(
                 cfg.model.backbone, os.path.join(folder, MODEL_FILE), **cfg.model.backbone_kwargs
             )
-        backbone.eval()
-        example = np.zeros((1, 3, *backbone.input_size), dtype=np.float32)
-        with torch.no_grad():
-            signature = infer_signature(example, backbone(torch.from_numpy(example)).numpy())
-        # Pickled module + our package as code (loads anywhere with torch/numpy); explicit requirements
-        # skip MLflow's slow dependency inference.
-        info = mlflow.pytorch.log_model(
-            backbone,
-            name="model",
-            registered_model_name=cfg.registered_model_name,
-            signature=signature,
-            serialization_format="pickle",
-            code_paths=[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
-            pip_requirements=[f"torch=={torch.__version__}", f"numpy=={np.__version__}"],
-            metadata={"mfr_train_config": dump_config(cfg)},
-        )
+        with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
+            save_model_files(backbone, cfg.model.backbone, dict(cfg.model.backbone_kwargs), folder)
+            mlflow.log_artifacts(folder, artifact_path="model")
         mlflow.log_dict(dump_config(cfg), "train_config.json")
-        return str(info.registered_model_version) if cfg.registered_model_name else None
+        if not cfg.registered_model_name:
+            return None
+        client = MlflowClient()
+        try:
+            client.create_registered_model(cfg.registered_model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            cfg.registered_model_name, source=mlflow.get_artifact_uri("model"), run_id=run_id,
+            tags={"mfr.format": "state_dict+spec", "mfr.backbone": cfg.model.backbone},
+        )
+        return str(version.version)
+
+
+@contextmanager
+def quiet_ingest() -> Iterator[None]:
+    """Datasets built inside get Ray Data's bars and per-execution banners off (each dataset keeps a copy
+    of the context, so it also holds in the split coordinator that feeds the workers every epoch): the
+    workers' epoch bar is the progress a user reads."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    context.enable_progress_bars, context.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
 
 
 def ingest_cpu_shortfall(cfg: TrainConfig, cluster_cpus: float) -> str | None:
@@ -146,11 +184,12 @@ def run_training(
     shortfall = ingest_cpu_shortfall(cfg, ray.cluster_resources().get("CPU", 0.0))
     if shortfall:
         print(f"warning: {shortfall}", file=sys.stderr, flush=True)
-    num_classes = label_count(cfg.data, cfg.storage)
-    held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
-    input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).input_size)
-    validation = validation_set(cfg.data, cfg.storage, held_out, input_size)
-    train_ds, rows = training_dataset(cfg.data, cfg.storage, held_out, use_masked=cfg.loss.use_masked)
+    with quiet_ingest():
+        num_classes = label_count(cfg.data, cfg.storage)
+        held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
+        input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).input_size)
+        validation = validation_set(cfg.data, cfg.storage, held_out, input_size)
+        train_ds, rows = training_dataset(cfg.data, cfg.storage, held_out, use_masked=cfg.loss.use_masked)
     per_step = cfg.schedule.batch_size * cfg.scaling.num_workers
     steps_per_epoch = min(rows // per_step, cfg.schedule.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:

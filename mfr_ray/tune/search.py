@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
-from mfr_ray.config import set_dotted
+from mfr_ray.config import dump_config, flatten_config, set_dotted
 from mfr_ray.config.common import init_ray
-from mfr_ray.config.loader import apply_overrides
-from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, write_bytes
+from mfr_ray.config.loader import REDACTED, apply_overrides
+from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, redact, write_bytes
 from mfr_ray.tune.config import SearchDimension, TuneConfig
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
+BASE_DIGEST_PARAM = "base_config.sha256"
+# Params that may differ when a search resumes: where it runs and the resume switch itself.
+RESUME_FREE_PREFIXES = ("ray.", "resume")
+
+
+class SearchChangedError(ValueError):
+    """A search is resumed with another config than it was started with (Tune would ignore the change)."""
 
 
 def param_domain(dim: SearchDimension, searcher: str):
@@ -60,6 +68,115 @@ def trial_train_config(base: dict[str, Any], params: dict[str, Any]):
     data = trial_train_data(base, params)
     data.pop("kind", None)
     return TrainConfig.model_validate(data)
+
+
+def secret_paths(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys of the secrets set in a config (its non-empty `SecretStr` fields)."""
+    found = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr) and value.get_secret_value():
+            found.append(f"{prefix}{name}")
+        elif isinstance(value, BaseModel):
+            found += secret_paths(value, f"{prefix}{name}.")
+    return found
+
+
+def secret_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted keys of every `SecretStr` field a config class has, set or not."""
+    found = set()
+    for name, field in model.model_fields.items():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if kind is SecretStr:
+                found.add(f"{prefix}{name}")
+            elif isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= secret_fields(kind, f"{prefix}{name}.")
+    return found
+
+
+def _redact_all(text: str, *configs: BaseModel) -> str:
+    for config in configs:
+        text = redact(text, getattr(config, "storage", None))
+    return text
+
+
+def _hide_secrets(value: Any, key: str, secret_keys: set[str]) -> Any:
+    if key in secret_keys:
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: _hide_secrets(v, f"{key}.{k}", secret_keys) for k, v in value.items()}
+    return value
+
+
+def safe_override(item: str, secret_keys: set[str], *configs: BaseModel) -> str:
+    """A `key=value` override as it may be shown: a value at a secret key (also inside a mapping value,
+    `storage={secret_access_key: ...}`) becomes `***`, and any configured credential is redacted."""
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    hidden = _hide_secrets(value, key.strip(), secret_keys)
+    if hidden != value:
+        shown = hidden if isinstance(hidden, str) else yaml.safe_dump(hidden, default_flow_style=True).strip()
+        item = f"{key}={shown}"
+    return _redact_all(item, *configs)
+
+
+def search_params(cfg: TuneConfig, base_cfg) -> dict[str, str]:
+    """The search config as the parent run's params: flattened, secrets out (also inside `base_overrides`),
+    plus a digest of the base training config it expands to (a changed base file changes the search)."""
+    secret_keys = secret_fields(type(base_cfg))
+    overrides = [safe_override(item, secret_keys, base_cfg, cfg) for item in cfg.base_overrides]
+    flat = flatten_config(cfg.model_copy(update={"base_overrides": overrides}))
+    params = {k: _redact_all("" if v is None else str(v), base_cfg, cfg) for k, v in flat.items()}
+    base = json.dumps(dump_config(base_cfg), sort_keys=True, default=str)
+    params[BASE_DIGEST_PARAM] = hashlib.sha256(base.encode()).hexdigest()[:16]
+    return params
+
+
+def changed_search_keys(started: dict[str, str], now: dict[str, str]) -> list[str]:
+    """`key: old -> new` for every search setting that differs from what the search was started with."""
+
+    def relevant(params: dict[str, str]) -> dict[str, str]:
+        return {
+            k: v for k, v in params.items() if not k.startswith(("best.", *RESUME_FREE_PREFIXES))
+        }
+
+    old, new = relevant(started), relevant(now)
+    if BASE_DIGEST_PARAM not in old:  # a search started before the digest was recorded
+        new.pop(BASE_DIGEST_PARAM, None)
+    return [
+        f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def shareable_train_yaml(data: dict[str, Any], *configs: BaseModel) -> str:
+    """A train YAML without its secrets: `SecretStr` keys are left out (with a comment saying how to supply
+    them) and any other occurrence of a credential (e.g. inside a URI) is redacted."""
+    from mfr_ray.train import TrainConfig
+
+    validated = TrainConfig.model_validate({k: v for k, v in data.items() if k != "kind"})
+    clean = copy.deepcopy(data)
+    left_out = []
+    for key in secret_paths(validated):
+        *parents, leaf = key.split(".")
+        node = clean
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.pop(leaf, None) is not None:
+            left_out.append(key)
+    text = _redact_all(yaml.safe_dump(clean, sort_keys=False), validated, *configs)
+    if not left_out:
+        return text
+    header = (
+        f"# Secrets left out: {', '.join(left_out)}. Supply them from the environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or as overrides, e.g.\n"
+        f"#   mfr train best_train.yaml {left_out[0]}=...\n"
+    )
+    return header + text
 
 
 def validate_search_space(cfg: TuneConfig, base: dict[str, Any]) -> None:
@@ -126,20 +243,39 @@ def _scheduler(cfg: TuneConfig, max_epochs: int):
     )
 
 
+def job_placement_groups(job_id: str) -> dict[str, dict[str, Any]]:
+    """Placement groups created by the tasks and actors of one Ray job (hex id), by hex id: their state and
+    bundles. The public `placement_group_table()` leaves out the creating job, which the GCS keeps."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import placement_group_table
+
+    ours = set()
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if info.creator_job_id.hex() == job_id:
+            ours.add(info.placement_group_id.hex())
+    return {pg_id: info for pg_id, info in placement_group_table().items() if pg_id in ours}
+
+
 def trial_placement_group_releaser(num_workers: int, bundle: dict[str, float]):
     """A Tune callback for searches that run one trial at a time. Ray Train V2 leaves a trial's worker
     placement group behind when Tune stops the trial (ASHA, max_t) instead of letting it return
     (ray-project/ray#54305), and the next trial's workers then wait for it forever. After each trial
-    ends, this removes the placement groups shaped like our workers that appeared since the search began."""
+    ends, this removes the placement groups shaped like our workers that this search's job created since
+    the search began: never another job's on a shared cluster (the trials' Train controllers are actors
+    of this driver's job)."""
+    import ray
     from ray import PlacementGroupID, tune
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     class ReleaseTrialPlacementGroups(tune.Callback):
         def __init__(self) -> None:
-            self.before_search = set(placement_group_table())
+            self.job_id = ray.get_runtime_context().get_job_id()
+            self.before_search = set(job_placement_groups(self.job_id))
 
         def release(self) -> None:
-            for pg_id, info in placement_group_table().items():
+            for pg_id, info in job_placement_groups(self.job_id).items():
                 bundles = list(info["bundles"].values())
                 if (
                     pg_id not in self.before_search
@@ -174,6 +310,32 @@ def _parent_run_id(cfg: TuneConfig, experiment_uri: str) -> str | None:
         return json.loads(read_bytes(marker, cfg.storage))["run_id"]
     except (StorageError, KeyError, ValueError):
         return None
+
+
+def check_resumable(cfg: TuneConfig, parent_id: str, params: dict[str, str], state_uri: str) -> None:
+    """Refuse to resume a search whose config changed since it started: Tune would continue the old
+    search space, samples and scheduler and ignore the change, and MLflow refuses changed params."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from mfr_ray.tracking import resolve_tracking_uri
+
+    fresh = f"a new name (name={cfg.name}-2) or --restart (resume=false: a new search and MLflow parent run)"
+    try:
+        started = MlflowClient(resolve_tracking_uri(cfg.tracking)).get_run(parent_id).data.params
+    except MlflowException:
+        raise SearchChangedError(
+            f"search {cfg.name!r} in {state_uri} was started under MLflow run {parent_id}, which the "
+            f"tracking store {redact(resolve_tracking_uri(cfg.tracking))} does not have; to start it fresh "
+            f"use {fresh}"
+        ) from None
+    changed = changed_search_keys(started, params)
+    if changed:
+        raise SearchChangedError(
+            f"search {cfg.name!r} in {state_uri} was started with another config (MLflow parent run "
+            f"{parent_id}); changed: {'; '.join(changed)}. Resuming would continue the old search and ignore "
+            f"the change. Rerun with the original config to resume it, or start fresh with {fresh}."
+        )
 
 
 def trial_table(result_grid, keys: list[str], metric: str) -> list[dict[str, Any]]:
@@ -234,12 +396,16 @@ def run_search(cfg: TuneConfig) -> SearchResult:
     fs, storage_root = filesystem_for(cfg.storage_path, cfg.storage)
     experiment_uri = join_uri(cfg.storage_path, cfg.name)
     keys = list(cfg.search_space)
+    params = search_params(cfg, base_cfg)
     parent_id = _parent_run_id(cfg, experiment_uri) if cfg.resume else None
+    if parent_id:
+        check_resumable(cfg, parent_id, params, experiment_uri)
 
     with start_run(cfg.tracking, run_name=cfg.name, run_id=parent_id) as parent:
+        if parent_id is None:  # a resumed search keeps the params it started with (checked equal above)
+            log_config_params(params)
         parent_id = parent.info.run_id
         write_bytes(join_uri(experiment_uri, PARENT_RUN_FILE), json.dumps({"run_id": parent_id}).encode(), cfg.storage)
-        log_config_params(cfg)
         trainable = tune.with_parameters(
             _trial, base=base, search_name=cfg.name, parent_run_id=parent_id, workdir=os.getcwd()
         )
@@ -278,8 +444,7 @@ def run_search(cfg: TuneConfig) -> SearchResult:
             raise RuntimeError(f"no trial of {cfg.name} reported {cfg.metric}; see the trial errors above")
         best = max(finished, key=lambda r: r[cfg.metric]) if cfg.mode == "max" else min(finished, key=lambda r: r[cfg.metric])
         best_params = {key: best[key] for key in keys}
-        best_data = trial_train_data(base, best_params)
-        best_yaml = yaml.safe_dump(best_data, sort_keys=False)
+        best_yaml = shareable_train_yaml(trial_train_data(base, best_params), cfg)
         write_bytes(cfg.best_config_out, best_yaml.encode(), cfg.storage)
 
         table = io.StringIO()

@@ -1,0 +1,56 @@
+"""The quickstart's headline figures and table from rows worked by hand: the mask network against the
+no-mask network and against the untouched checkpoint, the frozen-teacher network against the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from mfr_ray.config import load_config
+from mfr_ray.paths import PROJECT_ROOT
+from mfr_ray.quickstart import QuickstartConfig, format_table, headline_figures
+
+# (accuracy, TPR) on (unmasked, mixed) per model
+FIGURES = {
+    "CASIA checkpoint (untouched)": ((0.990, 0.95), (0.900, 0.34)),
+    "no-mask network": ((0.986, 0.93), (0.880, 0.13)),
+    "mask network": ((0.981, 0.89), (0.920, 0.595)),
+    "frozen-teacher network": ((0.989, 0.94), (0.930, 0.52)),
+}
+
+
+def rows() -> list[dict]:
+    out = []
+    for model, figures in FIGURES.items():
+        for variant, (accuracy, tpr) in zip(("unmasked", "mixed"), figures, strict=True):
+            out.append({"model": model, "variant": variant, "accuracy": accuracy, "accuracy_std": 0.01,
+                        "tpr_at_far0.1pct": tpr, "tpr_at_far0.1pct_std": 0.02})
+    return out
+
+
+def test_headline_compares_with_the_no_mask_network_and_the_checkpoint():
+    figures = headline_figures(rows(), "mixed", "tpr_at_far0.1pct")
+    expected = {
+        "tpr_at_far0.1pct_gain_mixed": 59.5 - 13.0,
+        "unmasked_accuracy_change": 98.1 - 98.6,
+        "tpr_at_far0.1pct_gain_mixed_vs_checkpoint": 59.5 - 34.0,
+        "unmasked_accuracy_change_vs_checkpoint": 98.1 - 99.0,
+        "tpr_at_far0.1pct_gain_mixed_frozen_teacher_vs_checkpoint": 52.0 - 34.0,
+        "unmasked_accuracy_change_frozen_teacher_vs_checkpoint": 98.9 - 99.0,
+    }
+    assert figures == pytest.approx(expected, abs=1e-9)
+    table = format_table(rows(), "tpr_at_far0.1pct")
+    row = "| frozen-teacher network | 98.90 +- 1.00 | 94.00 +- 2.00 | 93.00 +- 1.00 | 52.00 +- 2.00 |"
+    assert row in table.splitlines()
+
+
+def test_shipped_quickstart_trains_the_frozen_teacher_network_on_a_smaller_budget():
+    cfg = load_config(PROJECT_ROOT / "configs" / "quickstart.yaml", expected=QuickstartConfig)
+    teacher, mask = cfg.stage("train_teacher", "data.uri=unused"), cfg.stage("train_mask", "data.uri=unused")
+    assert teacher.loss.teacher == "frozen" and mask.loss.teacher == "self"
+    assert teacher.model.checkpoint == mask.model.checkpoint  # the teacher is where the mask network starts
+    # one capped epoch against two full ones (~45 steps each on CelebA-299 at 2 x 64 pairs per step)
+    assert teacher.schedule.epochs == 1 and teacher.schedule.steps_per_epoch < 45
+    assert mask.schedule.epochs == 2 and mask.schedule.steps_per_epoch is None
+    quick = load_config(PROJECT_ROOT / "configs" / "quickstart.yaml", ["quick=true"],
+                        expected=QuickstartConfig)
+    assert quick.stage("train_teacher", "data.uri=unused").schedule.steps_per_epoch == 3
