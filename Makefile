@@ -18,14 +18,16 @@ install: $(BIN)/python
 	$(PIP) install -q --no-deps $(FACENET)
 	$(BIN)/mfr doctor --no-services
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests wait on Ray, MLflow or a
+# subprocess, so two share the 2-core build machine well. PYTEST_ARGS="-n 0" runs them in one process.
 test: install
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-quick: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/python jobs/quickstart.py --config configs/quickstart.yaml
+	$(BIN)/python jobs/quickstart.py configs/quickstart.yaml
 
 ui:
 	$(BIN)/mfr ui

@@ -5,7 +5,8 @@ Each image's full frame is masked with our engine (aligned=False, the prepare mi
 of the 5 points (median / p90 as % of the unmasked inter-ocular distance, % of images with the point off
 by > 10%), the crop difference per fit option (the residual similarity masked-crop transform o
 unmasked-crop transform^-1: shift of the template centre in px and in % of the template's eye distance,
-scale %, rotation deg; mean and std feed `jitter_*`), throughput and peak RSS. With --pairs, the untouched
+scale %, rotation deg; mean and std feed `jitter_*`; dlib_upper_face: the transform fitted on dlib's
+brows, nose bridge and eyes), how far masks move those dlib points, throughput and peak RSS. With --pairs, the untouched
 checkpoint verifies that many LFW View 2 pairs (10 folds, first pairs of each fold) with the left image
 unmasked and the right masked, for each fit option (crops of both sides aligned with that option).
 
@@ -27,11 +28,14 @@ import numpy as np
 from mfr_ray.data.align import (
     CROP_TEMPLATES,
     LANDMARK_NAMES,
+    UPPER_FACE_68,
     AlignConfig,
     FaceAligner,
     fit_weights,
     residual_similarity,
+    similarity_transform,
     template_matrix,
+    upper_face_targets,
     warp_with,
 )
 from mfr_ray.imageio import read_image_file
@@ -43,8 +47,46 @@ FITS = {
     "weighted m0.1 n0.5": {"landmark_fit": "weighted", "mouth_weight": 0.1, "nose_weight": 0.5},
     "upper_face": {"landmark_fit": "upper_face"},
     "eyes only": {"landmark_fit": "weighted", "mouth_weight": 0.0, "nose_weight": 0.0},
+    "dlib_upper_face": {"landmark_fit": "dlib_upper_face"},
 }
 MIX = {"surgical_blue": 1, "surgical_green": 1, "N95": 1, "cloth": 1}
+
+
+_UPPER_FACE: dict = {}  # crop -> aligner with the dlib predictor; id(result) -> its 68 points
+
+
+def upper_face_points(result, crop: str) -> np.ndarray | None:
+    """dlib's 68 points fitted the way `landmark_fit: dlib_upper_face` fits them (None: fit rejected)."""
+    if crop not in _UPPER_FACE:
+        _UPPER_FACE[crop] = FaceAligner(AlignConfig(crop=crop, fallbacks=[], landmark_fit="dlib_upper_face"))
+    if id(result) not in _UPPER_FACE:
+        _UPPER_FACE[id(result)] = _UPPER_FACE[crop].upper_face_landmarks(result.frame, np.array(result.landmarks))
+    return _UPPER_FACE[id(result)]
+
+
+def crop_matrix(result, fit: dict, crop: str) -> np.ndarray:
+    """The frame -> crop transform `fit` gives an aligned result (dlib_upper_face: all5 where rejected)."""
+    if fit.get("landmark_fit") == "dlib_upper_face":
+        points = upper_face_points(result, crop)
+        if points is not None:
+            return similarity_transform(points[UPPER_FACE_68], upper_face_targets(crop))
+    return template_matrix(np.array(result.landmarks), crop, fit_weights(AlignConfig(**fit)))
+
+
+def upper_face_table(found: dict, crop: str) -> None:
+    """How far masks move the dlib points dlib_upper_face fits on (mean over the 26 points per image)."""
+    moves, rejected = [], 0
+    for plain, covered, _ in found.values():
+        a, b = upper_face_points(plain, crop), upper_face_points(covered, crop)
+        if a is None or b is None:
+            rejected += 1
+            continue
+        iod = np.linalg.norm(np.array(plain.landmarks[1]) - np.array(plain.landmarks[0]))
+        moves.append(100 * np.linalg.norm(b[UPPER_FACE_68] - a[UPPER_FACE_68], axis=1).mean() / iod)
+    moves = np.array(moves)
+    print(f"\ndlib upper-face points (brows, nose bridge, eyes) masked vs unmasked: mean per image "
+          f"median {np.median(moves):.1f} / p90 {np.percentile(moves, 90):.1f} % of the eye distance; "
+          f"fits rejected on {rejected} of {len(found)} images")
 
 
 def rss_mib() -> float:
@@ -114,11 +156,9 @@ def crop_difference_table(found: dict, crop: str) -> None:
     print(f"{'fit':<20} {'shift px':>12} {'shift x mean/sd':>16} {'shift y mean/sd':>16} {'scale % |x|':>12} "
           f"{'mean/sd':>12} {'rot deg |x|':>12} {'mean/sd':>11}")
     for name, fit in FITS.items():
-        weights = fit_weights(AlignConfig(**fit))
         shifts, scales, rotations = [], [], []
         for plain, covered, _ in found.values():
-            ref = template_matrix(np.array(plain.landmarks), crop, weights)
-            mat = template_matrix(np.array(covered.landmarks), crop, weights)
+            ref, mat = crop_matrix(plain, fit, crop), crop_matrix(covered, fit, crop)
             shift, scale, rotation = residual_similarity(mat, ref, centre)
             shifts.append(100 * shift / eye_distance)
             scales.append(100 * scale)
@@ -136,8 +176,9 @@ def crop_difference_table(found: dict, crop: str) -> None:
 
 
 def verification_table(found: dict, pairs, crop: str) -> None:
-    from mfr_ray.evaluation.embed import Embedder, ModelSpec
+    from mfr_ray.evaluation.embed import Embedder
     from mfr_ray.evaluation.verification import l2_normalize
+    from mfr_ray.models.spec import ModelSpec
 
     keep = np.array([a in found and b in found for a, b in zip(pairs.left, pairs.right, strict=True)])
     pairs = pairs.subset(keep)
@@ -151,18 +192,15 @@ def verification_table(found: dict, pairs, crop: str) -> None:
     print(f"\nverification, untouched checkpoint, {len(pairs)} LFW pairs (left unmasked, right masked), 10 folds")
     print(f"{'fit':<20} {'acc %':>7} {'TPR@FAR=1% %':>13} {'unmasked acc %':>15}")
     for name, fit in FITS.items():
-        weights = fit_weights(AlignConfig(**fit))
-        plain = {k: warp_with(found[k][0].frame, template_matrix(np.array(found[k][0].landmarks), crop, weights),
-                              crop) for k in keys}
-        covered = {k: warp_with(found[k][1].frame, template_matrix(np.array(found[k][1].landmarks), crop, weights),
-                                crop) for k in set(pairs.right)}
+        plain = {k: warp_with(found[k][0].frame, crop_matrix(found[k][0], fit, crop), crop) for k in keys}
+        covered = {k: warp_with(found[k][1].frame, crop_matrix(found[k][1], fit, crop), crop) for k in set(pairs.right)}
         left = features(np.stack([plain[k] for k in pairs.left]))
         right = features(np.stack([covered[k] for k in pairs.right]))
         right_plain = features(np.stack([plain[k] for k in pairs.right]))
         verification_row(pairs, name, left, right, right_plain)
         if name == "all5":  # what `masked_twin: reuse` trains on: the masked frame cut with the unmasked fit
-            reused = {k: warp_with(found[k][1].frame, template_matrix(np.array(found[k][0].landmarks), crop, weights),
-                                   crop) for k in set(pairs.right)}
+            reused = {k: warp_with(found[k][1].frame, crop_matrix(found[k][0], fit, crop), crop)
+                      for k in set(pairs.right)}
             reused_features = features(np.stack([reused[k] for k in pairs.right]))
             verification_row(pairs, "all5, unmasked fit", left, reused_features, right_plain)
 
@@ -219,6 +257,7 @@ def main() -> None:
     sample = dict(list(found.items())[: args.images])
     displacement_table(sample)
     crop_difference_table(sample, args.crop)
+    upper_face_table(sample, args.crop)
     if args.pairs:
         verification_table(found, pairs, args.crop)
     print(f"\npeak RSS {rss_mib():.0f} MiB")

@@ -12,6 +12,12 @@ in rounds (1, 2, 1, 2, ...) and compares the medians; each round's own ratio is 
 
     python benchmarks/bench_prepare.py --config configs/prepare_lfw_eval.yaml \
         --cases 1300:1 1300:2 13233:1 13233:2 --repeat 2
+
+`--detector N` instead times the aligner's MTCNN (`mtcnn_detect`, every candidate box resampled at once)
+against facenet-pytorch's own `MTCNN.detect` (one interpolate call per box) on N LFW images with the
+config's align settings, in one process on one thread, alternating rounds, and checks they agree:
+
+    python benchmarks/bench_prepare.py --detector 96 --repeat 3
 """
 
 from __future__ import annotations
@@ -130,14 +136,58 @@ def run_case(config: str, images: int, actors: int, scratch: Path, extra: list[s
     }
 
 
+def detector_rounds(config: str, count: int, rounds: int) -> None:
+    """Process CPU ms/image of both MTCNN paths, alternating, and their largest disagreement."""
+    import numpy as np
+
+    from mfr_ray.config import load_config
+    from mfr_ray.data.align import FaceAligner, mtcnn_detect
+    from mfr_ray.imageio import read_image_file
+    from mfr_ray.masking.quality import lfw_files
+    from mfr_ray.threads import use_threads
+
+    use_threads(1)
+    align = load_config(config, ["output.uri=unused"]).align
+    aligner = FaceAligner(align)
+    batches = [np.stack([read_image_file(f).image for f in chunk]) for chunk in
+               (lfw_files(count, 5)[i : i + align.batch_size] for i in range(0, count, align.batch_size))]
+    paths = {"facenet MTCNN.detect": lambda b: aligner._mtcnn.detect(b, landmarks=True),
+             "mtcnn_detect": lambda b: mtcnn_detect(aligner._mtcnn, b)}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    found: dict[str, list] = {}
+    for _ in range(rounds):
+        for name, detect in paths.items():
+            start = time.process_time()
+            found[name] = [detect(b) for b in batches]
+            seconds[name].append(time.process_time() - start)
+    worst = 0.0
+    for ours, stock in zip(found["mtcnn_detect"], found["facenet MTCNN.detect"], strict=True):
+        for box, _, points, box_s, _, points_s in zip(*ours, *stock, strict=True):
+            if (box is None) != (box_s is None) or (box is not None and box.shape != box_s.shape):
+                worst = float("inf")
+            elif box is not None:  # the same faces, listed in either order (the aligner picks by position)
+                mine, theirs = np.lexsort(box.T[::-1]), np.lexsort(box_s.T[::-1])
+                worst = max(worst, float(np.abs(points[mine] - points_s[theirs]).max()),
+                            float(np.abs(box[mine] - box_s[theirs]).max()))
+    for name, values in seconds.items():
+        print(f"{name:<22} {1000 * statistics.median(values) / count:6.2f} ms/image (median of {rounds} rounds)")
+    ratios = [a / b for a, b in zip(seconds["facenet MTCNN.detect"], seconds["mtcnn_detect"], strict=True)]
+    print(f"speed-up {statistics.median(ratios):.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"largest box/landmark difference {worst:.4f} px (min_face_size {align.min_face_size}, {count} images)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/prepare_lfw_eval.yaml")
     parser.add_argument("--cases", nargs="+", default=["1300:1", "1300:2", "13233:2"], help="IMAGES:ACTORS")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all cases; figures are medians")
     parser.add_argument("--scratch", default=None, help="output folder (default: a temp folder)")
+    parser.add_argument("--detector", type=int, default=0, help="time only MTCNN on this many images (see above)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     args = parser.parse_args()
+    if args.detector:
+        detector_rounds(args.config, args.detector, args.repeat)
+        return
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-prepare-"))
     runs: dict[tuple[int, int], list[dict]] = {}
     for round_ in range(args.repeat):

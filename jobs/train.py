@@ -1,20 +1,11 @@
-"""Train a recognizer: `python jobs/train.py --config configs/train_*.yaml [key=value ...]`.
+"""`mfr train` as a Ray job: `python jobs/train.py CONFIG [key=value ...] [--run-name NAME]`.
 
-Also submittable to a running cluster:
-    ray job submit --working-dir . -- python jobs/train.py --config configs/train_mobilefacenet_distill.yaml
+    ray job submit --working-dir . -- python jobs/train.py configs/train_mobilefacenet_distill.yaml
+
+The working_dir goes first on the job's PYTHONPATH, so the job runs the uploaded `mfr_ray`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, also from a job's working_dir
-
-from mfr_ray.config.job_args import parse_job_args
-from mfr_ray.train import TrainConfig, train_and_report
+from mfr_ray.cli import run_job
 
 if __name__ == "__main__":
-    cfg, args = parse_job_args(
-        __doc__.splitlines()[0], TrainConfig,
-        add_arguments=lambda p: p.add_argument("--run-name", help="run name (default: the config's); reuse to resume"),
-    )
-    sys.exit(train_and_report(cfg, run_name=args.run_name))
+    run_job("train")

@@ -1,24 +1,11 @@
-"""Ray job entrypoint: `python jobs/tune.py --config configs/tune_beta_margin.yaml [--restart] [key=value ...]`."""
+"""`mfr tune` as a Ray job: `python jobs/tune.py CONFIG [key=value ...] [--restart]`.
 
-import sys
-from pathlib import Path
+    ray job submit --working-dir . -- python jobs/tune.py configs/tune_beta_margin.yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, also from a job's working_dir
+The working_dir goes first on the job's PYTHONPATH, so the job runs the uploaded `mfr_ray`.
+"""
 
-from mfr_ray.config.job_args import parse_job_args
-from mfr_ray.tune import SearchChangedError, TuneConfig, print_search, run_search
+from mfr_ray.cli import run_job
 
 if __name__ == "__main__":
-    cfg, args = parse_job_args(
-        __doc__, TuneConfig,
-        add_arguments=lambda p: p.add_argument(
-            "--restart", action="store_true", help="start the search afresh (new MLflow parent run)"
-        ),
-    )
-    if args.restart:
-        cfg.resume = False
-    try:
-        result = run_search(cfg)
-    except SearchChangedError as exc:
-        sys.exit(f"{exc}")  # exit status 1, the reason on stderr
-    print_search(cfg, result)
+    run_job("tune")

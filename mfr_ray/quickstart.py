@@ -11,12 +11,17 @@ import hashlib
 import io
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from mfr_ray.config import StrictModel, load_config
 from mfr_ray.config.common import TrackingConfig
+from mfr_ray.evaluation.metric_names import VerificationMetricName, metric_key, verification_metrics
 from mfr_ray.storage import join_uri, write_bytes
+
+if TYPE_CHECKING:
+    from mfr_ray.models.spec import ModelSpec
 
 STAGES = ("prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher", "evaluate")
 CHECKPOINT = "CASIA checkpoint (untouched)"
@@ -48,7 +53,9 @@ class QuickstartConfig(StrictModel):
     quick: bool = Field(False, description="a few identities and one epoch (the test-suite variant)")
     quick_overrides: dict[str, list[str]] = Field(default_factory=dict, description="stage -> overrides for quick")
     headline_variant: str = "mixed"
-    headline_metric: str = "tpr_at_far0.1pct"
+    headline_metric: VerificationMetricName = Field(
+        metric_key("tpr", 1e-3, stat=None), description="verification metric of the table and headline"
+    )
     tracking: TrackingConfig = TrackingConfig(experiment="mfr-ray-quickstart")
 
     def stage(self, stage: str, *extra: str):
@@ -77,10 +84,10 @@ def comparison_rows(summaries: dict[str, dict], far_metric: str) -> list[dict]:
                 {
                     "model": model,
                     "variant": row["variant"],
-                    "accuracy": row["accuracy_mean"],
-                    "accuracy_std": row["accuracy_std"],
-                    far_metric: row[f"{far_metric}_mean"],
-                    f"{far_metric}_std": row[f"{far_metric}_std"],
+                    "accuracy": row[metric_key("accuracy")],
+                    "accuracy_std": row[metric_key("accuracy", stat="std")],
+                    far_metric: row[metric_key(far_metric)],
+                    metric_key(far_metric, stat="std"): row[metric_key(far_metric, stat="std")],
                 }
             )
     return rows
@@ -112,6 +119,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
     from mfr_ray.data import run_prepare
     from mfr_ray.evaluation.runner import evaluate, load_pairs
+    from mfr_ray.models.spec import MODEL_FILE
     from mfr_ray.tracking import start_run
     from mfr_ray.train import run_training
 
@@ -120,6 +128,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     train_data = join_uri(root, "datasets", "celeba299")
     eval_data = join_uri(root, "datasets", "lfw-sm")
     eval_cfg = cfg.stage("evaluate")
+    check_headline_metric(cfg.headline_metric, eval_cfg.far_targets)
     eval_variants = list(eval_cfg.sources)
     keys = "\n".join(load_pairs(eval_cfg).keys()).encode()
     pair_keys = join_uri(root, f"lfw_pair_keys-{hashlib.sha256(keys).hexdigest()[:12]}.txt")  # content in the name:
@@ -132,26 +141,27 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         if not summary.complete:
             raise RuntimeError(f"{stage} did not finish: {summary.problems}")
 
-    checkpoints: dict[str, tuple[str | None, str | None]] = {}
+    # each evaluation gets the model its training run describes, with that run's weights, nested under it
+    models: dict[str, tuple[ModelSpec, str | None]] = {
+        CHECKPOINT: (eval_cfg.model.model_copy(update={"label": CHECKPOINT}), None)
+    }
     for stage, label in TRAINED.items():
         train_cfg = cfg.stage(
             stage, f"data.uri={train_data}", f"checkpoint.storage_path={join_uri(root, 'train')}",
             f"name={cfg.name}-{stage}",
         )
         outcome = _timed(timings, stage, run_training, train_cfg, run_name=f"{cfg.name}-{stage}")
-        checkpoints[label] = (str(Path(outcome.result.checkpoint.path) / "model.pt"), outcome.mlflow_run_id)
+        weights = join_uri(outcome.result.checkpoint.path, MODEL_FILE)
+        models[label] = (train_cfg.model.trained(weights, label), outcome.mlflow_run_id)
 
-    models = {CHECKPOINT: (None, None), **checkpoints}
     summaries: dict[str, dict] = {}
-    for label, (checkpoint, parent) in models.items():
-        extra = [f"sources.{v}.uri={eval_data}" for v in eval_variants]
-        extra += [f"output_dir={join_uri(root, 'evaluation')}", f"model.label={label}",
-                  f"name={cfg.name}-eval-{label.split()[0].lower()}"]
-        if checkpoint:
-            extra.append(f"model.checkpoint={checkpoint}")
-        if parent:
-            extra.append(f"parent_run_id={parent}")
-        summaries[label] = _timed(timings, f"evaluate {label}", evaluate, cfg.stage("evaluate", *extra))
+    for label, (model, parent) in models.items():
+        stage_cfg = cfg.stage(
+            "evaluate", *[f"sources.{v}.uri={eval_data}" for v in eval_variants],
+            f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-eval-{label.split()[0].lower()}",
+        )
+        stage_cfg.model, stage_cfg.parent_run_id = model, parent
+        summaries[label] = _timed(timings, f"evaluate {label}", evaluate, stage_cfg)
 
     far_metric = cfg.headline_metric
     rows = comparison_rows(summaries, far_metric)
@@ -169,6 +179,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     Path(root).mkdir(parents=True, exist_ok=True)
     (Path(root) / "comparison.md").write_text(table + "\n")
     return {"table": table, "rows": rows, "headline": headline, "timings": timings, "run_id": run.info.run_id}
+
+
+def check_headline_metric(metric: str, far_targets: list[float]) -> None:
+    """Before any stage runs: the headline must be a metric the evaluate stage reports."""
+    if metric not in (known := verification_metrics(far_targets)):
+        raise ValueError(
+            f"headline_metric {metric!r} is not reported by the evaluate stage (far_targets {far_targets}); "
+            f"known: {', '.join(known)}"
+        )
 
 
 def headline_figures(rows: list[dict], variant: str, far_metric: str) -> dict[str, float]:

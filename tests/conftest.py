@@ -59,7 +59,8 @@ def ray_local():
     only, token auth on); ray.shutdown stops the processes it started."""
     import ray
 
-    from mfr_ray.config.common import RayConfig, init_ray
+    from mfr_ray.config.common import RayConfig
+    from mfr_ray.raycluster import init_ray
 
     init_ray(RayConfig(num_cpus=2, include_dashboard=False), log_to_driver=False, configure_logging=False)
     yield ray
@@ -98,3 +99,24 @@ def _isolated_env(tmp_path_factory):
     yield
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory) -> dict:
+    """The shared checkpoint evaluated on 20 LFW pairs and exported calibrated on that run."""
+    from tests.serve_inputs import calibrated_evaluation
+
+    return calibrated_evaluation(tmp_path_factory.mktemp("serve-export"))
+
+
+# Files holding the longest end-to-end tests, scheduled first: `make test` runs two pytest workers, one file
+# per worker at a time, so starting these early leaves short files to fill both workers at the end.
+LONGEST_FIRST = (
+    "test_quickstart.py", "test_tune.py", "test_train_ray.py", "test_evaluate_job.py", "test_cluster_two_node.py",
+    "test_prepare_integrity.py", "test_teacher.py", "test_serve.py", "test_prepare_resume.py", "test_prepare_s3.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

@@ -85,6 +85,26 @@ def job_command(config_path: Path, *overrides: str) -> list[str]:
             "--no-progress", *overrides]
 
 
+def done_markers(out_root: Path) -> list[Path]:
+    """The `_done/shard-*.json` markers of the shards a prepare has finished, in shard order."""
+    done = out_root / "_done"
+    return sorted(done.glob("shard-*.json")) if done.is_dir() else []
+
+
+def wait_for_done_shards(job: subprocess.Popen, out_root: Path, count: int, timeout: float) -> list[Path]:
+    """Block until a running prepare `job` has finished `count` shards (its done markers); fail if the job
+    ends first (showing the end of its output) or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while len(markers := done_markers(out_root)) < count:
+        if job.poll() is not None:
+            output = job.stdout.read() if job.stdout else ""
+            text = output.decode(errors="replace") if isinstance(output, bytes) else output
+            raise AssertionError(f"job ended before {count} shards were done: {text[-3000:]}")
+        assert time.monotonic() < deadline, f"{count} shards were not done within {timeout} s"
+        time.sleep(0.1)
+    return markers
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """Environment of a job subprocess: no cluster from the parent, Ray limited to this machine's 2 CPUs."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

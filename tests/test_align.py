@@ -18,6 +18,7 @@ from mfr_ray.data.align import (
     SPHEREFACE_96x112,
     fit_targets,
     fit_weights,
+    mtcnn_detect,
     pick_face,
     residual_similarity,
     similarity_transform,
@@ -92,6 +93,30 @@ def test_channels_last_mtcnn_matches_default_layout(faces):
         assert np.abs(np.array(a.landmarks) - np.array(b.landmarks)).max() <= 0.05
 
 
+def test_batched_mtcnn_matches_facenet_detect(faces, aligner):
+    """The aligner's MTCNN resamples every candidate box at once (exact area pooling from integral
+    images); it must find what facenet-pytorch's per-box loop finds, boxes near the border included."""
+    from mfr_ray.masking.quality import lfw_files
+
+    frames = np.stack([cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in lfw_files(16, 5)])
+    edge = np.stack([face[90:, 40:200] for face in faces])  # faces cut by the frame's top edge
+    for stack in (frames, np.stack(faces), edge):
+        ours = mtcnn_detect(aligner._mtcnn, stack)
+        stock = aligner._mtcnn.detect(stack, landmarks=True)
+        found = 0
+        for box, prob, points, box_s, prob_s, points_s in zip(*ours, *stock, strict=True):
+            assert (box is None) == (box_s is None)
+            if box is None:
+                continue
+            found += 1
+            assert box.shape == box_s.shape
+            mine, theirs = np.lexsort(box.T[::-1]), np.lexsort(box_s.T[::-1])  # the same faces, in any order
+            assert np.abs(box[mine] - box_s[theirs]).max() <= 0.01
+            assert np.abs(points[mine] - points_s[theirs]).max() <= 0.01
+            assert np.abs(np.asarray(prob, float)[mine] - np.asarray(prob_s, float)[theirs]).max() <= 1e-4
+        assert found >= len(stack) - 1
+
+
 def test_dlib_fallback_agrees_with_mtcnn(faces, aligner):
     mtcnn = aligner.align(faces[0])
     dlib_result = aligner._finish(faces[0], None, None)  # as if MTCNN had found nothing
@@ -138,13 +163,15 @@ def test_evaluation_configs_keep_a_marked_centre_crop(faces, name):
     assert results[2].reason == ""
 
 
-def test_large_image_detects_on_a_shrunk_copy(faces):
+def test_large_image_detects_on_a_shrunk_copy(faces, monkeypatch):
     """A 3000x3000 photo: MTCNN sees at most detect_max_side px, the crop still comes from the full frame
     and matches the 250 px original's."""
+    import mfr_ray.data.align as align_module
+
     aligner = FaceAligner(AlignConfig(fallbacks=[]))
     seen = []
-    detect = aligner._mtcnn.detect
-    aligner._mtcnn.detect = lambda stack, **kw: seen.append(stack.shape) or detect(stack, **kw)
+    detect = align_module.mtcnn_detect
+    monkeypatch.setattr(align_module, "mtcnn_detect", lambda mtcnn, stack: seen.append(stack.shape) or detect(mtcnn, stack))
     big = cv2.resize(faces[0], (3000, 3000), interpolation=cv2.INTER_CUBIC)
     small, large = aligner.align_batch([faces[0], big])
     assert seen == [(1, 250, 250, 3), (1, 1024, 1024, 3)]

@@ -158,3 +158,33 @@ def test_evaluation_cache_ignores_training_twin_settings():
     jittered = ImageSourceConfig(align={"masked_twin": "jitter", "jitter_shift": 0.2})
     refit = ImageSourceConfig(align={"landmark_fit": "upper_face"})
     assert source_fingerprint(plain, ["a"]) == source_fingerprint(jittered, ["a"]) != source_fingerprint(refit, ["a"])
+
+
+def test_dlib_upper_face_fit_keeps_the_unmasked_framing_and_ignores_the_mask(faces, engine):
+    """landmark_fit=dlib_upper_face fits on dlib's brows, nose bridge and eyes: on unmasked faces the crop
+    is all5's on average (within a few px), and a mask drawn on the full frame moves it less than it moves
+    the all5 crop (MTCNN's nose and mouth points follow the mask)."""
+    centre = CROP_TEMPLATES["112x96"][1].mean(0)
+    fits = {fit: FaceAligner(AlignConfig(crop="112x96", fallbacks=[], landmark_fit=fit)) for fit in
+            ("all5", "dlib_upper_face")}
+    moved = {}
+    for key, face in zip(KEYS, faces, strict=True):
+        masked = engine.mask(face, key, aligned=False).image
+        plain = {fit: aligner.align(face) for fit, aligner in fits.items()}
+        covered = {fit: aligner.align(masked) for fit, aligner in fits.items()}
+        assert all(r.method == "mtcnn" and r.reason == "" for r in [*plain.values(), *covered.values()])
+        shift, scale, rotation = residual_similarity(plain["dlib_upper_face"].matrix, plain["all5"].matrix, centre)
+        assert np.linalg.norm(shift) < 4.0 and abs(scale) < 0.08 and abs(rotation) < 4.0
+        for fit in fits:
+            shift, scale, _ = residual_similarity(covered[fit].matrix, plain[fit].matrix, centre)
+            moved[fit] = moved.get(fit, 0.0) + np.linalg.norm(shift) + 100 * abs(scale)
+    assert moved["dlib_upper_face"] < moved["all5"]
+
+
+def test_dlib_upper_face_fit_is_rejected_where_dlib_misses_the_eyes(faces):
+    """A dlib fit whose eyes land far from the detector's falls back to the 5-point fit, with a note."""
+    aligner = FaceAligner(AlignConfig(crop="112x96", fallbacks=[], landmark_fit="dlib_upper_face"))
+    result = aligner.align(faces[0])
+    wrong = np.array(result.landmarks) + [60.0, 0.0]  # the detector's points a face-width to the right
+    assert aligner.upper_face_landmarks(result.frame, wrong) is None
+    assert aligner.upper_face_landmarks(result.frame, np.array(result.landmarks)) is not None

@@ -79,3 +79,36 @@ def test_config_show_hides_credentials_in_uris_and_bad_secrets(tmp_path):
     proc = run("config", "show", str(config), "storage.secret_access_key=918273645546", check=False)
     assert proc.returncode == 2 and "storage.secret_access_key" in proc.stderr
     assert "918273645546" not in proc.stdout + proc.stderr
+
+
+JOB_COMMANDS = {"prepare_dataset": "prepare", "train": "train", "tune": "tune", "evaluate": "evaluate",
+                "quickstart": "quickstart"}
+
+
+def run_job(job: str, *args, cwd: Path):
+    import os
+
+    return subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], check=False, text=True,
+                          capture_output=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_jobs_are_the_cli_commands(tmp_path):
+    """Each `jobs/*.py` is its `mfr` command (what `ray job submit` runs): the command's help and options,
+    its config errors and exit status, from any folder (no path of its own to the package)."""
+    import typer
+
+    from mfr_ray.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for job, name in JOB_COMMANDS.items():
+        proc = run_job(job, "--help", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"Usage: python {REPO / 'jobs' / job}.py [OPTIONS]" in proc.stdout, proc.stdout
+        assert commands[name].help.splitlines()[0] in proc.stdout, proc.stdout
+        options = [opt for param in commands[name].params for opt in param.opts if opt.startswith("--")]
+        assert options and all(opt in proc.stdout for opt in options), (job, options, proc.stdout)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: train\ndata: {uri: somewhere}\nschedule: {epochs: many}\n")
+    for spelling in ([str(bad)], ["--config", str(bad)]):  # the CLI's, and the jobs' earlier one
+        proc = run_job("train", *spelling, "scaling.num_workers=1", cwd=tmp_path)
+        assert proc.returncode == 2 and "schedule.epochs" in proc.stderr and str(bad) in proc.stderr, proc.stderr

@@ -8,8 +8,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 
+from mfr_ray.cli import app, job_arguments
 from mfr_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,10 +77,12 @@ def test_rayjob_entrypoint_points_at_real_job_and_valid_config(stage):
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "python" and (ROOT / argv[1]).is_file(), argv[1]
-    config = argv[argv.index("--config") + 1]
+    command = re.search(r'run_job\("(\w+)"\)', (ROOT / argv[1]).read_text()).group(1)
+    cli_command = typer.main.get_command(app).commands[command]
+    with cli_command.make_context(argv[1], job_arguments(argv[2:])) as parsed:  # parsed as the job parses it
+        config, overrides = parsed.params["config"], parsed.params["overrides"]
     assert (ROOT / config).is_file(), config
-    overrides = argv[argv.index("--config") + 2 :]
-    load_config(ROOT / config, overrides)
+    load_config(ROOT / config, overrides or [])
 
 
 def test_dockerfile_pins_match_pyproject():

@@ -1,11 +1,14 @@
 """A real two-node Ray cluster on loopback with token auth on (a head and a second `ray start --address` node,
 one CPU each): submit jobs/prepare_dataset.py through the Jobs API with the repo as working_dir, and check
-that actors ran on both nodes, the output is complete and no node listened beyond loopback."""
+that the job ran the uploaded package, actors ran on both nodes, the output is complete and no node listened
+beyond loopback."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +26,7 @@ from tests.services import descendants, free_port, listening_sockets, stop_proce
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
+WHICH_PACKAGE = "import mfr_ray; print('mfr_ray from', mfr_ray.__file__)"
 WORKING_DIR_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "mlflow.db", "*.egg-info", ".pytest_cache",
                         ".ruff_cache", "ray_results", "mfr_runs"]
 
@@ -137,7 +141,8 @@ def test_two_node_cluster_job(tmp_path, lfw_dir, monkeypatch):
         while job_id is None:  # the head's job agent registers a little after the dashboard opens
             try:
                 job_id = client.submit_job(
-                    entrypoint=f"python jobs/prepare_dataset.py --config {config} --no-progress",
+                    entrypoint=(f"python -c {shlex.quote(WHICH_PACKAGE)} && "
+                                f"python jobs/prepare_dataset.py {config} --no-progress"),
                     runtime_env={
                         "working_dir": str(REPO),
                         "excludes": WORKING_DIR_EXCLUDES,
@@ -155,6 +160,8 @@ def test_two_node_cluster_job(tmp_path, lfw_dir, monkeypatch):
         logs = client.get_job_logs(job_id)
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
         assert "check: images in 32 = unmasked rows out 32" in logs
+        package = re.search(r"mfr_ray from (\S+)", logs).group(1)  # the working_dir's copy, not the checkout
+        assert "working_dir_files" in package and not package.startswith(str(REPO)), package
 
         card = json.loads((out / "dataset_card.json").read_text())
         node_ids = {n.node_id for n in list_nodes(address=dashboard)}

@@ -34,6 +34,48 @@ def _config(tmp_path, **sections) -> PrepareConfig:
     return load_config(path, expected=PrepareConfig)
 
 
+def test_prepare_and_evaluation_share_one_read_decode_align_path(tmp_path, lfw_dir):
+    """A real face, the same face as grey JPEG, a grey non-face, a truncated JPEG and a file gone since
+    listing: prepare's `read_decode_align` gives each its status, reason (decode note first, then the
+    aligner's) and method, and evaluation's FolderCropper gives the same rows and crops."""
+    from mfr_ray.data.align import FaceAligner
+    from mfr_ray.data.config import AlignConfig
+    from mfr_ray.data.process import read_decode_align
+    from mfr_ray.evaluation.config import ImageSourceConfig
+    from mfr_ray.evaluation.sources import FolderCropper
+
+    root = tmp_path / "in"
+    face_key, *_ = make_face_tree(lfw_dir, root, count=1, per_identity=1)
+    grey_face, grey_blank, gone = "Grey/Grey_0001.jpg", "Grey/Grey_0002.png", "Gone/Gone_0001.jpg"
+    (root / "Grey").mkdir()
+    Image.open(root / face_key).convert("L").save(root / grey_face)
+    Image.fromarray(np.full((120, 120), 128, np.uint8)).save(root / grey_blank)
+    keys = [face_key, grey_face, grey_blank, BAD_KEY, gone]
+    align = AlignConfig(crop="112x96", fallbacks=["center"])
+
+    def read(key):
+        path = root / key
+        return (path.read_bytes(), "", "") if path.exists() else (None, "decode_error", "file disappeared")
+
+    crops = dict(zip(keys, read_decode_align(keys, read, FaceAligner(align)), strict=True))
+    assert (crops[face_key].status, crops[face_key].reason, crops[face_key].method) == ("ok", "", "mtcnn")
+    assert crops[face_key].aligned.crop.shape == (112, 96, 3)
+    assert (crops[grey_face].status, crops[grey_face].reason) == ("ok", "converted from L")
+    assert crops[grey_blank].status == "ok_fallback" and crops[grey_blank].method == "center"
+    assert crops[grey_blank].reason == "converted from L; mtcnn found no face; centre box guessed"
+    for key in (BAD_KEY, gone):
+        assert (crops[key].status, crops[key].method, crops[key].aligned) == ("decode_error", "none", None)
+    assert crops[BAD_KEY].reason and crops[gone].reason == "file disappeared"
+
+    folder = FolderCropper(ImageSourceConfig(uri=str(root), align=align))({"key": np.array(keys)})
+    assert folder["status"].tolist() == [crops[k].status for k in keys]
+    assert folder["method"].tolist() == [crops[k].method for k in keys]
+    assert folder["reason"].tolist()[:-1] == [crops[k].reason for k in keys[:-1]]  # gone: storage's words
+    for i, key in enumerate(keys):
+        expected = crops[key].aligned.crop if crops[key].aligned is not None else 0
+        assert (folder["crop"][i] == expected).all(), key
+
+
 def test_index_streams_shards_and_labels_by_folder(tmp_path, lfw_dir):
     keys = make_face_tree(lfw_dir, tmp_path / "in", count=10, per_identity=2)
     cfg = _config(tmp_path, input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),

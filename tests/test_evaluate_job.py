@@ -11,9 +11,10 @@ import pytest
 
 from mfr_ray.evaluation.compare import compare_runs
 from mfr_ray.evaluation.config import EvaluateConfig
-from mfr_ray.evaluation.embed import ModelSpec, embed_crops
+from mfr_ray.evaluation.embed import embed_crops
 from mfr_ray.evaluation.runner import evaluate
 from mfr_ray.evaluation.sources import ImageSourceConfig, load_crops
+from mfr_ray.models.spec import ModelSpec
 
 NO_EXTRAS = {"identification": False, "open_set": False, "clustering": False, "classifiers": False}
 
@@ -72,6 +73,45 @@ def test_evaluation_shows_stage_bars_and_its_run_spans_the_work(tmp_path, tmp_tr
     run = mlflow.MlflowClient(tmp_tracking_uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert (run.info.end_time - run.info.start_time) / 1000 >= summary["seconds"] > 0
+
+
+def test_analyses_come_from_the_registry_and_keep_their_flat_keys(tmp_path):
+    """16 prealigned LFW pairs, two sources, every analysis on: each registered analysis fills its summary
+    section, its MLflow metrics and its report section, in report order, with its settings read from the
+    flat `analyses:` keys the shipped YAML uses."""
+    from pydantic import ValidationError
+
+    from mfr_ray.config import load_config
+    from mfr_ray.evaluation.analyses.base import registered_analyses
+    from mfr_ray.paths import PROJECT_ROOT
+
+    analyses = registered_analyses()
+    names = [name for name, _ in analyses]
+    assert names == ["mask_matrix", "identification", "open_set", "clustering", "classifiers"]
+    prealigned = {"align": {"skip_detection": True}}
+    cfg = EvaluateConfig(
+        name="lfw-analyses", pairs={"limit_folds": 2, "max_pairs_per_fold": 8}, flip=False,
+        sources={"unmasked": prealigned, "copy": prealigned},
+        protocols=[{"name": "single", "feature": "single"}],
+        analyses={"ranks": [1, 2], "classifier_min_images": 2, "mlp_hidden": 16},
+        output_dir=str(tmp_path / "out"), tracking={"enabled": False},
+    )
+    summary = evaluate(cfg, progress=False)
+    assert summary["identification"]["copy.rank2"] >= summary["identification"]["copy.rank1"] > 0.5
+    assert summary["mask_matrix"]["variants"] == ["unmasked", "copy"]
+    metrics = summary["metrics"]
+    for key in ("mask_matrix.accuracy.one_masked", "identification.unmasked.rank2", "open_set.n_mated",
+                "clustering.purity", "classifiers.knn1_copy"):
+        assert key in metrics, key
+    report = (tmp_path / "out" / "lfw-analyses" / "report.md").read_text()
+    headings = [report.index(f"## {cls.title}") for _, cls in analyses]
+    assert headings == sorted(headings)
+
+    sm = load_config(PROJECT_ROOT / "configs" / "eval_lfw_sm.yaml")
+    assert sm.analyses.mask_matrix_variants[-1] == "cloth"
+    assert not (sm.analyses.identification or sm.analyses.open_set)
+    with pytest.raises(ValidationError, match="analyses.rank\\b"):
+        EvaluateConfig(analyses={"rank": [1]})
 
 
 @pytest.mark.slow

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mfr_ray.imageio import STATUSES, decode_image, encode_image, read_image_file
+from mfr_ray.imageio import (
+    USABLE_STATUSES,
+    Status,
+    decode_image,
+    encode_image,
+    join_reasons,
+    read_image_file,
+    to_rgb_uint8,
+)
 from mfr_ray.masking.quality import lfw_files
 
 
@@ -112,7 +120,69 @@ def test_files_with_unicode_names_and_missing_files(tmp_path, face):
 
 
 def test_statuses_are_the_contract():
-    assert STATUSES == ("ok", "no_face", "decode_error", "too_large", "unsupported")
+    assert {"ok", "no_face", "decode_error", "too_large", "unsupported"} <= set(Status)
+    assert tuple(Status) == (
+        "ok", "ok_fallback", "no_face", "decode_error", "too_large", "unsupported", "crashed", "skipped",
+        "error",
+    )
+    assert USABLE_STATUSES == {"ok", "ok_fallback"} and Status.OK == "ok" and f"{Status.NO_FACE}" == "no_face"
+
+
+def test_arrays_become_rgb_by_the_one_rule(face):
+    """Grey, alpha, 16-bit, wide-integer and float arrays of a real face keep the picture; the note says
+    what was converted; what is no image is refused with a status."""
+    grey = face.mean(axis=2).astype(np.uint8)
+    cases = {
+        "grey": (grey, "converted from grey"),
+        "grey_1_channel": (grey[:, :, None], "converted from grey"),
+        "rgba": (np.dstack([face, np.zeros_like(grey)]), "alpha dropped"),
+        "uint16": (face.astype(np.uint16) * 257, "converted from uint16"),
+        "int32_16bit": (face.astype(np.int32) * 256, "converted from int32"),
+        "int64_8bit": (face.astype(np.int64), "converted from int64"),
+        "float_unit": (face / 255.0, "converted from float64"),
+        "float_255": (face.astype(np.float32), "converted from float32"),
+    }
+    for name, (array, note) in cases.items():
+        rgb, status, reason = to_rgb_uint8(array)
+        assert status == "ok" and note in reason, name
+        assert rgb.dtype == np.uint8 and rgb.shape == face.shape and rgb.flags["C_CONTIGUOUS"], name
+        reference = np.repeat(grey[:, :, None], 3, axis=2) if "grey" in name else face
+        assert np.abs(rgb.astype(int) - reference).max() <= 1, name
+    rgb, status, note = to_rgb_uint8(face)
+    assert (rgb == face).all() and status == "ok" and note == ""  # RGB uint8 is kept as it is
+    nan = face / 255.0
+    nan[:10] = np.nan
+    assert to_rgb_uint8(nan)[0][:10].max() == 0
+    refused = {
+        "none": (None, "unsupported"),
+        "text": ("not an image", "unsupported"),
+        "bool": (np.ones((20, 20, 3), bool), "unsupported"),
+        "4d": (np.zeros((2, 20, 20, 3), np.uint8), "unsupported"),
+        "five_channels": (np.zeros((20, 20, 5), np.uint8), "unsupported"),
+    }
+    for name, (array, status) in refused.items():
+        rgb, got, reason = to_rgb_uint8(array)
+        assert rgb is None and got == status and reason, name
+    too_large = ("too_large", f"{face.shape[1]}x{face.shape[0]} exceeds 100 pixels")
+    assert to_rgb_uint8(face, max_pixels=100)[1:] == too_large
+
+
+def test_transparent_file_is_composited_on_white(face):
+    """A decoded file's transparency is shown as a viewer shows it; an array's alpha is just dropped."""
+    rgba = np.dstack([face, np.zeros(face.shape[:2], np.uint8)])
+    rgba[:50, :, 3] = 255
+    decoded = decode_image(_saved(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert decoded.ok and "alpha composited on white" in decoded.reason
+    assert (decoded.image[50:] == 255).all() and (decoded.image[:50] == face[:50]).all()
+    rgb, _, note = to_rgb_uint8(Image.fromarray(rgba, "RGBA"))
+    assert (rgb == decoded.image).all() and note == "converted from RGBA, alpha composited on white"
+    assert (to_rgb_uint8(rgba)[0] == face).all()
+
+
+def test_reasons_are_joined_in_order_without_blanks():
+    joined = join_reasons("converted from L", "", "centre box guessed")
+    assert joined == "converted from L; centre box guessed"
+    assert join_reasons("", "") == "" and join_reasons() == ""
 
 
 def test_encode_rejects_unknown_format(face):

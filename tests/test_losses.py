@@ -9,11 +9,13 @@ import torch
 
 from mfr_ray.models import create_head, list_heads
 from mfr_ray.models.losses import (
+    DISTILLATIONS,
     balanced_mean,
     dynamic_balancing_mask,
     pairwise_distillation,
     triplet_loss,
 )
+from mfr_ray.train.objectives.margin_distill import MarginDistillObjective
 
 
 def _unit_head(name, **kw):
@@ -100,3 +102,13 @@ def test_triplet_mining_by_hand():
         semi_terms.append(max(d(a, p) - chosen + m, 0))
     assert triplet_loss(x, labels, m, "semi_hard").item() == pytest.approx(sum(semi_terms) / 4, abs=1e-6)
     assert semi_terms[1] == 0.0 and max(terms[1] + m, 0) > 0  # batch-hard keeps (1, 0, 2); semi-hard does not
+
+
+def test_every_distillation_choice_has_its_loss():
+    """The margin_distill config's choices (less `none`) are exactly the per-pair losses there are."""
+    from typing import get_args
+
+    choices = set(get_args(MarginDistillObjective.model_fields["distillation"].annotation)) - {"none"}
+    assert choices == set(DISTILLATIONS)
+    with pytest.raises(ValueError, match="unknown distillation 'l1'; use mse, cosine, margin_cosine"):
+        pairwise_distillation(torch.ones(1, 2), torch.ones(1, 2), "l1")

@@ -8,8 +8,10 @@ import os
 import re
 import shutil
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -264,3 +266,41 @@ def test_rerun_into_an_earlier_manifest_refuses_or_starts_clean(tmp_path):
     assert "options" in lines[0] and [row["key"] for row in lines[1:]] == [source.name]
     assert len(_manifest(tmp_path / "out_manifest.parquet")) == 1
     assert os.path.getsize(journal) > 0
+
+
+def test_polygon_type_is_drawn_as_its_registered_spec_says(tmp_path):
+    """`--mask-type polygon` is looked up in the MASK_TYPES registry, whose spec says how it is drawn: the
+    landmark outline (checked against the face's own landmarks) filled with a palette colour, front view,
+    no pattern, every masked pixel that colour. A spec that contradicts itself is refused."""
+    from mfr_ray.masking import MaskEngine, MaskingConfig
+    from mfr_ray.masking.engine import polygon_outline
+    from mfr_ray.masking.templates import MaskTypeSpec
+    from mfr_ray.registry import MASK_TYPES
+
+    spec = MASK_TYPES.get("polygon")
+    assert spec.drawing == "polygon" and spec.build is None
+    assert {name for name, s in MASK_TYPES.items() if s.drawing == "polygon"} == {"polygon"}
+    source = lfw_files(1, seed=12)[0]
+    result = _mask(source, tmp_path / "out", "--mask-type", "polygon", "--seed", "2")
+    assert result.exit_code == 0, result.output
+    (row,) = _manifest(tmp_path / "out_manifest.parquet")
+    assert row["status"] == "ok" and row["mask_type"] == "polygon" and row["pattern"] is None
+    assert row["color"] in spec.palette and row["template_view"] == "front"
+
+    engine = MaskEngine(MaskingConfig(preload_templates=False))
+    face = read_image_file(source).image
+    grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
+    (box,) = engine.landmarker.detect(face, grey)
+    outline = polygon_outline(engine.landmarker.fit(grey, box))
+    assert np.abs(np.array(row["polygon"]) - outline).max() < 0.01
+    written = read_image_file(row["output_path"]).image.astype(int)
+    inside = np.zeros(face.shape[:2], np.uint8)
+    cv2.fillPoly(inside, [np.round(outline).astype(np.int32)], 1)
+    inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(bool)  # JPEG edges left out
+    colour = np.array([int(row["color"][i : i + 2], 16) for i in (1, 3, 5)])
+    assert np.abs(written[inside] - colour).mean() < 12
+
+    with pytest.raises(ValueError, match="polygon one has none"):
+        MaskTypeSpec("#000000", build=lambda color: None, drawing="polygon", palette=("#000000",))
+    with pytest.raises(ValueError, match="needs `build`"):
+        MaskTypeSpec("#000000")

@@ -20,13 +20,10 @@ from mfr_ray.masking import (
     MaskingConfig,
     available_mask_types,
     available_patterns,
-    face_tilt,
-    implausible_landmarks,
     parse_mix,
-    six_keypoints,
-    view_for_tilt,
 )
 from mfr_ray.masking.engine import POLYGON_LANDMARKS, builtin_layers
+from mfr_ray.masking.landmarks import face_tilt, implausible_landmarks, six_keypoints, view_for_tilt
 from mfr_ray.masking.quality import coverage_check, lfw_files, lfw_key
 from mfr_ray.paths import PROJECT_ROOT
 
@@ -316,3 +313,23 @@ def test_cnn_detector_path(faces):
     result = engine.mask(image, key)
     assert result.record.status == "ok" and result.record.detector == "cnn"
     assert coverage_check(result.alpha, _landmarks(engine, image), style=result.record.style).ok
+
+
+def test_fast_draws_equal_their_reference_formulas():
+    """The engine's shortcuts give the very numbers of the code they replace: the mix pick is what
+    `rng.choice(n, p=...)` draws, and a grain window is a window of the tiled grain, wrap-around included."""
+    import zlib
+
+    from mfr_ray.masking.engine import GRAIN_TILE, grain_patch, grain_tile, rng_for
+
+    weights = {"surgical_blue": 1.0, "N95": 2.5, "cloth": 0.5, "surgical_green": 1.0}
+    engine = MaskEngine(MaskingConfig(mix=weights, seed=4, preload_templates=False))
+    probs = np.array(list(weights.values())) / sum(weights.values())
+    for i in range(400):
+        expected = list(weights)[int(rng_for(4, f"k{i}").choice(len(weights), p=probs))]
+        assert engine.choose(f"k{i}").mask_type == expected
+    for key, shape in [("a", (112, 96)), ("b", (250, 250)), ("c", (300, 40)), ("d", (600, 700))]:
+        offset = zlib.crc32(key.encode())
+        oy, ox = offset % GRAIN_TILE, (offset >> 8) % GRAIN_TILE
+        tiled = np.tile(grain_tile(), (4, 4))[oy : oy + shape[0], ox : ox + shape[1]]
+        assert np.array_equal(grain_patch(shape, key), tiled)

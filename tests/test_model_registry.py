@@ -17,11 +17,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mfr_ray.evaluation.embed import Embedder, ModelSpec
+from mfr_ray.evaluation.embed import Embedder
 from mfr_ray.models import load_backbone
 from mfr_ray.models.registry import MODEL_SPEC_FILE, WEIGHTS_FILE, load_registered_model, save_model_files
+from mfr_ray.models.spec import MODEL_FILE, ModelSpec
 from mfr_ray.train.config import TrainConfig
-from mfr_ray.train.loop import MODEL_FILE
 from mfr_ray.train.trainer import _finish_mlflow
 
 NAME = "mfr-registry-test"

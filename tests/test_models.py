@@ -48,3 +48,25 @@ def test_preprocess_scales_and_transposes():
     x = preprocess(crops)
     assert x.shape == (1, 3, 2, 3)
     assert x[0, :, 1, 2].tolist() == pytest.approx([127.5 / 128, -127.5 / 128, 0.5 / 128])
+
+
+def test_registries_find_their_entries_by_package():
+    """A fresh interpreter that imports no backbone or head module finds every one through the one registry
+    (a backbone by being in mfr_ray/models/backbones/); an unknown name is refused with the known ones."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mfr_ray.registry import BACKBONES, HEADS; "
+        "assert 'mfr_ray.models.backbones.resnet' not in sys.modules; "
+        "print(' '.join(BACKBONES.names()), '|', ' '.join(HEADS.names()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    backbones, heads = (part.split() for part in out.split("|"))
+    assert backbones == [
+        "inception_resnet_v1", "iresnet18", "iresnet50", "mobilefacenet", "resnet18", "resnet50"
+    ]
+    assert heads == ["arcface", "cosface", "softmax"]
+    assert list_backbones() == backbones
+    with pytest.raises(KeyError, match="unknown backbone 'mobilefacenet2'; known: inception_resnet_v1, "):
+        create_backbone("mobilefacenet2")

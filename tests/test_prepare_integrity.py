@@ -35,6 +35,7 @@ from mfr_ray.data.process import EXIT_ON_KEY_ENV
 from mfr_ray.train.config import TrainDataConfig
 from mfr_ray.train.data import label_count, training_dataset
 from tests.prepare_inputs import (
+    done_markers,
     job_command,
     job_env,
     lfw_keys,
@@ -42,6 +43,7 @@ from tests.prepare_inputs import (
     prepare_config,
     read_variant,
     stop_session,
+    wait_for_done_shards,
     write_config,
 )
 
@@ -227,10 +229,6 @@ def _unmasked_job(tmp_path: Path, source: Path, out: Path) -> Path:
     return write_config(tmp_path / "prepare.yaml", prepare_config(str(source), str(out), variants=[]))
 
 
-def _done(out: Path) -> list[Path]:
-    return sorted((out / "_done").glob("shard-*.json")) if (out / "_done").is_dir() else []
-
-
 def _run_job(config: Path, cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(job_command(config), env=job_env(**env), cwd=cwd, capture_output=True, text=True,
                           check=False, timeout=timeout)
@@ -263,14 +261,10 @@ def test_sigkill_a_prepare_actor_midway_loses_nothing(tmp_path, lfw_dir):
     job = subprocess.Popen(job_command(config), env=job_env(), cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while len(_done(out)) < 3:
-            assert job.poll() is None, f"job ended before the kill: {job.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no shard finished in time"
-            time.sleep(0.1)
-        actor = json.loads(_done(out)[-1].read_text())["pid"]  # its writer, now on the next shard
+        markers = wait_for_done_shards(job, out, 3, timeout=300)
+        actor = json.loads(markers[-1].read_text())["pid"]  # its writer, now on the next shard
         os.kill(actor, signal.SIGKILL)
-        killed_at = len(_done(out))
+        killed_at = len(done_markers(out))
         output, _ = job.communicate(timeout=420)
     finally:
         stop_session(job)
@@ -279,7 +273,7 @@ def test_sigkill_a_prepare_actor_midway_loses_nothing(tmp_path, lfw_dir):
     unmasked = Counter(read_variant(out, "unmasked")["source_key"].to_pylist())
     assert sorted(unmasked) == keys and set(unmasked.values()) == {1}  # each input exactly once
     assert "check: images in 200 = unmasked rows out 200" in output
-    pids = {json.loads(p.read_text())["pid"] for p in _done(out)}
+    pids = {json.loads(p.read_text())["pid"] for p in done_markers(out)}
     assert actor in pids and len(pids) >= 2  # a restarted actor finished the shards after the kill
 
 

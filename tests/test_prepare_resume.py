@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.prepare_inputs import (
+    done_markers,
     job_command,
     job_env,
     make_face_tree,
@@ -22,14 +22,11 @@ from tests.prepare_inputs import (
     prepare_config,
     read_variant,
     stop_session,
+    wait_for_done_shards,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _done_markers(out: Path) -> list[Path]:
-    return sorted((out / "_done").glob("shard-*.json")) if (out / "_done").is_dir() else []
 
 
 def test_kill_driver_midway_then_resume(tmp_path, lfw_dir):
@@ -44,16 +41,12 @@ def test_kill_driver_midway_then_resume(tmp_path, lfw_dir):
     job = subprocess.Popen(job_command(config), env=job_env(), cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 240
-        while len(_done_markers(out)) < 3:
-            assert job.poll() is None, f"job ended before the kill: {job.stdout.read().decode()[-3000:]}"
-            assert time.monotonic() < deadline, "no shard finished in time"
-            time.sleep(0.2)
+        wait_for_done_shards(job, out, 3, timeout=240)
         os.kill(job.pid, signal.SIGKILL)  # the driver only, like a crashed or preempted head process
         job.wait(30)
     finally:
         stop_session(job)  # then whatever local Ray processes the dead driver leaves behind
-    finished_before = len(_done_markers(out))
+    finished_before = len(done_markers(out))
     assert 3 <= finished_before < num_shards, "the kill should land midway"
     assert not list((out / "data").rglob("*.tmp*")), "no half-written shard may be visible"
 

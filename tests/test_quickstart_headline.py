@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from mfr_ray.config import load_config
+from mfr_ray.config.base import ConfigError
 from mfr_ray.paths import PROJECT_ROOT
-from mfr_ray.quickstart import QuickstartConfig, format_table, headline_figures
+from mfr_ray.quickstart import QuickstartConfig, check_headline_metric, format_table, headline_figures
 
 # (accuracy, TPR) on (unmasked, mixed) per model
 FIGURES = {
@@ -54,3 +55,14 @@ def test_shipped_quickstart_trains_the_frozen_teacher_network_on_a_smaller_budge
     quick = load_config(PROJECT_ROOT / "configs" / "quickstart.yaml", ["quick=true"],
                         expected=QuickstartConfig)
     assert quick.stage("train_teacher", "data.uri=unused").schedule.steps_per_epoch == 3
+
+
+def test_headline_metric_is_checked_before_anything_runs():
+    """A misspelt headline fails when the config loads, one the evaluate stage does not report before any
+    stage runs (not after the trainings)."""
+    with pytest.raises(ConfigError, match="headline_metric"):
+        load_config(PROJECT_ROOT / "configs" / "quickstart.yaml", ["headline_metric=tpr_at_far0.1pc"],
+                    expected=QuickstartConfig)
+    with pytest.raises(ValueError, match="not reported by the evaluate stage"):
+        check_headline_metric("tpr_at_far1pct", [0.001])
+    check_headline_metric("tpr_at_far0.1pct", [0.001])

@@ -20,7 +20,8 @@ LOOPBACK = {"127.0.0.1", "::1"}
 # Ray Data actor pool so that workers open their servers, then lists what its process tree listens on.
 JOB = """
 import json, os, ray, ray.data
-from mfr_ray.config.common import RayConfig, init_ray
+from mfr_ray.config.common import RayConfig
+from mfr_ray.raycluster import init_ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from tests.services import descendants, listening_sockets
 
@@ -90,7 +91,7 @@ def test_ray_local_fixture_listens_on_loopback_only(ray_local):
 
 def test_opening_ray_up_requires_token_auth():
     """A network-facing local Ray with token auth switched off is refused before anything starts."""
-    job = ("from mfr_ray.config.common import RayConfig, init_ray\n"
+    job = ("from mfr_ray.config.common import RayConfig\nfrom mfr_ray.raycluster import init_ray\n"
            "init_ray(RayConfig(node_ip_address='192.0.2.10'))")
     proc = subprocess.run([sys.executable, "-c", job], check=False, env={**_repo_env(), "RAY_AUTH_MODE": "disabled"},
                           capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ from mfr_ray.storage import (
     StorageError,
     ensure_bucket,
     exists,
+    file_version,
     filesystem_for,
     iter_files,
     join_uri,
@@ -43,6 +44,19 @@ def test_s3_round_trip_listing_and_parquet(s3_server, lfw_dir):
     fs, path = filesystem_for(join_uri(base, "table.parquet"), cfg)
     pq.write_table(pa.table({"key": [k for k, _ in listed]}), path, filesystem=fs)
     assert pq.read_table(path, filesystem=fs).column("key").to_pylist() == [k for k, _ in listed]
+
+
+def test_file_version_follows_the_bytes(tmp_path, s3_server):
+    """What cache keys read: None for a missing file, the same answer while the bytes stay, a new one after a
+    rewrite (on S3 with the same size: only the ETag tells the versions apart)."""
+    cfg = s3_server.storage
+    for uri, rewrite in ((str(tmp_path / "w.bin"), b"second"), (f"s3://{s3_server.bucket}/versions/w.bin", b"fir5t")):
+        assert file_version(uri, cfg) is None
+        write_bytes(uri, b"first", cfg)
+        first = file_version(uri, cfg)
+        assert first[0] == 5 and file_version(uri, cfg) == first
+        write_bytes(uri, rewrite, cfg)
+        assert file_version(uri, cfg) not in (None, first)
 
 
 def test_s3_new_bucket_and_env_credentials(s3_server, monkeypatch):

@@ -20,9 +20,11 @@ from mfr_ray.masking.config import MaskingConfig
 from mfr_ray.masking.engine import MaskEngine
 from mfr_ray.models import load_backbone, preprocess
 from mfr_ray.paths import PROJECT_ROOT
-from mfr_ray.train.config import LossConfig, TrainConfig
+from mfr_ray.train.config import TrainConfig
 from mfr_ray.train.loop import MODEL_FILE, STATE_FILE, build_optimizer, save_checkpoint
-from mfr_ray.train.objective import build_model, compute_loss, margin_distill_loss
+from mfr_ray.train.objective import build_model, compute_loss
+from mfr_ray.train.objectives.margin_distill import MarginDistillObjective, margin_distill_loss
+from mfr_ray.train.objectives.triplet import TripletObjective
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",
         "Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0002.jpg"]
@@ -123,8 +125,9 @@ def test_frozen_teacher_loss_by_hand():
     teacher = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)  # would get a gradient if used live
     ce_unmasked = math.log(1 + math.exp(-5.0))
     ce_masked = (math.log(1 + math.exp(-5.0)) + math.log(1 + math.exp(5.0))) / 2
-    cfg = LossConfig(teacher="frozen", distillation="cosine", beta=2.0, teacher_unmasked_weight=3.0,
-                     head_weight=0.5)
+    cfg = MarginDistillObjective(
+        teacher="frozen", distillation="cosine", beta=2.0, teacher_unmasked_weight=3.0, head_weight=0.5
+    )
     terms = margin_distill_loss(cfg, logits, features, labels, 2, True, teacher)
     masked_cos = (0.0 + 1 - 1 / math.sqrt(2)) / 2
     assert terms.logged["loss_distill"] == pytest.approx(masked_cos, abs=1e-6)
@@ -152,7 +155,8 @@ def test_frozen_teacher_loss_by_hand():
     assert balanced.logged["distill_share_counted"] == 0.5
 
     # Self-distillation on the same rows: the teacher is the student's unmasked side, u.
-    own = margin_distill_loss(LossConfig(distillation="cosine", beta=2.0), logits, features, labels, 2, True)
+    own_cfg = MarginDistillObjective(distillation="cosine", beta=2.0)
+    own = margin_distill_loss(own_cfg, logits, features, labels, 2, True)
     assert own.logged["loss_distill"] == pytest.approx((1.0 + 1 - 1 / math.sqrt(2)) / 2, abs=1e-6)
     assert "loss_distill_unmasked" not in own.logged
 
@@ -187,26 +191,44 @@ def test_checkpoint_files_hold_the_student_and_resume_rebuilds_the_teacher(crops
     assert {p.dtype for p in resumed.teacher.parameters()} == {torch.float64}
 
 
+def test_triplet_objective_builds_no_head_or_teacher_and_mines_all_crops(crops):
+    """The triplet objective on real faces: build_model makes neither a head nor a teacher, and
+    compute_loss is FaceNet's loss over the unmasked and masked embeddings together, labels repeated."""
+    from mfr_ray.models.losses import triplet_loss
+
+    unmasked, masked, labels = crops
+    triplet = PROJECT_ROOT / "configs" / "train_triplet.yaml"
+    cfg = load_config(triplet, ["data.uri=unused"], expected=TrainConfig)
+    model = build_model(cfg, num_classes=2).eval()
+    assert model.head is None and model.teacher is None
+    with torch.no_grad():
+        terms = compute_loss(cfg.loss, model, unmasked, masked, labels)
+        embeddings = model.backbone(torch.cat([unmasked, masked]))
+        expected = triplet_loss(embeddings, torch.cat([labels, labels]), margin=0.2, mining="batch_hard")
+    assert set(terms.logged) == {"loss_triplet", "loss_total"}
+    assert terms.total.item() == pytest.approx(expected.item()) and expected.item() > 0
+
+
 def test_teacher_options_are_checked():
     with pytest.raises(ValidationError, match="teacher frozen is a term of kind margin_distill"):
-        LossConfig(kind="triplet", teacher="frozen", distillation="none")
+        TripletObjective(kind="triplet", teacher="frozen", distillation="none")
     with pytest.raises(ValidationError, match="teacher_unmasked_weight needs teacher frozen"):
-        LossConfig(teacher_unmasked_weight=1.0)
+        MarginDistillObjective(teacher_unmasked_weight=1.0)
     with pytest.raises(ValidationError, match="head_weight 0 needs teacher frozen"):
-        LossConfig(head_weight=0.0)
+        MarginDistillObjective(head_weight=0.0)
     with pytest.raises(ValidationError, match="teacher frozen needs a distillation"):
-        LossConfig(teacher="frozen", distillation="none")
+        MarginDistillObjective(teacher="frozen", distillation="none")
     with pytest.raises(ValidationError, match="dynamic_balancing needs the head"):
-        LossConfig(teacher="frozen", head_weight=0.0, dynamic_balancing=True)
+        MarginDistillObjective(teacher="frozen", head_weight=0.0, dynamic_balancing=True)
     with pytest.raises(ValidationError, match="no loss term left"):
-        LossConfig(teacher="frozen", use_masked=False, head_weight=0.0)
+        MarginDistillObjective(teacher="frozen", use_masked=False, head_weight=0.0)
     # Unmasked-only training that keeps to the checkpoint (learning without forgetting) is allowed.
-    assert LossConfig(teacher="frozen", use_masked=False, teacher_unmasked_weight=1.0).teacher == "frozen"
+    assert MarginDistillObjective(teacher="frozen", use_masked=False, teacher_unmasked_weight=1.0).teacher == "frozen"
     with pytest.raises(ValueError, match="needs model.checkpoint"):
         build_model(teacher_config("model.checkpoint=null"), num_classes=2)
     for name in ("train_mobilefacenet_distill", "train_nomask", "train_triplet"):
         shipped = load_config(PROJECT_ROOT / "configs" / f"{name}.yaml", expected=TrainConfig)
-        assert shipped.loss.teacher == "self"
+        assert not shipped.loss.needs_teacher  # none ships a frozen teacher (its teacher is self)
 
 
 @pytest.mark.slow

@@ -129,8 +129,7 @@ def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, t
             "model.head_kwargs": "{s: 32, m: 0.35}",
         },
         {
-            "loss.kind": "triplet",
-            "loss.distillation": "none",
+            "loss": "{kind: triplet}",  # a whole section: the base config's margin_distill terms would be refused
             "model.checkpoint": "null",
             "optim.optimizer": "adamw",
             "optim.lr": 0.001,
@@ -157,6 +156,23 @@ def test_two_workers_other_losses(tiny_prepared, tmp_path, loss):
     assert all(math.isfinite(metrics[k]) for k in expected | {"loss_total"})
     assert 0.0 <= metrics["val_tpr_at_far"] <= 1.0
     assert_checkpoint_loads(outcome.result)
+
+
+def test_ingest_cpu_shortfall_counts_the_configured_ingest_and_masking_cpus():
+    """The CPUs left beside the workers must hold one ingest task (`data.ingest_cpus`) and, with on-the-fly
+    masking, the masking actors: a share too small for them is a warning, a large enough one is not."""
+    from mfr_ray.train.trainer import ingest_cpu_shortfall
+
+    def shortfall(cluster_cpus: float, **overrides) -> str | None:
+        return ingest_cpu_shortfall(train_config("unused", "unused", **overrides), cluster_cpus)
+
+    assert shortfall(2.0, **{"scaling.cpus_per_worker": 0.85}) is None  # 0.30 left, 0.25 asked
+    message = shortfall(2.0, **{"scaling.cpus_per_worker": 0.85, "data.ingest_cpus": 0.5})
+    assert message and "leave 0.30 of the cluster's 2 CPUs" in message and "need 0.5 CPU each" in message
+    masking = {"data.on_the_fly_masking": "true", "data.masking_cpus": 0.5}  # 2 workers x 0.5 leave 1.0
+    assert shortfall(2.0, **masking, **{"data.masking_actors": 1}) is None
+    message = shortfall(2.0, **masking, **{"data.masking_actors": 2})
+    assert message and "beside 2 masking actor(s) x 0.5 CPU" in message
 
 
 def test_killed_worker_resumes_from_last_checkpoint(tiny_prepared, tmp_path):

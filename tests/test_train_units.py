@@ -14,10 +14,12 @@ from mfr_ray.config import ConfigError, load_config
 from mfr_ray.imageio import encode_image, read_image_file
 from mfr_ray.models import create_backbone
 from mfr_ray.paths import PROJECT_ROOT
-from mfr_ray.train.config import LossConfig, OptimConfig, TrainConfig
+from mfr_ray.train.config import OptimConfig, TrainConfig
 from mfr_ray.train.data import decode_pairs, validation_identities
 from mfr_ray.train.loop import build_optimizer, lr_factor
-from mfr_ray.train.objective import FaceTrainModel, margin_distill_loss
+from mfr_ray.train.objective import FaceTrainModel, build_model
+from mfr_ray.train.objectives.margin_distill import MarginDistillObjective, margin_distill_loss
+from mfr_ray.train.objectives.triplet import TripletObjective
 
 
 def test_step_schedule_with_warmup():
@@ -53,7 +55,7 @@ def test_distillation_counts_only_pairs_both_classified_right():
     labels = torch.tensor([0, 1])
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])  # unmasked rows, then masked rows
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    cfg = LossConfig(distillation="cosine", beta=2.0, dynamic_balancing=True)
+    cfg = MarginDistillObjective(distillation="cosine", beta=2.0, dynamic_balancing=True)
     terms = margin_distill_loss(cfg, logits, features, labels, batch=2, with_masked=True)
     assert terms.logged["loss_distill"] == pytest.approx(1.0)
     assert terms.logged["distill_share_counted"] == pytest.approx(0.5)
@@ -89,7 +91,7 @@ def test_decode_pairs_keeps_only_decodable_pairs_of_the_input_size(celeba_dir):
 
 
 def test_optimizer_groups_skip_decay_on_vectors_and_use_head_lr():
-    from mfr_ray.models.heads import create_head
+    from mfr_ray.models import create_head
 
     backbone = create_backbone("mobilefacenet")
     model = FaceTrainModel(backbone, create_head("arcface", 128, 10), "embedding")
@@ -109,9 +111,44 @@ def test_shipped_configs_load(name):
 
 def test_distillation_without_masked_crops_is_rejected():
     with pytest.raises(ValidationError, match="distillation needs masked crops"):
-        LossConfig(use_masked=False, distillation="cosine")
+        MarginDistillObjective(use_masked=False, distillation="cosine")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(PROJECT_ROOT / "configs" / "train_nomask.yaml", ["loss.betta=2"])
+
+
+def test_loss_section_is_the_objective_its_kind_names():
+    """`loss:` becomes the registered objective its `kind` names (margin_distill when it names none), which
+    decides whether build_model makes a head; a key of another objective, an unknown kind or a typo is an
+    error naming the key as the config spells it."""
+    triplet = PROJECT_ROOT / "configs" / "train_triplet.yaml"
+    nomask = PROJECT_ROOT / "configs" / "train_nomask.yaml"
+    cfg = load_config(triplet, ["data.uri=unused"])
+    assert isinstance(cfg.loss, TripletObjective) and not cfg.loss.needs_head and not cfg.loss.needs_teacher
+    assert build_model(cfg, num_classes=5).head is None
+    distill = load_config(nomask, ["data.uri=unused"])
+    assert isinstance(distill.loss, MarginDistillObjective) and distill.loss.needs_head
+    assert build_model(distill, num_classes=5).head.weight.shape == (5, 128)
+    assert TrainConfig(data={"uri": "x"}, loss={"beta": 2.0}).loss == MarginDistillObjective(beta=2.0)
+    with pytest.raises(ConfigError) as err:
+        load_config(triplet, ["loss.beta=2", "loss.dynamic_balancing=true"])
+    assert (
+        "loss: Value error, beta 2 is a term of kind margin_distill, not of kind triplet; "
+        "dynamic_balancing True is a term of kind margin_distill, not of kind triplet"
+    ) in str(err.value)
+    with pytest.raises(ConfigError, match=r"loss\.kind: unknown kind 'arcface'; known: 'margin_distill', "):
+        load_config(triplet, ["loss.kind=arcface"])
+    with pytest.raises(ConfigError, match=r"\n  loss\.betta: unknown key"):
+        load_config(nomask, ["loss.betta=2"])
+    with pytest.raises(ConfigError, match=r"loss\.triplet_margin: Input should be greater than 0 \(got -1\)"):
+        load_config(triplet, ["loss.triplet_margin=-1"])
+
+
+def test_checkpoint_ranking_names_a_reported_metric():
+    nomask = PROJECT_ROOT / "configs" / "train_nomask.yaml"
+    with pytest.raises(ConfigError, match="unknown training metric 'val_tpr'; known: val_tpr_at_far, "):
+        load_config(nomask, ["checkpoint.score_attribute=val_tpr"])
+    ranked = load_config(nomask, ["checkpoint.score_attribute=val_accuracy"])
+    assert ranked.checkpoint.score_attribute == "val_accuracy"
 
 
 def test_ingest_cpu_shortfall_warns_when_workers_leave_no_whole_cpu():

@@ -35,8 +35,8 @@ def search_yaml(tmp_path: Path, data_uri: str, tracking_uri: str, name: str, num
         "schedule.batch_size=8",
         "schedule.steps_per_epoch=2",
         "schedule.log_every_steps=1",
-        "scaling.num_workers=2",
-        "scaling.cpus_per_worker=0.5",
+        "scaling.num_workers=1",  # data-parallel training is tested in test_train_ray; a trial needs one
+        "scaling.cpus_per_worker=1",
         "scaling.torch_threads=1",
         f"checkpoint.storage_path={tmp_path / 'train'}",
         f"tracking.tracking_uri={tracking_uri}",
@@ -87,7 +87,7 @@ def run_search(cmd: list[str], log: Path) -> subprocess.Popen:
 def test_search_killed_midway_resumes_and_logs_every_trial(tmp_path, tiny_celeba_prepared, tmp_tracking_uri):
     """kill -9 of the search after its first trial result; the rerun continues from Tune's state, every
     trial ends as an MLflow run under the one parent run, and the best config is a train YAML."""
-    path = search_yaml(tmp_path, tiny_celeba_prepared, tmp_tracking_uri, "search-a", 3)
+    path = search_yaml(tmp_path, tiny_celeba_prepared, tmp_tracking_uri, "search-a", 2)
     cfg = load_config(path, expected=TuneConfig)
     cmd = tune_command(path)
     state = tmp_path / "tune" / "search-a"

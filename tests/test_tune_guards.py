@@ -80,6 +80,21 @@ def test_best_train_yaml_leaves_secrets_out_and_still_loads(tmp_path):
     assert yaml.safe_load(text)["kind"] == "train"
 
 
+def test_metric_and_base_config_are_checked_when_the_search_loads(tmp_path):
+    """A Tune objective training never reports fails at config load, naming what it does report; a base
+    config whose keys do not fit fails by key and file before any trial starts."""
+    from pydantic import ValidationError
+
+    from mfr_ray.config import ConfigError
+
+    with pytest.raises(ValidationError, match="unknown training metric 'val_tpr_at_far0.1pct'"):
+        tune_config(tmp_path, metric="val_tpr_at_far0.1pct")
+    assert tune_config(tmp_path, metric="val_accuracy", mode="max").metric == "val_accuracy"
+    bad = tune_config(tmp_path, base_overrides=["data.uri=/data", "loss.betta=2"])
+    with pytest.raises(ConfigError, match=r"train_mobilefacenet_distill.yaml:\n  loss\.betta: unknown key"):
+        base_train_dict(bad)
+
+
 def test_changed_search_keys_name_each_change(tmp_path):
     cfg = tune_config(tmp_path)
     base_cfg = trial_train_config(base_train_dict(cfg), {})

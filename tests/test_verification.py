@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mfr_ray.evaluation.metric_names import (
+    check_metric_name,
+    metric_key,
+    parse_verification_key,
+    verification_metrics,
+)
 from mfr_ray.evaluation.verification import (
+    MeanStd,
     auc,
     best_accuracy_threshold,
     equal_error_rate,
@@ -69,6 +76,44 @@ def test_kfold_thresholds_come_from_the_other_folds():
     assert f0.at_far[0.5]["tpr"] == 1.0 and f0.at_far[0.5]["far"] == 0.5
     table = result.fold_table()
     assert [row["fold"] for row in table] == [0, 1] and "tpr_at_far50pct" in table[0]
+
+
+def test_summary_is_typed_and_keeps_the_flat_metric_names():
+    # The folds of the test above at FAR 50%: fold 0 accepts 0.9, 0.65, 0.5 (TPR 1, FAR 1/2, accuracy 3/4);
+    # fold 1's threshold sits just above fold 0's impostor 0.2, so it accepts all four (TPR 1, FAR 1, 2/4).
+    scores = np.array([0.9, 0.65, 0.5, 0.2, 0.8, 0.3, 0.4, 0.35])
+    same = np.array([1, 1, 0, 0, 1, 1, 0, 0], dtype=bool)
+    fold = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    summary = kfold_verification(scores, same, fold, far_targets=[0.5]).summary()
+    point = summary.at_far[0.5]
+    assert summary.accuracy == MeanStd(0.875, 0.125) and point.tpr == MeanStd(1.0, 0.0)
+    assert point.far == MeanStd(0.75, 0.25) and point.accuracy == MeanStd(0.625, 0.125)
+    assert list(summary.as_dict()) == [
+        "accuracy_mean", "accuracy_std", "tpr_at_far50pct_mean", "tpr_at_far50pct_std",
+        "accuracy_at_far50pct_mean", "accuracy_at_far50pct_std",
+        "far_at_far50pct_mean", "far_at_far50pct_std",
+    ]
+    assert summary[metric_key("far", 0.5)] == summary.value("far", 0.5) == 0.75
+    assert summary.value("accuracy", stat="std") == summary["accuracy_std"] == 0.125
+
+
+def test_metric_names_round_trip_and_typos_fail():
+    assert metric_key("tpr", 1e-3) == "tpr_at_far0.1pct_mean"
+    assert metric_key("accuracy", stat="std") == "accuracy_std"
+    assert metric_key("false_accepts", 0.01, stat=None) == "false_accepts_at_far1pct"
+    assert parse_verification_key("tpr_at_far0.1pct") == ("tpr", pytest.approx(1e-3), None)
+    assert parse_verification_key("far_at_far1pct_std") == ("far", pytest.approx(0.01), "std")
+    known = ["accuracy", "tpr_at_far0.1pct", "accuracy_at_far0.1pct", "far_at_far0.1pct"]
+    assert verification_metrics([1e-3]) == known
+    for typo in ("tpr_at_far0.10pct", "tpr_at_far0.1", "tpr@far0.1pct", "tpr_at_far0.1pct_median", "val_tpr"):
+        with pytest.raises(ValueError, match="unknown verification metric"):
+            check_metric_name(typo, "verification")
+    with pytest.raises(ValueError, match="without _mean/_std"):
+        check_metric_name("tpr_at_far0.1pct_mean", "verification")
+    assert check_metric_name("val_tpr_at_far") == "val_tpr_at_far" and check_metric_name("loss_total")
+    for typo in ("val_tpr", "tpr_at_far0.1pct", "loss_"):
+        with pytest.raises(ValueError, match="unknown training metric"):
+            check_metric_name(typo)
 
 
 def test_roc_auc_and_eer_by_hand():

@@ -1,9 +1,11 @@
 """The `mfr` command. Each subcommand lives in its own module with a `register(app)` function and
-imports its heavy dependencies (torch, ray, dlib) inside the command, so `mfr --help` stays fast."""
+imports its heavy dependencies (torch, ray, dlib) inside the command, so `mfr --help` stays fast. The
+`jobs/*.py` scripts that `ray job submit` runs are these subcommands too (`run_job`)."""
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -15,6 +17,7 @@ COMMAND_MODULES = [  # in pipeline order, as `mfr --help` lists them
     "mfr_ray.cli.train",
     "mfr_ray.cli.tune",
     "mfr_ray.cli.evaluate",
+    "mfr_ray.cli.serve",
     "mfr_ray.cli.quickstart",
     "mfr_ray.cli.ui",
     "mfr_ray.cli.doctor",
@@ -49,3 +52,17 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     app()
+
+
+def job_arguments(argv: list[str]) -> list[str]:
+    """The `mfr COMMAND` arguments of a job's command line: a leading `--config FILE` (the jobs' earlier
+    spelling, still in RayJob manifests) names the config argument."""
+    return argv[1:] if argv[:1] == ["--config"] else argv
+
+
+def run_job(command: str) -> None:
+    """A `jobs/*.py` entrypoint (what `ray job submit` runs): the `mfr COMMAND` command itself, with its
+    arguments, options, messages and exit status."""
+    typer.main.get_command(app).commands[command].main(
+        job_arguments(sys.argv[1:]), prog_name=f"python {sys.argv[0]}"
+    )

@@ -80,7 +80,8 @@ def _pyarrow() -> str:
 def _ray() -> str:
     import ray
 
-    from mfr_ray.config.common import RayConfig, init_ray
+    from mfr_ray.config.common import RayConfig
+    from mfr_ray.raycluster import init_ray
 
     started = time.perf_counter()
     already = ray.is_initialized()

@@ -18,17 +18,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Verification (k-fold, FAR), mask-pair matrix and identification; report + MLflow run."""
         from mfr_ray.evaluation.config import EvaluateConfig
+        from mfr_ray.evaluation.metric_names import metric_key
         from mfr_ray.evaluation.runner import evaluate as run_evaluation
 
         cfg = load_or_exit(config, overrides, EvaluateConfig)
         summary = run_evaluation(cfg, output_dir)
         for row in summary["verification"]:
-            tags = row["tags"]
             far_parts = "  ".join(
-                f"TPR@FAR={t}: {row[f'tpr_at_{tag}_mean'] * 100:.2f}%" for t, tag in tags.items()
+                f"TPR@FAR={t}: {row[metric_key('tpr', t)] * 100:.2f}%" for t in summary["far_targets"]
             )
-            typer.echo(f"{row['protocol']:>12} {row['variant']:>16}  acc {row['accuracy_mean'] * 100:.2f} "
-                       f"+- {row['accuracy_std'] * 100:.2f}%  {far_parts}  EER {row['eer'] * 100:.2f}%")
+            mean, std = row[metric_key("accuracy")], row[metric_key("accuracy", stat="std")]
+            accuracy = f"{mean * 100:.2f} +- {std * 100:.2f}%"
+            typer.echo(f"{row['protocol']:>12} {row['variant']:>16}  acc {accuracy}  {far_parts}  "
+                       f"EER {row['eer'] * 100:.2f}%")
         typer.echo(f"report: {Path(output_dir or Path(cfg.output_dir) / cfg.name) / 'report.md'}")
         if summary.get("run_id"):
             typer.echo(f"mlflow run: {summary['run_id']}")

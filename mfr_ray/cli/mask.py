@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
         from tqdm import tqdm
 
+        from mfr_ray.imageio import Status
         from mfr_ray.masking import MaskEngine, MaskingConfig, parse_mix
         from mfr_ray.masking.files import (
             ContactSheet,
@@ -164,7 +165,7 @@ def register(app: typer.Typer) -> None:
         def counted(rows):
             for row in rows:
                 statuses[row["status"]] += 1
-                if row["status"] == "ok":
+                if row["status"] == Status.OK:
                     types[row["mask_type"]] += 1
                 yield row
 

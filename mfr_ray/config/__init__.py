@@ -8,7 +8,9 @@ from mfr_ray.config.loader import (
     dump_config,
     flatten_config,
     load_config,
+    read_config,
     set_dotted,
+    validate_config,
 )
 
 __all__ = [
@@ -20,5 +22,7 @@ __all__ = [
     "dump_config",
     "flatten_config",
     "load_config",
+    "read_config",
     "set_dotted",
+    "validate_config",
 ]

@@ -1,6 +1,10 @@
 """Base model every config section derives from: unknown keys are errors, not silently ignored."""
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from mfr_ray.paths import expand_shared
 
 
 class ConfigError(ValueError):
@@ -14,3 +18,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, protected_namespaces=(), hide_input_in_errors=True
     )
+
+
+# A config path that may start with `${shared}` (the shared datasets/weights folder); expanded on load.
+SharedPath = Annotated[str, AfterValidator(expand_shared)]

@@ -1,7 +1,8 @@
 """Load a YAML config into its typed model, apply `a.b=value` overrides, and explain errors by key and file.
 
 Every YAML file in `configs/` names its `kind`; the kind picks the pydantic model. Stages register their
-job config here as "module:Class" so loading one kind does not import every stage.
+job config here, in `CONFIG_KINDS` (`mfr_ray.registry`), as "module:Class" so loading one kind does not
+import every stage.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import yaml
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from mfr_ray.config.base import ConfigError
+from mfr_ray.registry import CONFIG_KINDS
 
-CONFIG_KINDS: dict[str, str] = {
+for _kind, _target in {
     "mask": "mfr_ray.masking:MaskingConfig",
     "prepare": "mfr_ray.data.config:PrepareConfig",
     "train": "mfr_ray.train.config:TrainConfig",
@@ -25,7 +27,8 @@ CONFIG_KINDS: dict[str, str] = {
     "evaluate": "mfr_ray.evaluation.config:EvaluateConfig",
     "quickstart": "mfr_ray.quickstart:QuickstartConfig",
     "doctor": "mfr_ray.config.common:DoctorConfig",
-}
+}.items():
+    CONFIG_KINDS.add(_kind, _target)
 
 REDACTED = "***"
 
@@ -46,8 +49,8 @@ def redact_uri(text: str) -> str:
 
 def config_class(kind: str) -> type[BaseModel]:
     if kind not in CONFIG_KINDS:
-        raise ConfigError(f"unknown config kind {kind!r}; known kinds: {', '.join(sorted(CONFIG_KINDS))}")
-    module_name, _, class_name = CONFIG_KINDS[kind].partition(":")
+        raise ConfigError(f"unknown config kind {kind!r}; known kinds: {', '.join(CONFIG_KINDS.names())}")
+    module_name, _, class_name = CONFIG_KINDS.get(kind).partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
@@ -100,19 +103,36 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _is_secret_field(model: type[BaseModel], loc: tuple[int | str, ...]) -> bool:
-    """Is the field at the error location a secret, or a section holding one (whatever was given there, e.g.
-    a string instead of the `storage` mapping, may be a secret)?"""
-    models = [model]
-    fields = []
+def _union_member(models: list[type[BaseModel]], part: int | str) -> type[BaseModel] | None:
+    """The section of a tagged union (`loss:`, picked by `kind`) that pydantic names by its tag in an error
+    location."""
+    if len(models) < 2 or not isinstance(part, str):
+        return None
+    for model in models:
+        kind = model.model_fields.get("kind")
+        if kind is not None and part in typing.get_args(kind.annotation):
+            return model
+    return None
+
+
+def _error_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str, bool]:
+    """The dotted key of an error location as the config spells it (without a union member's tag), and
+    whether the field there is a secret or a section holding one (whatever was given there, e.g. a string
+    instead of the `storage` mapping, may be a secret)."""
+    parts: list[str] = []
+    models, fields, followed = [model], [], True
     for part in loc:
-        if isinstance(part, int):
+        member = _union_member(models, part) if followed else None
+        if member is not None:
+            models = [member]
+            continue
+        parts.append(str(part))
+        if not followed or isinstance(part, int):
             continue
         fields = [m.model_fields[part] for m in models if part in m.model_fields]
-        if not fields:
-            return False
+        followed = bool(fields)
         models = [m for f in fields for m in _models_in(f.annotation)]
-    return any(_holds_secret(f.annotation) for f in fields)
+    return ".".join(parts) or "<root>", followed and any(_holds_secret(f.annotation) for f in fields)
 
 
 def _format_errors(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
@@ -120,22 +140,22 @@ def _format_errors(exc: ValidationError, source: str, model: type[BaseModel]) ->
     that is not a secret (no dicts or lists: a section's input would hold its secrets)."""
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key, secret = _error_key(model, err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
             continue
+        if err["type"] == "union_tag_invalid":
+            ctx = err["ctx"]
+            lines.append(f"  {key}.kind: unknown kind {ctx['tag']!r}; known: {ctx['expected_tags']}")
+            continue
         shown = err.get("input")
-        hidden = isinstance(shown, dict | list | tuple | BaseModel) or _is_secret_field(model, err["loc"])
+        hidden = isinstance(shown, dict | list | tuple | BaseModel) or secret
         lines.append(f"  {key}: {err['msg']}{'' if hidden else f' (got {redact_uri(repr(shown))})'}")
     return "\n".join(lines)
 
 
-def load_config(
-    path: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
-    expected: type[BaseModel] | None = None,
-) -> BaseModel:
-    """Read `path`, apply overrides, and validate against the model its `kind` names (or `expected`)."""
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain data of config file `path` (its `kind` included) with the overrides applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -148,20 +168,37 @@ def load_config(
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    data = apply_overrides(data, overrides)
+    return apply_overrides(data, overrides)
+
+
+def validate_config(
+    data: dict[str, Any], source: str | Path, expected: type[BaseModel] | None = None
+) -> BaseModel:
+    """Validate config data read from `source` against the model its `kind` names (or `expected`)."""
+    data = dict(data)
     kind = data.pop("kind", None)
     if expected is None:
         if kind is None:
-            raise ConfigError(f"{path}: missing `kind` (one of {', '.join(sorted(CONFIG_KINDS))})")
+            raise ConfigError(f"{source}: missing `kind` (one of {', '.join(CONFIG_KINDS.names())})")
         model = config_class(kind)
     else:
         model = expected
-        if kind is not None and CONFIG_KINDS.get(kind, "").split(":")[-1] != expected.__name__:
-            raise ConfigError(f"{path}: kind {kind!r} is not a {expected.__name__}")
+        target = CONFIG_KINDS.get(kind) if kind in CONFIG_KINDS else ""
+        if kind is not None and target.split(":")[-1] != expected.__name__:
+            raise ConfigError(f"{source}: kind {kind!r} is not a {expected.__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path), model)) from None
+        raise ConfigError(_format_errors(exc, str(source), model)) from None
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    expected: type[BaseModel] | None = None,
+) -> BaseModel:
+    """Read `path`, apply overrides, and validate against the model its `kind` names (or `expected`)."""
+    return validate_config(read_config(path, overrides), path, expected)
 
 
 def _plain(value: Any) -> Any:

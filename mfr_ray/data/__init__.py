@@ -4,6 +4,7 @@
 The job pieces load lazily so importing the readers does not pull in torch, dlib or the mask engine.
 """
 
+from mfr_ray import lazy_attributes
 from mfr_ray.data.reader import (
     IncompleteDataset,
     load_label_map,
@@ -21,22 +22,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "IncompleteDataset",
-    "PrepareConfig",
-    "PrepareSummary",
-    "load_label_map",
-    "paired_dataset",
-    "prepared_variants",
-    "read_prepared",
-    "read_variant_table",
-    "require_complete",
-    "run_prepare",
+    "IncompleteDataset", "PrepareConfig", "PrepareSummary", "load_label_map", "paired_dataset",
+    "prepared_variants", "read_prepared", "read_variant_table", "require_complete", "run_prepare",
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mfr_ray.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

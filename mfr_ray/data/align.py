@@ -8,22 +8,27 @@ status and a reason instead of an exception. A centre-box crop is a guess, not a
 
 Masks move the lower landmarks (MTCNN's nose and mouth points wander by 10-20% of the eye distance on a
 masked face), so the similarity can be fitted on the upper face only or with the mouth down-weighted
-(`landmark_fit`), the same choice for training and evaluation crops.
+(`landmark_fit`), the same choice for training and evaluation crops; `dlib_upper_face` fits it on dlib's
+68-point brows, nose bridge and eyes instead, which a mask leaves in place.
+
+MTCNN runs facenet-pytorch's networks and stages (`mtcnn_detect`), with every candidate box of a batch
+resampled at once by exact area pooling instead of one interpolate call per box.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field
 
-from mfr_ray.config.base import StrictModel
+from mfr_ray.data.config import AlignConfig
+from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES, Status, to_rgb_uint8
 from mfr_ray.threads import use_threads
 
-CropName = Literal["112x112", "112x96", "160x160"]
+if TYPE_CHECKING:
+    import torch
 
 # Reference landmarks (x, y) in the output crop: left eye, right eye, nose tip, left/right mouth corner.
 SPHEREFACE_96x112 = np.array(
@@ -47,66 +52,8 @@ CROP_TEMPLATES: dict[str, tuple[tuple[int, int], np.ndarray]] = {
 }
 
 ALIGN_METHODS = ("mtcnn", "dlib", "center", "prealigned")
-# Statuses of a result that carries a crop: `ok` (a detected or pre-aligned face) and `ok_fallback` (no
-# face found, the centre box was guessed). Every other status has no crop.
-OK_FALLBACK = "ok_fallback"
-USABLE_STATUSES = frozenset({"ok", OK_FALLBACK})
 # Landmark order of every 5-point array: image-left eye, image-right eye, nose tip, left/right mouth corner.
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-LandmarkFit = Literal["all5", "upper_face", "weighted"]
-MaskedTwin = Literal["reuse", "detect", "jitter"]
-
-
-class AlignConfig(StrictModel):
-    """How faces are found and cropped."""
-
-    crop: CropName = "112x96"
-    skip_detection: bool = Field(False, description="input is already an aligned crop: only resize it")
-    fallbacks: list[Literal["dlib", "center"]] = Field(default_factory=lambda: ["dlib", "center"])
-    min_face_size: int = Field(20, ge=8, description="smallest face side in pixels the detectors accept")
-    mtcnn_thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.7], min_length=3, max_length=3)
-    mtcnn_min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scored below this are ignored")
-    dlib_upsample: int = Field(1, ge=0, le=3, description="HOG detector upsampling steps")
-    center_box_fraction: float = Field(
-        0.5, gt=0.0, le=1.0, description="centre fallback: face box side as a fraction of the image's shorter side"
-    )
-    batch_size: int = Field(
-        8, ge=1, description="images per MTCNN call in align_batch (same-size images); on CPU 8 is faster than "
-        "32 and holds fewer candidate boxes in memory at once"
-    )
-    max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are rejected as too_large")
-    detect_max_side: int = Field(
-        1024, ge=64, description="detection runs on a copy shrunk to this longest side; the landmarks are "
-        "scaled back and the full-resolution image is warped"
-    )
-    landmark_fit: LandmarkFit = Field(
-        "all5", description="points the similarity is fitted on: all5 (equal weights), upper_face (eyes + "
-        "nose: masks move the mouth corners), weighted (mouth corners weighted by mouth_weight, nose by "
-        "nose_weight)"
-    )
-    mouth_weight: float = Field(0.2, ge=0.0, le=1.0, description="landmark_fit=weighted: weight of each mouth corner")
-    nose_weight: float = Field(1.0, ge=0.0, le=1.0, description="landmark_fit=weighted: weight of the nose tip")
-    masked_twin: MaskedTwin = Field(
-        "reuse", description="prepare: how a masked copy is cropped. reuse: the mask is painted on the unmasked "
-        "crop; detect: the full frame is masked, then aligned from landmarks found on the masked frame (the "
-        "unmasked landmarks where that fails); jitter: the unmasked landmarks moved by a random similarity of "
-        "the size masks cause (jitter_*), then masked. Evaluation always detects on the image it is given."
-    )
-    # jitter_* defaults: the crop difference masked vs unmasked frame measured by
-    # benchmarks/bench_align_masked.py (200 LFW images, our masks, all5 fit; robust sigma, x/y pooled).
-    jitter_shift: float = Field(
-        0.10, ge=0.0, le=1.0, description="masked_twin=jitter: std of the crop shift per axis, as a fraction "
-        "of the template's eye distance"
-    )
-    jitter_shift_y_mean: float = Field(
-        0.06, ge=-1.0, le=1.0, description="masked_twin=jitter: mean downward shift (fraction of the eye distance)"
-    )
-    jitter_scale: float = Field(0.14, ge=0.0, le=0.5, description="masked_twin=jitter: std of the relative scale")
-    jitter_scale_mean: float = Field(
-        0.065, ge=-0.5, le=0.5, description="masked_twin=jitter: mean relative scale - 1 (masked crops zoom in)"
-    )
-    jitter_rotation_deg: float = Field(4.0, ge=0.0, le=45.0, description="masked_twin=jitter: std of the rotation")
-    num_threads: int | None = Field(None, ge=1, description="torch and OpenCV threads; None leaves their setting")
 
 
 @dataclass
@@ -133,6 +80,42 @@ class AlignResult:
 # images): the targets of the other fits, so that an unmasked face keeps all5's framing on average (the
 # framing the CASIA checkpoint was trained on) while a masked one no longer follows its mouth.
 ALL5_MEAN_OFFSET_96x112 = np.array([[0.0, 0.73], [-0.08, 0.70], [0.26, 1.23], [-1.13, -1.30], [0.96, -1.36]])
+
+
+# dlib_upper_face: the 68-point indices it fits on (brows 17-26, nose bridge 27-30, eyes 36-47) and where
+# the all5 fit puts them on average in the 112x96 crop (299 unmasked LFW images, `lfw_files(300, 11)`),
+# so an unmasked face keeps all5's framing on average.
+UPPER_FACE_68 = np.r_[17:31, 36:48]
+UPPER_FACE_96x112 = np.array(
+    [[14.69, 46.30], [19.44, 41.53], [26.28, 39.78], [33.51, 40.49], [40.27, 43.06], [53.36, 42.94],
+     [60.08, 40.32], [67.23, 39.47], [74.05, 41.14], [78.80, 45.83], [46.96, 50.97], [47.07, 57.63],
+     [47.20, 64.32], [47.31, 71.20], [22.98, 52.96], [27.16, 50.51], [32.10, 50.44], [36.43, 53.38],
+     [31.88, 54.27], [27.03, 54.32], [57.39, 53.22], [61.72, 50.31], [66.62, 50.22], [70.78, 52.66],
+     [66.81, 54.10], [62.02, 54.12]]
+)
+# The box the 68-point predictor is fitted in, from the eye centres alone (a mask moves the mouth): centre
+# EYE_BOX_DROP eye distances below the eye midpoint, half side EYE_BOX_HALF eye distances; on unmasked LFW
+# faces (277 LFW images with one HOG face) the mean of `masking.landmarks.landmark_box`, dlib's own framing.
+EYE_BOX_DROP, EYE_BOX_HALF = 0.55, 1.28
+# dlib's eyes this far (eye distances) from the detector's: a fit on something else, rejected. Loose, since
+# on a masked face MTCNN's eyes are the ones that move (LFW, Bush_0001 masked: MTCNN's 12-20%, dlib's < 1%).
+UPPER_FACE_MAX_EYE_MISS = 0.5
+
+
+def eye_box(left_eye: np.ndarray, right_eye: np.ndarray) -> tuple[float, float, float, float]:
+    """The dlib-style face box (left, top, right, bottom) implied by the two eye centres."""
+    across = right_eye - left_eye
+    distance = float(np.linalg.norm(across))
+    down = np.array([-across[1], across[0]]) / max(distance, 1e-6)
+    cx, cy = (left_eye + right_eye) / 2 + EYE_BOX_DROP * distance * down
+    half = EYE_BOX_HALF * distance
+    return float(cx - half), float(cy - half), float(cx + half), float(cy + half)
+
+
+def upper_face_targets(crop: str) -> np.ndarray:
+    """UPPER_FACE_96x112 in the template of `crop` (the templates are similar to each other)."""
+    to_crop = similarity_transform(SPHEREFACE_96x112, CROP_TEMPLATES[crop][1])
+    return UPPER_FACE_96x112 @ to_crop[:, :2].T + to_crop[:, 2]
 
 
 def fit_weights(config: AlignConfig) -> np.ndarray | None:
@@ -238,24 +221,140 @@ def pick_face(boxes: np.ndarray, image_shape: tuple[int, ...]) -> int:
 
 
 def _as_rgb(image) -> tuple[np.ndarray | None, str, str]:
-    """Normalise an input array to HxWx3 uint8, or say why it cannot be used."""
-    if not isinstance(image, np.ndarray):
-        return None, "unsupported", f"expected a numpy array, got {type(image).__name__}"
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        return None, "unsupported", f"expected HxWx3 RGB, got shape {image.shape}"
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating) and image.size and image.max() <= 1.0:
-            image = image * 255.0
-        image = np.clip(image, 0, 255).astype(np.uint8)
-    if min(image.shape[:2]) < 8:
-        return None, "unsupported", f"image too small ({image.shape[1]}x{image.shape[0]})"
-    return np.ascontiguousarray(image), "ok", ""
+    """The aligner's input: `to_rgb_uint8`'s RGB (its notes are not the crop's business), at least 8 px
+    on its shorter side, or why it cannot be used."""
+
+    rgb, status, reason = to_rgb_uint8(image)
+    if rgb is None:
+        return None, status, reason
+    if min(rgb.shape[:2]) < 8:
+        return None, Status.UNSUPPORTED, f"image too small ({rgb.shape[1]}x{rgb.shape[0]})"
+    return rgb, Status.OK, ""
+
+
+def area_crops(integral: np.ndarray, image_inds: np.ndarray, y, ey, x, ex, size: tuple[int, int]) -> torch.Tensor:
+    """Every box `[y-1:ey, x-1:ex]` of its image resampled to `size` (height, width) exactly as
+    `interpolate(mode="area")` (= adaptive average pooling: output row i averages input rows
+    floor(i*n/size) .. ceil((i+1)*n/size) - 1), for all boxes at once from the images' integral images
+    (B, H+1, W+1, C, integers), instead of one interpolate call per box (a third of MTCNN's time)."""
+    import torch
+
+    def edges(start: np.ndarray, stop: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        n = (stop - start)[:, None]
+        i = np.arange(size)[None, :]
+        return start[:, None] + (i * n) // size, start[:, None] - ((-(i + 1) * n) // size)
+
+    r0, r1 = edges(np.asarray(y, np.int64) - 1, np.asarray(ey, np.int64), size[0])
+    c0, c1 = edges(np.asarray(x, np.int64) - 1, np.asarray(ex, np.int64), size[1])
+    height, width, channels = integral.shape[1:]
+    base = (np.asarray(image_inds, dtype=np.int64) * height)[:, None, None]
+    flat = integral.reshape(-1, channels)
+
+    def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:  # (K, size, size, C)
+        index = (base + rows[:, :, None]) * width + cols[:, None, :]
+        return flat.take(index.ravel(), axis=0).reshape(*index.shape, channels)
+
+    sums = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    counts = (r1 - r0)[:, :, None, None] * (c1 - c0)[:, None, :, None]
+    return torch.from_numpy((sums / counts).astype(np.float32).transpose(0, 3, 1, 2).copy())
+
+
+def mtcnn_detect(mtcnn, images: np.ndarray):
+    """`MTCNN.detect(images, landmarks=True)` for a (B, H, W, 3) uint8 stack (keep_all, no sorting),
+    with the boxes of the second and third stage resampled together (`area_crops`); same stages,
+    thresholds and NMS as facenet-pytorch's `detect_face`, landmarks equal to 0.01 px."""
+    import cv2
+    import torch
+    from facenet_pytorch.models.utils.detect_face import (
+        batched_nms,
+        batched_nms_numpy,
+        bbreg,
+        generateBoundingBox,
+        pad,
+        rerec,
+    )
+
+    threshold = mtcnn.thresholds
+    with torch.no_grad():
+        batch, h, w = images.shape[:3]
+        every, ones, full_h, full_w = np.arange(batch), np.ones(batch), np.full(batch, h), np.full(batch, w)
+        depth = cv2.CV_32S if 255 * h * w < 2**31 else cv2.CV_64F  # exact integer sums
+        integral = np.stack([cv2.integral(image, sdepth=depth) for image in images])
+        scale, minl, scales = 12.0 / mtcnn.min_face_size, min(h, w) * 12.0 / mtcnn.min_face_size, []
+        while minl >= 12:
+            scales.append(scale)
+            scale, minl = scale * mtcnn.factor, minl * mtcnn.factor
+        boxes, image_inds, picks, offset = [], [], [], 0
+        for scale in scales:  # stage 1: P-Net over the pyramid
+            level = (int(h * scale + 1), int(w * scale + 1))
+            im_data = (area_crops(integral, every, ones, full_h, ones, full_w, level) - 127.5) * 0.0078125
+            reg, probs = mtcnn.pnet(im_data)
+            boxes_scale, inds_scale = generateBoundingBox(reg, probs[:, 1], scale, threshold[0])
+            boxes.append(boxes_scale)
+            image_inds.append(inds_scale)
+            picks.append(batched_nms(boxes_scale[:, :4], boxes_scale[:, 4], inds_scale, 0.5) + offset)
+            offset += boxes_scale.shape[0]
+        pick = torch.cat(picks)
+        boxes, image_inds = torch.cat(boxes)[pick], torch.cat(image_inds)[pick]
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+        boxes, image_inds = boxes[pick], image_inds[pick]
+        regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        boxes = torch.stack(
+            [boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
+             boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]]
+        ).permute(1, 0)
+        boxes = rerec(boxes)
+
+        def stage_input(boxes, image_inds, size):
+            """The boxes' crops (boxes with an empty crop dropped, where facenet-pytorch would fail)."""
+            y, ey, x, ex = pad(boxes, w, h)
+            keep = (ey > y - 1) & (ex > x - 1)
+            if not keep.all():
+                keep_t = torch.from_numpy(keep)
+                boxes, image_inds = boxes[keep_t], image_inds[keep_t]
+                y, ey, x, ex = y[keep], ey[keep], x[keep], ex[keep]
+            crops = area_crops(integral, image_inds.numpy(), y, ey, x, ex, (size, size))
+            return boxes, image_inds, (crops - 127.5) * 0.0078125
+
+        if len(boxes) > 0:  # stage 2: R-Net
+            boxes, image_inds, im_data = stage_input(boxes, image_inds, 24)
+            out0, out1 = (o.permute(1, 0) for o in mtcnn.rnet(im_data))
+            score = out1[1, :]
+            ipass = score > threshold[1]
+            boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
+            image_inds, mv = image_inds[ipass], out0[:, ipass].permute(1, 0)
+            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+            boxes = rerec(bbreg(boxes[pick], mv[pick]))
+            image_inds = image_inds[pick]
+        points = torch.zeros(0, 5, 2)
+        if len(boxes) > 0:  # stage 3: O-Net, landmarks
+            boxes, image_inds, im_data = stage_input(boxes, image_inds, 48)
+            out0, out1, out2 = (o.permute(1, 0) for o in mtcnn.onet(im_data))
+            score = out2[1, :]
+            ipass = score > threshold[2]
+            points = out1[:, ipass]
+            boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
+            image_inds, mv = image_inds[ipass], out0[:, ipass].permute(1, 0)
+            w_i, h_i = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+            points_x = w_i.repeat(5, 1) * points[:5, :] + boxes[:, 0].repeat(5, 1) - 1
+            points_y = h_i.repeat(5, 1) * points[5:10, :] + boxes[:, 1].repeat(5, 1) - 1
+            points = torch.stack((points_x, points_y)).permute(2, 1, 0)
+            boxes = bbreg(boxes, mv)
+            pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+            boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
+    boxes, points, image_inds = boxes.numpy(), points.numpy(), image_inds.numpy()
+    found = [np.flatnonzero(image_inds == i) for i in range(batch)]
+    return (
+        [boxes[f, :4] if len(f) else None for f in found],
+        [boxes[f, 4] if len(f) else [None] for f in found],
+        [points[f] if len(f) else None for f in found],
+    )
+
+
+def _dlib_rect(left: int, top: int, right: int, bottom: int):
+    import dlib
+
+    return dlib.rectangle(left, top, right, bottom)
 
 
 class FaceAligner:
@@ -271,6 +370,7 @@ class FaceAligner:
             use_threads(self.config.num_threads)
         self._mtcnn = None
         self._dlib = None
+        self._predictor = None
         if not self.config.skip_detection:
             from facenet_pytorch import MTCNN
 
@@ -285,10 +385,12 @@ class FaceAligner:
             # layout); landmarks agree with the default layout to 0.01 px.
             for net in (self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet):
                 net.to(memory_format=torch.channels_last)
-            if "dlib" in self.config.fallbacks:
-                from mfr_ray.masking.landmarks import dlib_model  # the mask engine's copy: loaded once
+            from mfr_ray.masking.landmarks import dlib_model  # the mask engine's copy: loaded once
 
+            if "dlib" in self.config.fallbacks:
                 self._dlib = (dlib_model("hog"), dlib_model("shape_predictor"))
+            if self.config.landmark_fit == "dlib_upper_face":
+                self._predictor = dlib_model("shape_predictor")
 
     # -- public API -------------------------------------------------------------------------------------
     def align(self, image: np.ndarray) -> AlignResult:
@@ -359,7 +461,7 @@ class FaceAligner:
                 chunk = indices[start : start + self.config.batch_size]
                 stack = np.stack([images[i] for i in chunk])
                 try:
-                    boxes, probs, points = self._mtcnn.detect(stack, landmarks=True)
+                    boxes, probs, points = mtcnn_detect(self._mtcnn, stack)
                 except Exception as exc:  # noqa: BLE001 - a detector failure must not lose the batch
                     yield chunk, [f"mtcnn failed: {exc!r}"] * len(chunk)
                     continue
@@ -407,7 +509,13 @@ class FaceAligner:
         return AlignResult(None, "none", status="no_face", reason="; ".join(notes))
 
     def _result(self, image, method, landmarks, box, score, reason="", status="ok") -> AlignResult:
-        matrix = template_matrix(landmarks, self.config.crop, self.weights)
+        upper = self._upper_face(image, landmarks) if self._predictor is not None and method != "center" else None
+        if upper is None:
+            matrix = template_matrix(landmarks, self.config.crop, self.weights)
+            if self._predictor is not None and method != "center":
+                reason = "; ".join(filter(None, [reason, "dlib upper-face fit rejected; fitted on the 5 points"]))
+        else:
+            matrix = similarity_transform(upper, upper_face_targets(self.config.crop))
         return AlignResult(
             warp_with(image, matrix, self.config.crop),
             method,
@@ -419,6 +527,33 @@ class FaceAligner:
             matrix=matrix,
             frame=image,
         )
+
+    def upper_face_landmarks(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray | None:
+        """dlib's 68 points of the face whose 5 `landmarks` the detector found, fitted in the box its eyes
+        imply and refitted on dlib's own eyes until the box settles; None where dlib's eyes land far from
+        the detector's (a failed fit)."""
+        import cv2
+
+        from mfr_ray.masking.landmarks import REFITS, box_overlap, eye_line
+
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+        five = np.asarray(landmarks, dtype=np.float64)
+        box = eye_box(five[0], five[1])
+        for attempt in range(REFITS + 1):
+            left, top, right, bottom = (round(v) for v in box)
+            shape = self._predictor(grey, _dlib_rect(left, top, right - 1, bottom - 1))
+            points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+            implied = eye_box(*eye_line(points))
+            if attempt == REFITS or box_overlap(implied, box) > 0.75:
+                break
+            box = implied
+        eye_distance = float(np.linalg.norm(five[1] - five[0]))
+        miss = max(np.linalg.norm(np.stack(eye_line(points)) - five[:2], axis=1))
+        return points if miss <= UPPER_FACE_MAX_EYE_MISS * eye_distance else None
+
+    def _upper_face(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray | None:
+        points = self.upper_face_landmarks(image, landmarks)
+        return None if points is None else points[UPPER_FACE_68]
 
     def _detect_dlib(self, image: np.ndarray):
         """HOG face + 68 landmarks reduced to the 5 template points (eye centres, nose tip, mouth corners)."""

@@ -11,7 +11,8 @@ from mfr_ray import __version__
 from mfr_ray.config import dump_config
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import DatasetIndex
-from mfr_ray.data.layout import CARD_JSON, CARD_MD, UNMASKED, DatasetLayout
+from mfr_ray.data.layout import CARD_JSON, CARD_MD, DatasetLayout
+from mfr_ray.imageio import UNMASKED
 from mfr_ray.paths import PROJECT_ROOT
 
 

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mfr_ray.config.common import init_ray
 from mfr_ray.data.card import aggregate_markers, build_card, card_markdown, check_complete, write_card
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import DatasetIndex, IndexMismatch, index_images, load_index
@@ -23,13 +22,14 @@ from mfr_ray.data.layout import (
     CARD_JSON,
     LABEL_MAP,
     TMP_DIR,
-    UNMASKED,
     DatasetLayout,
     OutputLocked,
     StorageUnavailable,
     output_lock,
 )
 from mfr_ray.data.process import STAGES, ShardProcessor
+from mfr_ray.imageio import UNMASKED
+from mfr_ray.raycluster import init_ray
 from mfr_ray.storage import StorageError, ensure_bucket
 
 

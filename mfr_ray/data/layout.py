@@ -48,7 +48,6 @@ INDEX_MANIFEST = "_manifest.json"
 LABEL_MAP = "label_map.json"
 CARD_JSON = "dataset_card.json"
 CARD_MD = "dataset_card.md"
-UNMASKED = "unmasked"
 
 
 class StorageUnavailable(RuntimeError):

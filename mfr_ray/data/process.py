@@ -1,5 +1,9 @@
 """Stages 2-4 inside a Ray Data actor: read + decode, align, mask, encode and write one shard at a time.
 
+`read_decode_align` is the one read -> decode -> (mask) -> align path of the package: prepare's shards
+and evaluation's folder crops (`evaluation.sources.FolderCropper`) both go through it, so an input gets
+the same status and reason in either.
+
 `ShardProcessor` is the class UDF of `map_batches(..., compute=ActorPoolStrategy)`: MTCNN, dlib and the
 mask templates load once per actor in `__init__`; each call gets shard ids and writes those shards
 atomically. Every input image leaves exactly one "unmasked" row (ok, ok_fallback, or failed with status
@@ -16,19 +20,22 @@ import os
 import posixpath
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from mfr_ray.data.align import USABLE_STATUSES
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import read_index_shard
-from mfr_ray.data.layout import UNMASKED, DatasetLayout, with_retry
-from mfr_ray.imageio import decode_image, encode_image
+from mfr_ray.data.layout import DatasetLayout, with_retry
+from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, decode_image, encode_image, join_reasons
 from mfr_ray.storage import filesystem_for
+
+if TYPE_CHECKING:
+    from mfr_ray.data.align import AlignResult, FaceAligner
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -72,6 +79,81 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - start
 
 
+# (bytes, "", "") of one input, or (None, status, reason) when there are none to decode.
+ReadResult = tuple[bytes | None, str, str]
+
+
+@dataclass
+class FaceCrop:
+    """What one input became on the read -> decode -> (mask) -> align path: its row's status, reason and
+    align method ("none" where it never reached the aligner); `aligned` is the alignment when it gave a
+    usable crop, else None."""
+
+    status: str
+    reason: str
+    method: str
+    aligned: AlignResult | None = None
+
+
+def read_decode_align(
+    keys: list[str],
+    read: Callable[[str], ReadResult],
+    aligner: FaceAligner,
+    before_align: Callable[[np.ndarray, str], tuple[np.ndarray, str]] | None = None,
+    timer: StageTimer | None = None,
+) -> list[FaceCrop]:
+    """One FaceCrop per key, in order. `read(key)` gives the file's bytes or why there are none; they are
+    decoded within the aligner's pixel budget; `before_align(frame, key)` may replace a decoded frame and
+    add a note (evaluation masks the full frame there); the frames are aligned in one batch. A crop's
+    reason joins the decode note, the note of `before_align` and the alignment's reason, in that order."""
+    timer = timer or StageTimer()
+    crops: list[FaceCrop | None] = [None] * len(keys)
+    frames, notes, slots = [], [], []
+    for i, key in enumerate(keys):
+        with timer("read"):
+            data, status, reason = read(key)
+        if data is None:
+            crops[i] = FaceCrop(status, reason, "none")
+            continue
+        with timer("decode"):
+            decoded = decode_image(data, max_pixels=aligner.config.max_pixels)
+        if not decoded.ok:
+            crops[i] = FaceCrop(decoded.status, decoded.reason, "none")
+            continue
+        frame, note = decoded.image, decoded.reason
+        if before_align is not None:
+            with timer("mask"):
+                frame, extra = before_align(frame, key)
+            note = join_reasons(note, extra)
+        frames.append(frame)
+        notes.append(note)
+        slots.append(i)
+    with timer("align"):
+        results = align_each_on_failure(aligner, frames)
+    for i, note, result in zip(slots, notes, results, strict=True):
+        usable = result if result.usable else None
+        crops[i] = FaceCrop(result.status, join_reasons(note, result.reason), result.method, usable)
+    return crops  # type: ignore[return-value]
+
+
+def align_each_on_failure(aligner: FaceAligner, images: list[np.ndarray]) -> list[AlignResult]:
+    """Batched alignment; if the batch raises, align one by one so only the culprit fails."""
+    from mfr_ray.data.align import AlignResult
+
+    try:
+        return aligner.align_batch(images)
+    except Exception:  # noqa: BLE001 - one bad image must not fail its batch
+        results = []
+        for image in images:
+            try:
+                results.append(aligner.align(image))
+            except Exception as exc:  # noqa: BLE001 - becomes this image's status
+                results.append(
+                    AlignResult(None, "none", status=Status.UNSUPPORTED, reason=f"alignment failed: {exc!r}")
+                )
+        return results
+
+
 def color_text(color: Any) -> str | None:
     """Mask colour as `#rrggbb` for RGB triples, as text otherwise."""
     if color is None or isinstance(color, str):
@@ -97,7 +179,7 @@ def too_large_reason(size: int, max_bytes: int) -> str:
     return f"file of {size} bytes exceeds index.max_file_bytes = {max_bytes}; not read"
 
 
-def read_source(fs, path: str, retry_s: float, max_bytes: int) -> tuple[bytes | None, str, str]:
+def read_source(fs, path: str, retry_s: float, max_bytes: int) -> ReadResult:
     """(bytes, "", "") of one input file, or (None, status, reason): a file gone since indexing is a
     decode_error row and one grown past `max_bytes` a too_large row, not a failure."""
 
@@ -109,9 +191,9 @@ def read_source(fs, path: str, retry_s: float, max_bytes: int) -> tuple[bytes | 
     try:
         data = with_retry(attempt, f"reading {path}", retry_s)
     except FileNotFoundError:
-        return None, "decode_error", "file disappeared after indexing"
+        return None, Status.DECODE_ERROR, "file disappeared after indexing"
     if isinstance(data, int):
-        return None, "too_large", too_large_reason(data, max_bytes)
+        return None, Status.TOO_LARGE, too_large_reason(data, max_bytes)
     return data, "", ""
 
 
@@ -200,7 +282,8 @@ class ShardProcessor:
         for entry in manifest:
             if deaths := attempts.crashed(entry["source_key"]):
                 reason = f"killed its worker {deaths} times (in progress at each death); not tried again"
-                rows[UNMASKED].append(failed_row(self.base_of(entry), UNMASKED, 0, "crashed", reason, "none"))
+                row = failed_row(self.base_of(entry), UNMASKED, 0, Status.CRASHED, reason, "none")
+                rows[UNMASKED].append(row)
             else:
                 tried.append(entry)
         for group in attempts.groups(tried, self.cfg.align.batch_size):
@@ -228,66 +311,34 @@ class ShardProcessor:
             "source_key": entry["source_key"],
             "identity": entry["identity"],
             "identity_id": self.identity_ids[entry["identity"]],
-            "status": "ok",
+            "status": Status.OK,
             "reason": "",
         }
 
     def process_images(self, entries: list[dict], timer: StageTimer) -> list[dict]:
-        """Rows for a group of manifest entries: read + decode each, align the decodable ones together,
-        then mask and encode every aligned crop."""
-        bases, decoded, out = [], [], []
-        max_bytes = self.cfg.index.max_file_bytes
-        for entry in entries:
-            base = self.base_of(entry)
-            if entry["source_key"] == self.exit_on_key:
-                os._exit(3)
-            if entry["size"] > max_bytes:
-                reason = too_large_reason(entry["size"], max_bytes)
-                out.append(failed_row(base, UNMASKED, 0, "too_large", reason, "none"))
-                continue
-            with timer("read"):
-                data, status, reason = read_source(
-                    self.source_fs,
-                    posixpath.join(self.source_root, entry["source_key"]),
-                    self.cfg.compute.io_retry_s,
-                    max_bytes,
-                )
-            if data is None:
-                out.append(failed_row(base, UNMASKED, 0, status, reason, "none"))
-                continue
-            with timer("decode"):
-                image = decode_image(data, max_pixels=self.cfg.align.max_pixels)
-            if not image.ok:
-                out.append(failed_row(base, UNMASKED, 0, image.status, image.reason, "none"))
-                continue
-            bases.append({**base, "reason": image.reason})
-            decoded.append(image.image)
-        with timer("align"):
-            aligned = self.align(decoded)
-        for base, result in zip(bases, aligned, strict=True):
-            reason = "; ".join(filter(None, [base["reason"], result.reason]))
-            if result.status not in USABLE_STATUSES or result.crop is None:
-                out.append(failed_row(base, UNMASKED, 0, result.status, reason, result.method))
-                continue
-            out.extend(self.crop_rows({**base, "status": result.status, "reason": reason}, result, timer))
+        """Rows for a group of manifest entries, in their order: read, decode and align them together
+        (`read_decode_align`), then mask and encode every aligned crop."""
+        keys = [entry["source_key"] for entry in entries]
+        sizes = {entry["source_key"]: entry["size"] for entry in entries}
+        crops = read_decode_align(keys, lambda key: self.read(key, sizes[key]), self.aligner, timer=timer)
+        out = []
+        for entry, crop in zip(entries, crops, strict=True):
+            base = {**self.base_of(entry), "status": crop.status, "reason": crop.reason}
+            if crop.aligned is None:
+                out.append(failed_row(base, UNMASKED, 0, crop.status, crop.reason, crop.method))
+            else:
+                out.extend(self.crop_rows(base, crop.aligned, timer))
         return out
 
-    def align(self, images: list[np.ndarray]) -> list:
-        """Batched alignment; if the batch raises, align one by one so only the culprit fails."""
-        from mfr_ray.data.align import AlignResult
-
-        try:
-            return self.aligner.align_batch(images)
-        except Exception:  # noqa: BLE001 - one bad image must not fail its batch
-            results = []
-            for image in images:
-                try:
-                    results.append(self.aligner.align(image))
-                except Exception as exc:  # noqa: BLE001 - becomes this image's status
-                    results.append(
-                        AlignResult(None, "none", status="unsupported", reason=f"alignment failed: {exc!r}")
-                    )
-            return results
+    def read(self, key: str, size: int) -> ReadResult:
+        """One input's bytes: a file indexed larger than `index.max_file_bytes` is never read."""
+        if key == self.exit_on_key:
+            os._exit(3)
+        max_bytes = self.cfg.index.max_file_bytes
+        if size > max_bytes:
+            return None, Status.TOO_LARGE, too_large_reason(size, max_bytes)
+        path = posixpath.join(self.source_root, key)
+        return read_source(self.source_fs, path, self.cfg.compute.io_retry_s, max_bytes)
 
     def crop_rows(self, base: dict, aligned, timer: StageTimer) -> list[dict]:
         """The unmasked row of an aligned crop plus its masked copies for every configured variant, cut as
@@ -307,9 +358,9 @@ class ShardProcessor:
             try:
                 twins = masked_twins(self.aligner, self.engine, aligned, requests)
             except Exception as exc:  # noqa: BLE001 - becomes these copies' status
+                reason = f"masking failed: {exc!r}"
                 return rows + [
-                    failed_row(base, v.name, i, "unsupported", f"masking failed: {exc!r}", aligned.method)
-                    for v, i in copies
+                    failed_row(base, v.name, i, Status.UNSUPPORTED, reason, aligned.method) for v, i in copies
                 ]
         for (variant, copy_index), twin in zip(copies, twins, strict=True):
             rows.append(self.masked_row(base, variant.name, copy_index, twin, timer))
@@ -320,10 +371,10 @@ class ShardProcessor:
         unmasked row's."""
         record = twin.result.record
         extra = {"mask_type": record.mask_type, "pattern": record.pattern, "color": color_text(record.color)}
-        if twin.result.image is None or record.status != "ok":
+        if twin.result.image is None or record.status != Status.OK:
             row = failed_row(base, variant, copy_index, record.status, record.reason, twin.align_method)
             return {**row, **extra, "num_faces": record.num_faces}
-        base = {**base, "reason": "; ".join(filter(None, [base["reason"], twin.reason]))}
+        base = {**base, "reason": join_reasons(base["reason"], twin.reason)}
         row = self.image_row(base, variant, copy_index, twin.result.image, twin.align_method, timer, record.num_faces)
         return {**row, **extra}
 
@@ -368,7 +419,7 @@ def shard_marker(
             status[variant][row["status"]] += 1
             if variant == UNMASKED:
                 methods[row["align_method"]] += 1
-                if row["status"] == "ok":
+                if row["status"] == Status.OK:
                     identities[row["identity"]] += 1
             elif row["status"] in USABLE_STATUSES:
                 mask_types[variant][row.get("mask_type") or "none"] += 1

@@ -23,10 +23,10 @@ from mfr_ray.data.layout import (
     INDEX_DIR,
     INDEX_MANIFEST,
     LABEL_MAP,
-    UNMASKED,
     DatasetLayout,
     shard_name,
 )
+from mfr_ray.imageio import UNMASKED, Status
 
 PAIR_COLUMNS = ("source_key", "identity_id", "image_unmasked", "image_masked", "mask_type")
 
@@ -104,7 +104,7 @@ def read_prepared(
     uri: str,
     storage_cfg: StorageConfig | None = None,
     variants: list[str] | None = None,
-    statuses: Sequence[str] | None = ("ok",),
+    statuses: Sequence[str] | None = (Status.OK,),
     num_cpus: float = 1.0,
 ):
     """A `ray.data.Dataset` of the rows of `variants` (default: all) of the finished shards whose status
@@ -134,7 +134,7 @@ def pick_copy(source_key: str, copies: int, seed: int) -> int:
 
 
 def pair_rows(
-    unmasked: pa.Table, masked: pa.Table, seed: int = 0, statuses: Sequence[str] = ("ok",)
+    unmasked: pa.Table, masked: pa.Table, seed: int = 0, statuses: Sequence[str] = (Status.OK,)
 ) -> dict[str, list]:
     """Join one shard's unmasked crops whose status is in `statuses` with one such masked copy each
     (images without one are left out)."""
@@ -170,7 +170,7 @@ def paired_dataset(
     masked_variant: str = "masked",
     seed: int = 0,
     num_cpus: float = 1.0,
-    statuses: Sequence[str] = ("ok",),
+    statuses: Sequence[str] = (Status.OK,),
 ):
     """A `ray.data.Dataset` of (image_unmasked, image_masked, identity_id, mask_type, source_key) rows:
     every unmasked crop of the finished shards whose status is in `statuses`, paired with one of its

@@ -5,28 +5,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, model_validator
 
-from mfr_ray.config.base import StrictModel
+from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
-from mfr_ray.evaluation.embed import ModelSpec
-from mfr_ray.evaluation.sources import UNMASKED, ImageSourceConfig
-from mfr_ray.paths import expand_shared
+from mfr_ray.data.config import AlignConfig
+from mfr_ray.evaluation.analyses.base import analyses_config_fields, configured_analyses
+from mfr_ray.imageio import UNMASKED
+from mfr_ray.models.spec import ModelSpec
+
+
+class ImageSourceConfig(StrictModel):
+    """Where the images of one evaluation variant come from."""
+
+    type: Literal["folder", "parquet"] = "folder"
+    uri: SharedPath = Field(
+        "${shared}/datasets/lfw/lfw-deepfunneled", validate_default=True, description="image root or Parquet dataset"
+    )
+    variant: str = Field(UNMASKED, description="folder: mask type applied on the fly (unmasked = none); "
+                         "parquet: value of the `variant` column")
+    mask_seed: int = 0
+    align: AlignConfig = AlignConfig()
 
 
 class PairsConfig(StrictModel):
-    path: str = Field("${shared}/datasets/lfw/pairs.txt", validate_default=True)
+    path: SharedPath = Field("${shared}/datasets/lfw/pairs.txt", validate_default=True)
     key_format: str = Field("{name}/{name}_{index:04d}.jpg", description="image key of (name, index)")
     n_folds: int = Field(10, ge=2, description="folds for lists without official folds (MFR2)")
     limit_folds: int | None = Field(None, ge=1, description="use only the first N folds (quick runs)")
     max_pairs_per_fold: int | None = Field(
         None, ge=2, description="keep the first N/2 genuine and N/2 impostor pairs of each fold (quick runs)"
     )
-
-    @field_validator("path")
-    @classmethod
-    def _expand(cls, value: str) -> str:
-        return expand_shared(value)
 
 
 class ProtocolSpec(StrictModel):
@@ -40,23 +49,16 @@ class ProtocolSpec(StrictModel):
     subtract_train_mean: bool = False
 
 
-class AnalysesConfig(StrictModel):
-    mask_matrix: bool = Field(True, description="template x probe variant tables when several variants")
-    mask_matrix_variants: list[str] | None = Field(
-        None, description="variants in the matrix, in order (e.g. leave out 'mixed'); None: all sources"
-    )
-    identification: bool = True
-    open_set: bool = True
-    clustering: bool = True
-    classifiers: bool = True
-    upper_half: bool = Field(False, description="also evaluate on crops whose lower half is blanked out")
-    ranks: list[int] = Field(default_factory=lambda: [1, 5])
-    fpir_targets: list[float] = Field(default_factory=lambda: [0.01, 0.1])
-    unknown_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    cluster_distance_threshold: float = Field(0.6, gt=0.0, le=2.0, description="cosine distance cut")
-    classifier_min_images: int = Field(4, ge=2)
-    knn_k: int = Field(1, ge=1)
-    mlp_hidden: int = Field(256, ge=1)
+# `analyses:` is the fields of every registered analysis (mfr_ray/evaluation/analyses/), flat as the shipped
+# YAML writes them (`analyses.identification: false`, `analyses.ranks: [1, 5]`), plus the upper-half baseline.
+AnalysesConfig = create_model(
+    "AnalysesConfig",
+    __base__=StrictModel,
+    __module__=__name__,
+    __doc__="The extra analyses: each is switched on by the bool named like it; its settings sit beside it.",
+    **analyses_config_fields(),
+    upper_half=(bool, Field(False, description="also evaluate on crops whose lower half is blanked out")),
+)
 
 
 class ComputeConfig(StrictModel):
@@ -101,9 +103,8 @@ class EvaluateConfig(StrictModel):
             raise ValueError("sources: at least one variant is needed")
         if len({p.name for p in self.protocols}) != len(self.protocols):
             raise ValueError("protocols: names must be distinct")
-        unknown = set(self.analyses.mask_matrix_variants or []) - set(self.sources)
-        if unknown:
-            raise ValueError(f"analyses.mask_matrix_variants: {sorted(unknown)} are not in sources")
+        for analysis in configured_analyses(self.analyses):
+            analysis.check(self)
         if any(p.feature != "single" for p in self.protocols) and not self.flip:
             raise ValueError("protocols with feature sum/concat need flip: true")
         return self

@@ -4,75 +4,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from mfr_ray.config.base import StrictModel
-from mfr_ray.paths import expand_shared
-
-
-class ModelSpec(StrictModel):
-    """A backbone by registry name and an optional checkpoint: a file (Xiaoccer's or ours) or a model
-    registered by `mfr train` (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), which brings its own backbone
-    and arguments and loads without pickle."""
-
-    backbone: str = "mobilefacenet"
-    checkpoint: str | None = Field("${shared}/weights/mobilefacenet_casia.ckpt", validate_default=True)
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="backbone arguments, e.g. embedding_size")
-    label: str | None = Field(None, description="name shown in reports; default: backbone + checkpoint file")
-    tracking_uri: str | None = Field(
-        None, description="MLflow store of a models:/ checkpoint; None: the evaluation's tracking store"
-    )
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _expand(cls, value: str | None) -> str | None:
-        return expand_shared(value) if value else None
-
-    def registered(self) -> bool:
-        from mfr_ray.models.registry import is_registry_uri
-
-        return is_registry_uri(self.checkpoint)
-
-    def _tracking_uri(self) -> str:
-        from mfr_ray.tracking import TrackingConfig, resolve_tracking_uri
-
-        return resolve_tracking_uri(TrackingConfig(tracking_uri=self.tracking_uri))
-
-    def display_name(self) -> str:
-        if self.label or not self.checkpoint:
-            return self.label or self.backbone
-        return self.checkpoint if self.registered() else f"{self.backbone}:{Path(self.checkpoint).name}"
-
-    def fingerprint(self) -> str:
-        if self.registered():
-            from mfr_ray.models.registry import registered_version
-
-            identity = list(registered_version(self.checkpoint, self._tracking_uri()))
-        else:
-            stat = os.stat(self.checkpoint) if self.checkpoint and os.path.exists(self.checkpoint) else None
-            identity = [stat.st_size, stat.st_mtime_ns] if stat else None
-        exclude = {"tracking_uri", "label"} | ({"checkpoint"} if self.registered() else set())  # version counts
-        payload = [self.model_dump(mode="json", exclude=exclude), identity]
-        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-    def load(self):
-        """The backbone with its weights, in eval mode (weights only: nothing from a file or the registry is
-        unpickled)."""
-        from mfr_ray.models import load_backbone
-        from mfr_ray.models.registry import load_registered_model
-
-        if self.registered():
-            return load_registered_model(self.checkpoint, self._tracking_uri()).eval()
-        return load_backbone(self.backbone, self.checkpoint, **self.kwargs).eval()
+from mfr_ray.config.common import StorageConfig
+from mfr_ray.models.spec import ModelSpec
 
 
 @dataclass
@@ -112,7 +52,14 @@ class Embedder:
     """Batch UDF: {"crop": uint8 NHWC} -> {"embedding", "embedding_flip"}. Loads the model once, in
     channels-last layout (1.4x faster for MobileFaceNet's depthwise convolutions on CPU, same numbers)."""
 
-    def __init__(self, model: ModelSpec, flip: bool = True, num_threads: int | None = None, bf16: bool = False):
+    def __init__(
+        self,
+        model: ModelSpec,
+        flip: bool = True,
+        num_threads: int | None = None,
+        bf16: bool = False,
+        storage: StorageConfig | None = None,
+    ):
         import torch
 
         from mfr_ray.threads import use_threads
@@ -121,7 +68,7 @@ class Embedder:
             use_threads(num_threads)
         self.flip = flip
         self.bf16 = bf16
-        net = model.load()
+        net = model.load(storage)
         self.net = net.to(memory_format=torch.channels_last)
         self.input_size = tuple(net.input_size)
 
@@ -161,15 +108,16 @@ def embed_crops(
     num_threads: int | None = None,
     bf16: bool = False,
     progress: Callable[[int], Any] | None = None,
+    storage: StorageConfig | None = None,
 ) -> EmbeddingSet:
     """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given. `progress(n)` is called as
-    each batch of n crops is done (e.g. a tqdm bar's `update`)."""
+    each batch of n crops is done (e.g. a tqdm bar's `update`); `storage` reaches an `s3://` checkpoint."""
     if cache_path is not None and cache_path.is_file():
         return EmbeddingSet.load(cache_path)
     progress = progress or (lambda n: None)
     parts = []
     if num_actors <= 1 or len(keys) <= batch_size:
-        embedder = Embedder(model, flip, num_threads, bf16)
+        embedder = Embedder(model, flip, num_threads, bf16, storage)
         for s in range(0, len(keys), batch_size):
             parts.append(
                 embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(keys)))})
@@ -181,7 +129,9 @@ def embed_crops(
         ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
         ds = ds.map_batches(
             Embedder,
-            fn_constructor_kwargs={"model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16},
+            fn_constructor_kwargs={
+                "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
+            },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfr_ray.evaluation.metric_names import fpir_tag
 from mfr_ray.evaluation.verification import far_threshold, l2_normalize
 
 
@@ -98,7 +99,7 @@ def open_set_identification(
                              "n_enrolled": len(split.gallery)}
     for target in fpir_targets:
         t = far_threshold(top_non, target)
-        tag = f"fpir{target * 100:g}pct"
+        tag = fpir_tag(target)
         out[f"threshold_at_{tag}"] = t
         out[f"fpir_at_{tag}"] = float((top_non >= t).mean())
         out[f"fnir_at_{tag}"] = float(1.0 - (correct & (top_mated >= t)).mean())

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfr_ray.evaluation.verification import cosine_scores, far_tag, kfold_verification
-
-UNMASKED = "unmasked"
+from mfr_ray.evaluation.metric_names import metric_key
+from mfr_ray.evaluation.verification import cosine_scores, kfold_verification
+from mfr_ray.imageio import UNMASKED
 
 
 def mask_pair_matrix(
@@ -18,16 +18,19 @@ def mask_pair_matrix(
     far_targets: list[float],
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """`features[variant] = (left, right)` per-pair feature arrays of that variant. Returns the variant
-    order and, per metric, a (template x probe) table of fold means."""
+    order and, per metric (per-fold name: accuracy, tpr_at_far1pct, ...), a (template x probe) table of
+    fold means."""
     variants = list(features)
-    metrics = ["accuracy"] + [f"{m}_at_{far_tag(t)}" for t in far_targets for m in ("tpr", "accuracy")]
-    tables = {m: np.full((len(variants), len(variants)), np.nan) for m in metrics}
+    metrics: list[tuple[str, float | None]] = [("accuracy", None)]
+    metrics += [(m, t) for t in far_targets for m in ("tpr", "accuracy")]
+    shape = (len(variants), len(variants))
+    tables = {metric_key(m, t, stat=None): np.full(shape, np.nan) for m, t in metrics}
     for i, template in enumerate(variants):
         for j, probe in enumerate(variants):
             scores = cosine_scores(features[template][0], features[probe][1])
             summary = kfold_verification(scores, same, fold, far_targets).summary()
-            for metric in metrics:
-                tables[metric][i, j] = summary[f"{metric}_mean"]
+            for metric, target in metrics:
+                tables[metric_key(metric, target, stat=None)][i, j] = summary.value(metric, target)
     return variants, tables
 
 

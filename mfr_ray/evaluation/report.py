@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mfr_ray.evaluation.analyses.base import registered_analyses
+from mfr_ray.evaluation.metric_names import metric_key
+
 
 def _plt():
     import matplotlib
@@ -75,7 +78,7 @@ def plot_heatmap(path: Path, variants: list[str], table: np.ndarray, title: str)
     return path
 
 
-def _pct(value: float) -> str:
+def pct_cell(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"
 
 
@@ -92,14 +95,16 @@ def markdown_report(summary: dict) -> str:
         header += [f"TPR@FAR={t:g}", f"ACC@FAR={t:g}", "FAR reached"]
     header += ["EER", "AUC"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def mean_std(row: dict, metric: str, far: float | None = None) -> str:
+        return f"{pct_cell(row[metric_key(metric, far)])} ± {pct_cell(row[metric_key(metric, far, 'std')])}"
+
     for row in summary["verification"]:
-        cells = [row["protocol"], row["variant"], f"{_pct(row['accuracy_mean'])} ± {_pct(row['accuracy_std'])}"]
+        cells = [row["protocol"], row["variant"], mean_std(row, "accuracy")]
         for t in summary["far_targets"]:
-            tag = row["tags"][str(t)]
-            cells += [f"{_pct(row[f'tpr_at_{tag}_mean'])} ± {_pct(row[f'tpr_at_{tag}_std'])}",
-                      f"{_pct(row[f'accuracy_at_{tag}_mean'])} ± {_pct(row[f'accuracy_at_{tag}_std'])}",
-                      _pct(row[f"far_at_{tag}_mean"])]
-        cells += [_pct(row["eer"]), f"{row['auc']:.4f}"]
+            cells += [mean_std(row, "tpr", t), mean_std(row, "accuracy", t)]
+            cells.append(pct_cell(row[metric_key("far", t)]))
+        cells += [pct_cell(row["eer"]), f"{row['auc']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", ("Scores are cosine similarities of L2-normalised embeddings; a pair is accepted when its score "
                    "is >= the threshold chosen on the other folds (max accuracy: best cut; FAR: the smallest "
@@ -108,23 +113,16 @@ def markdown_report(summary: dict) -> str:
         lines += ["", f"**Note:** {note}"]
     lines += ["", "## Per fold (first protocol, reference variant)", ""]
     folds = summary["fold_table"]
-    cols = [c for c in folds[0] if c == "fold" or c.startswith(("accuracy", "tpr_at", "far_at", "false_accepts"))]
+    counts = {metric_key("false_accepts", t, stat=None) for t in summary["far_targets"]}
+    cols = ["fold", "accuracy"] + [metric_key(m, t, stat=None) for t in summary["far_targets"]
+                                   for m in ("tpr", "far", "accuracy", "false_accepts")]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in folds:
-        lines.append("| " + " | ".join(
-            str(row[c]) if c in ("fold",) or c.startswith("false_accepts") else _pct(row[c]) for c in cols) + " |")
-    if summary.get("mask_matrix"):
-        lines += ["", "## Mask-pair matrix (template x probe, mean accuracy %)", ""]
-        mm = summary["mask_matrix"]
-        variants = mm["variants"]
-        lines += ["| template \\ probe | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 1)]
-        for i, v in enumerate(variants):
-            lines.append(f"| {v} | " + " | ".join(_pct(x) for x in mm["accuracy"][i]) + " |")
-        lines += ["", "Group averages: " + ", ".join(f"{k} {_pct(v)}" for k, v in mm["groups"].items())]
-    for section in ("identification", "open_set", "clustering", "classifiers"):
-        if summary.get(section):
-            lines += ["", f"## {section.replace('_', ' ').title()}", ""]
-            lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary[section].items()]
+        cells = [str(row[c]) if c == "fold" or c in counts else pct_cell(row[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, analysis in registered_analyses():
+        if summary.get(name):
+            lines += analysis.report_section(summary[name])
     if summary.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
     lines += ["", "Files: `folds.csv`, `roc.png`, `mask_matrix_*.csv/png`, `embeddings.npz`, `summary.json`."]

@@ -8,23 +8,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.config.common import init_ray
-from mfr_ray.data.align import OK_FALLBACK, USABLE_STATUSES
-from mfr_ray.evaluation import classifiers, clustering, identification
+from mfr_ray.evaluation.analyses.base import AnalysisResult, configured_analyses
 from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
 from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
-from mfr_ray.evaluation.mask_matrix import mask_pair_matrix, masking_group_means
+from mfr_ray.evaluation.metric_names import far_tag, scoped
 from mfr_ray.evaluation.report import (
     log_to_mlflow,
     markdown_report,
-    plot_heatmap,
     plot_roc,
     write_csv,
-    write_matrix_csv,
     write_summary_json,
 )
 from mfr_ray.evaluation.sources import CropSet, load_crops, source_fingerprint
@@ -33,12 +30,13 @@ from mfr_ray.evaluation.verification import (
     auc,
     cosine_scores,
     equal_error_rate,
-    far_tag,
     kfold_verification,
     mean_subtracted_scores,
     read_pairs,
     roc_curve,
 )
+from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
+from mfr_ray.raycluster import init_ray
 
 UPPER_SUFFIX = "_upper"
 
@@ -127,7 +125,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
             versions[variant + UPPER_SUFFIX] = blank_lower_half(crops.crops)
         for name, array in versions.items():
             tag = (
-                f"{cfg.model.fingerprint()}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
+                f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
                 f"{'-bf16' if cfg.compute.bf16 else ''}-{name}"
             )
             with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet():
@@ -136,6 +134,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
                     cache_path=cache / f"emb-{tag}.npz" if cache else None,
                     num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
                     num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
+                    storage=cfg.storage,
                 )
                 bar.update(len(keys) - bar.n)  # from the cache: all at once
             out[name] = VariantData(crops, embeddings)
@@ -165,7 +164,7 @@ def pooled_test_scores(scores: np.ndarray, fold: np.ndarray) -> np.ndarray:
 def _verification_row(protocol, variant, result, scores, pairs, far_targets):
     pooled = pooled_test_scores(scores, pairs.fold)
     far, tpr, _ = roc_curve(pooled, pairs.same)
-    row = {"protocol": protocol, "variant": variant} | result.summary()
+    row = {"protocol": protocol, "variant": variant} | result.summary().as_dict()
     row |= {"eer": equal_error_rate(far, tpr), "auc": auc(far, tpr), "tags": {str(t): far_tag(t) for t in far_targets}}
     return row, (far, tpr)
 
@@ -185,35 +184,47 @@ def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
     return notes
 
 
-def run_analyses(cfg: EvaluateConfig, data: dict[str, VariantData], primary: str) -> dict[str, dict]:
-    """Identification, open-set, clustering and classifiers on the images of the pair list."""
-    analyses = cfg.analyses
-    base = data[primary].embeddings
-    labels = np.array([k.split("/")[0] for k in base.keys])
-    feats = {v: d.embeddings.features(cfg.protocols[0].feature) for v, d in data.items()}
-    out: dict[str, dict] = {}
-    if analyses.identification:
-        ident = {}
-        for variant, x in feats.items():
-            result = identification.closed_set_identification(
-                feats[primary], labels, tuple(analyses.ranks), probe_embeddings=x
-            )
-            ident |= {f"{variant}.{k}": v for k, v in result.items()}
-        out["identification"] = ident
-    if analyses.open_set:
-        out["open_set"] = identification.open_set_identification(
-            feats[primary], labels, tuple(analyses.fpir_targets), analyses.unknown_fraction
-        )
-    if analyses.clustering:
-        clusters = clustering.agglomerative_clusters(feats[primary], analyses.cluster_distance_threshold)
-        out["clustering"] = clustering.clustering_scores(clusters, labels)
-    if analyses.classifiers:
-        train, test = classifiers.per_identity_split(labels, analyses.classifier_min_images)
-        if len(train) and len(test):
-            test_sets = {v: (x[test], labels[test]) for v, x in feats.items()}
-            out["classifiers"] = classifiers.classifier_accuracies(
-                feats[primary][train], labels[train], test_sets, analyses.knn_k, analyses.mlp_hidden
-            ) | {"n_train": len(train), "n_test": len(test)}
+@dataclass
+class AnalysisContext:
+    """What an analysis reads: the config, the pair list, every variant's crops and embeddings (with the
+    upper-half copies), the reference variant and the folder its files go to."""
+
+    cfg: EvaluateConfig
+    pairs: PairList
+    data: dict[str, VariantData]
+    primary: str
+    output_dir: Path
+
+    @property
+    def protocol(self) -> ProtocolSpec:
+        """Analyses use the first protocol's features."""
+        return self.cfg.protocols[0]
+
+    @property
+    def source_variants(self) -> list[str]:
+        """The configured variants, without their upper-half copies."""
+        return [v for v in self.data if not v.endswith(UPPER_SUFFIX)]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """The identity of each image (the key's first part), in embedding order."""
+        return np.array([k.split("/")[0] for k in self.data[self.primary].embeddings.keys])
+
+    @cached_property
+    def image_features(self) -> dict[str, np.ndarray]:
+        """Per variant, one feature row per image of the pair list."""
+        return {v: d.embeddings.features(self.protocol.feature) for v, d in self.data.items()}
+
+    def pair_features(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
+        return pair_features(self.data[variant], self.pairs, self.protocol)
+
+
+def run_analyses(ctx: AnalysisContext) -> dict[str, AnalysisResult]:
+    """Every registered analysis the config switches on, in report order (mfr_ray/evaluation/analyses/)."""
+    out = {}
+    for analysis in configured_analyses(ctx.cfg.analyses):
+        if analysis.enabled and (result := analysis.run(ctx)) is not None:
+            out[analysis.name] = result
     return out
 
 
@@ -262,7 +273,7 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
             row, curve = _verification_row(protocol.name, variant, result, scores, pairs, cfg.far_targets)
             rows.append(row)
             curves[f"{protocol.name} / {variant}"] = curve
-            metrics |= {f"{protocol.name}.{variant}.{k}": v for k, v in row.items() if isinstance(v, float)}
+            metrics |= {scoped(protocol.name, variant, k): v for k, v in row.items() if isinstance(v, float)}
             if fold_table is None and variant == primary:
                 fold_table = result.fold_table()
     write_csv(output_dir / "folds.csv", fold_table)
@@ -274,21 +285,9 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
         "far_notes": _far_notes(pairs, cfg.far_targets),
         "alignment": _alignment_summary(data), "notes": [],
     }
-    masked_variants = cfg.analyses.mask_matrix_variants or [v for v in data if not v.endswith(UPPER_SUFFIX)]
-    if cfg.analyses.mask_matrix and len(masked_variants) > 1:
-        protocol = cfg.protocols[0]
-        features = {v: pair_features(data[v], pairs, protocol) for v in masked_variants}
-        variants, tables = mask_pair_matrix(features, pairs.same, pairs.fold, cfg.far_targets)
-        for metric, table in tables.items():
-            write_matrix_csv(output_dir / f"mask_matrix_{metric}.csv", variants, table)
-            plot_heatmap(output_dir / f"mask_matrix_{metric}.png", variants, table, f"{metric} (%), {protocol.name}")
-            for group, value in masking_group_means(variants, table).items():
-                metrics[f"mask_matrix.{metric}.{group}"] = value
-        summary["mask_matrix"] = {"variants": variants, "accuracy": tables["accuracy"],
-                                  "groups": masking_group_means(variants, tables["accuracy"])}
-    for section, values in run_analyses(cfg, data, primary).items():
-        summary[section] = values
-        metrics |= {f"{section}.{k}": v for k, v in values.items()}
+    for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir)).items():
+        summary[name] = result.section
+        metrics |= result.metrics
     data[primary].embeddings.save(output_dir / "embeddings.npz")
     summary["seconds"] = round(time.time() - started, 1)
     write_summary_json(output_dir / "summary.json", summary)
@@ -305,7 +304,7 @@ def _alignment_summary(data: dict[str, VariantData]) -> str:
         methods, counts = np.unique(d.crops.method, return_counts=True)
         failed = int((~np.isin(d.crops.status, list(USABLE_STATUSES))).sum())
         fallback = int((d.crops.status == OK_FALLBACK).sum())
-        unmasked = int(np.char.startswith(d.crops.reason.astype(str), "mask not applied").sum())
+        unmasked = int((np.char.find(d.crops.reason.astype(str), "mask not applied") >= 0).sum())
         parts.append(f"{variant}: " + ", ".join(f"{m or 'none'} {c}" for m, c in zip(methods, counts))
                      + (f", {failed} failed (black crop)" if failed else "")
                      + (f", {fallback} {OK_FALLBACK} (centre box guessed)" if fallback else "")

@@ -1,7 +1,8 @@
 """Aligned face crops for evaluation, per image key, from either source:
 
 - `folder`: a raw image tree (e.g. deep-funneled LFW) read, optionally masked on the fly with the masking
-  engine (on the full image, before alignment), and aligned with `FaceAligner`;
+  engine (on the full image, before alignment), and aligned with `FaceAligner`: prepare's
+  `read_decode_align` path, so an image gets the same status and reason as in a prepared dataset;
 - `parquet`: a dataset prepared by `mfr prepare` (aligned crops as encoded bytes), filtered by variant.
 
 Crops are cached on local disk keyed by everything that changes them, so reruns skip detection.
@@ -13,42 +14,21 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from mfr_ray.config.base import StrictModel
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.data.align import CROP_TEMPLATES, USABLE_STATUSES, AlignConfig
-from mfr_ray.imageio import DecodedImage, decode_image
-from mfr_ray.paths import expand_shared
+from mfr_ray.data.align import CROP_TEMPLATES
+from mfr_ray.data.process import ReadResult, read_decode_align
+from mfr_ray.evaluation.config import ImageSourceConfig
+from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, decode_image
 
-UNMASKED = "unmasked"
 # AlignConfig fields that cannot change an evaluation crop: speed settings and how prepare cuts masked
 # training twins (evaluation always aligns the image it is given).
 EVAL_IRRELEVANT_ALIGN = {
     "num_threads", "batch_size", "masked_twin", "jitter_shift", "jitter_shift_y_mean", "jitter_scale",
     "jitter_scale_mean", "jitter_rotation_deg",
 }
-
-
-class ImageSourceConfig(StrictModel):
-    """Where the images of one evaluation variant come from."""
-
-    type: Literal["folder", "parquet"] = "folder"
-    uri: str = Field(
-        "${shared}/datasets/lfw/lfw-deepfunneled", validate_default=True, description="image root or Parquet dataset"
-    )
-    variant: str = Field(UNMASKED, description="folder: mask type applied on the fly (unmasked = none); "
-                         "parquet: value of the `variant` column")
-    mask_seed: int = 0
-    align: AlignConfig = AlignConfig()
-
-    @field_validator("uri")
-    @classmethod
-    def _expand(cls, value: str) -> str:
-        return expand_shared(value)
 
 
 @dataclass
@@ -102,41 +82,34 @@ class FolderCropper:
 
             self.masker = MaskEngine(MaskingConfig(mask_type=source.variant, seed=source.mask_seed))
 
-    def _read(self, key: str):
+    def _read(self, key: str) -> ReadResult:
         from mfr_ray.storage import StorageError, join_uri, read_bytes
 
         try:
-            return decode_image(read_bytes(join_uri(self.source.uri, key), self.storage))
+            return read_bytes(join_uri(self.source.uri, key), self.storage), "", ""
         except StorageError as exc:
-            return DecodedImage(None, "decode_error", str(exc))
+            return None, Status.DECODE_ERROR, str(exc)
+
+    def _mask_frame(self, image: np.ndarray, key: str) -> tuple[np.ndarray, str]:
+        """The full frame with this variant's mask, or the frame as it was and why no mask was put on."""
+        masked = self.masker.mask(image, key, aligned=True)
+        frame = image if masked.image is None else masked.image
+        if masked.image is None or masked.record.status != Status.OK:
+            return frame, f"mask not applied: {masked.record.reason}".strip()
+        return frame, ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         height, width = CROP_TEMPLATES[self.source.align.crop][0]
         crops = np.zeros((len(keys), height, width, 3), dtype=np.uint8)
-        method, status, reason = [""] * len(keys), ["ok"] * len(keys), [""] * len(keys)
-        images, slots = [], []
-        for i, key in enumerate(keys):
-            decoded = self._read(key)
-            if decoded.status != "ok":
-                status[i], reason[i] = decoded.status, decoded.reason
-                continue
-            image = decoded.image
-            if self.masker is not None:
-                masked = self.masker.mask(image, key, aligned=True)
-                image = masked.image if masked.image is not None else image
-                record = getattr(masked, "record", None)
-                if masked.image is None or getattr(record, "status", "ok") != "ok":
-                    reason[i] = f"mask not applied: {getattr(record, 'reason', '')}".strip()
-            images.append(image)
-            slots.append(i)
-        for i, result in zip(slots, self.aligner.align_batch(images), strict=True):
-            method[i], status[i] = result.method, result.status
-            reason[i] = "; ".join(filter(None, [reason[i], result.reason]))
-            if result.usable:
-                crops[i] = result.crop
-        return {"key": np.array(keys), "crop": crops, "method": np.array(method), "status": np.array(status),
-                "reason": np.array(reason)}
+        mask = self._mask_frame if self.masker is not None else None
+        found = read_decode_align(keys, self._read, self.aligner, mask)
+        for i, crop in enumerate(found):
+            if crop.aligned is not None:
+                crops[i] = crop.aligned.crop
+        columns = ("method", "status", "reason")
+        return {"key": np.array(keys), "crop": crops,
+                **{name: np.array([str(getattr(c, name)) for c in found]) for name in columns}}
 
 
 def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, progress=None) -> CropSet:
@@ -186,14 +159,14 @@ def _crops_from_parquet(source: ImageSourceConfig, keys: list[str], storage, siz
     for i, key in enumerate(keys):
         row = rows.get(key)
         if row is None:
-            status[i], reason[i] = "no_face", f"not in the prepared dataset (variant {source.variant})"
+            status[i], reason[i] = Status.NO_FACE, f"not in the prepared dataset (variant {source.variant})"
             continue
         method[i] = table.column("align_method")[row].as_py() or ""
         status[i], reason[i] = statuses[row].as_py(), table.column("reason")[row].as_py() or ""
         if status[i] not in USABLE_STATUSES or images[row].as_py() is None:
             continue
         decoded = decode_image(images[row].as_py())
-        if decoded.status != "ok":
+        if not decoded.ok:
             status[i], reason[i] = decoded.status, decoded.reason
             continue
         crop = decoded.image

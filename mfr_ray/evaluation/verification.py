@@ -12,10 +12,14 @@ Conventions (used everywhere in mfr-ray):
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+
+from mfr_ray.evaluation.metric_names import AT_FAR_METRICS, metric_key
 
 
 # -- pair lists ------------------------------------------------------------------------------------------
@@ -176,40 +180,91 @@ class FoldResult:
     at_far: dict[float, dict[str, float]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MeanStd:
+    """A metric over the folds: mean and population std (ddof=0, as the LFW literature reports)."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> MeanStd:
+        array = np.array(values, dtype=np.float64)
+        return cls(float(array.mean()), float(array.std()))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The fold statistics at one FAR target (threshold chosen on the training folds)."""
+
+    tpr: MeanStd
+    accuracy: MeanStd
+    far: MeanStd
+
+
+@dataclass(frozen=True)
+class VerificationSummary(Mapping[str, float]):
+    """The k-fold summary, typed (`summary.at_far[1e-3].tpr.mean`) and, as a mapping, under the flat names
+    MLflow, the reports and users' dashboards know (`summary["tpr_at_far0.1pct_mean"]`)."""
+
+    accuracy: MeanStd
+    at_far: dict[float, OperatingPoint]
+
+    def value(self, metric: str, far: float | None = None, stat: str = "mean") -> float:
+        """`metric` ("accuracy", or one of AT_FAR_METRICS with `far`) and `stat` ("mean"/"std")."""
+        stats = self.accuracy if far is None else getattr(self.at_far[far], metric)
+        return getattr(stats, stat)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._flat)
+
+    @cached_property
+    def _flat(self) -> dict[str, float]:
+        out = {metric_key("accuracy", stat=s): getattr(self.accuracy, s) for s in ("mean", "std")}
+        for target, point in self.at_far.items():
+            for metric in AT_FAR_METRICS:
+                stats = getattr(point, metric)
+                out |= {metric_key(metric, target, s): getattr(stats, s) for s in ("mean", "std")}
+        return out
+
+    def __getitem__(self, key: str) -> float:
+        return self._flat[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._flat)
+
+    def __len__(self) -> int:
+        return len(self._flat)
+
+
 @dataclass
 class VerificationResult:
     folds: list[FoldResult]
     far_targets: list[float]
 
-    def summary(self) -> dict[str, float]:
-        """mean and std (population, ddof=0, as the LFW literature reports) over folds."""
-        out = {}
-        acc = np.array([f.accuracy for f in self.folds])
-        out["accuracy_mean"], out["accuracy_std"] = float(acc.mean()), float(acc.std())
-        for target in self.far_targets:
-            tag = far_tag(target)
-            for metric in ("tpr", "accuracy", "far"):
-                values = np.array([f.at_far[target][metric] for f in self.folds])
-                out[f"{metric}_at_{tag}_mean"] = float(values.mean())
-                out[f"{metric}_at_{tag}_std"] = float(values.std())
-        return out
+    def summary(self) -> VerificationSummary:
+        """mean and std over folds of the accuracy and of each FAR target's operating point."""
+        return VerificationSummary(
+            MeanStd.of([f.accuracy for f in self.folds]),
+            {
+                target: OperatingPoint(**{
+                    metric: MeanStd.of([fold.at_far[target][metric] for fold in self.folds])
+                    for metric in AT_FAR_METRICS
+                })
+                for target in self.far_targets
+            },
+        )
 
     def fold_table(self) -> list[dict[str, float]]:
         rows = []
         for f in self.folds:
             row = {"fold": f.fold, "best_threshold": f.best_threshold, "accuracy": f.accuracy}
             for target in self.far_targets:
-                tag = far_tag(target)
-                row[f"threshold_at_{tag}"] = f.far_thresholds[target]
+                row[metric_key("threshold", target, stat=None)] = f.far_thresholds[target]
                 for metric, value in f.at_far[target].items():
-                    row[f"{metric}_at_{tag}"] = value
+                    row[metric_key(metric, target, stat=None)] = value
             rows.append(row)
         return rows
-
-
-def far_tag(target: float) -> str:
-    """0.001 -> 'far0.1pct' (a metric-name-safe label)."""
-    return f"far{target * 100:g}pct"
 
 
 def kfold_verification(

@@ -13,22 +13,12 @@ from mfr_ray.masking.engine import (
     record_schema,
     rng_for,
 )
-from mfr_ray.masking.landmarks import (
-    FaceLandmarker,
-    face_tilt,
-    implausible_landmarks,
-    landmark_box,
-    shifted_keypoints,
-    six_keypoints,
-    view_for_tilt,
-)
 from mfr_ray.masking.templates import KEYPOINT_NAMES
 
 __all__ = [
     "KEYPOINT_NAMES",
     "AlignedLayout",
     "CustomMaskType",
-    "FaceLandmarker",
     "MaskChoice",
     "MaskEngine",
     "MaskRecord",
@@ -37,13 +27,7 @@ __all__ = [
     "MaskingConfig",
     "available_mask_types",
     "available_patterns",
-    "face_tilt",
-    "implausible_landmarks",
-    "landmark_box",
     "parse_mix",
     "record_schema",
     "rng_for",
-    "shifted_keypoints",
-    "six_keypoints",
-    "view_for_tilt",
 ]

@@ -185,11 +185,12 @@ class MaskingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _known_names(self) -> MaskingConfig:
-        from mfr_ray.masking.patterns import PATTERNS
-        from mfr_ray.masking.templates import MASK_TYPES
+        """Names are checked against the MASK_TYPES and PATTERNS registries (plus this config's own user
+        types and patterns); the registries load their modules on this first lookup only."""
+        from mfr_ray.registry import MASK_TYPES, PATTERNS
 
-        types = set(MASK_TYPES) | set(self.custom_masks)
-        patterns = set(PATTERNS) | set(self.custom_patterns)
+        types = set(MASK_TYPES.names()) | set(self.custom_masks)
+        patterns = set(PATTERNS.names()) | set(self.custom_patterns)
         if self.mask_type is not None and self.mask_type not in types:
             raise ValueError(f"unknown mask_type {self.mask_type!r}; known: {', '.join(sorted(types))}")
         if self.mask_type is not None and self.mix:

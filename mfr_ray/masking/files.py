@@ -14,10 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mfr_ray.imageio import encode_image, read_image_file
+from mfr_ray.imageio import IMAGE_SUFFIXES, DecodedImage, Status, encode_image, read_image_file
 from mfr_ray.masking.engine import MaskEngine, MaskRecord, MaskResult, record_schema
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 # Image formats the decoder cannot read here: still tried (a mislabelled JPEG decodes), else `unsupported`.
 UNSUPPORTED_SUFFIXES = {
     ".heic": "HEIC",
@@ -29,7 +28,7 @@ UNSUPPORTED_SUFFIXES = {
 }
 ENCODABLE = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
 # A row with one of these statuses is final: `--resume` keeps it. `error` (an unexpected failure) is retried.
-RETRIED_STATUSES = {"error"}
+RETRIED_STATUSES = {Status.ERROR}
 
 
 @dataclass
@@ -144,7 +143,8 @@ def plan_jobs(
         folder = is_folder_output(input_path, output_path)
         target = output_path / output_name(input_path.name) if folder else output_path
         why = _skip_reason(input_path)
-        return [MaskJob(input_path, target, path_text(input_path.name), ("skipped", why) if why else None)]
+        skip = (Status.SKIPPED, why) if why else None
+        return [MaskJob(input_path, target, path_text(input_path.name), skip)]
     root = input_path.resolve()
     inside = {path for path in (p.resolve() for p in excluded) if path.is_relative_to(root)}
     jobs = []
@@ -152,7 +152,7 @@ def plan_jobs(
     for path, why in sorted(walked, key=lambda item: item[0].relative_to(input_path).as_posix()):
         rel = path.relative_to(input_path)
         why = why or _skip_reason(path)
-        skip = ("skipped", why) if why else None
+        skip = (Status.SKIPPED, why) if why else None
         jobs.append(MaskJob(path, None if skip else output_path / rel, path_text(rel.as_posix()), skip))
     _name_outputs([job for job in jobs if job.skip is None])
     return jobs
@@ -193,15 +193,11 @@ def mask_job(
         else:
             decoded = read_image_file(job.source, max_pixels=engine.config.max_pixels)
             decoded_image = decoded.image
-            if decoded.ok:
-                result = engine.mask(decoded.image, job.key, aligned=aligned)
-                result.record.reason = "; ".join(filter(None, [decoded.reason, result.record.reason]))
-            else:
-                status, reason = decoded.status, decoded.reason
-                name = UNSUPPORTED_SUFFIXES.get(job.source.suffix.lower())
-                if name is not None and status == "decode_error":
-                    status, reason = "unsupported", f"{name} images cannot be decoded here ({reason})"
-                result = MaskResult(None, MaskRecord(key=job.key, status=status, reason=reason))
+            name = UNSUPPORTED_SUFFIXES.get(job.source.suffix.lower())
+            if name is not None and decoded.status == Status.DECODE_ERROR:
+                reason = f"{name} images cannot be decoded here ({decoded.reason})"
+                decoded = DecodedImage(None, Status.UNSUPPORTED, reason)
+            result = engine.mask_decoded(decoded, job.key, aligned=aligned)
         row = {"input_path": path_text(job.source), "output_path": "", **result.record.to_row()}
         row["reason"] = path_text(row["reason"])  # it may quote a file name
         if result.image is not None:
@@ -210,7 +206,8 @@ def mask_job(
             row["output_path"] = path_text(job.target)
     except Exception as exc:  # noqa: BLE001  one file's failure is its row, not the end of the run
         result = MaskResult(
-            None, MaskRecord(key=job.key, status="error", reason=path_text(f"{type(exc).__name__}: {exc}"))
+            None,
+            MaskRecord(key=job.key, status=Status.ERROR, reason=path_text(f"{type(exc).__name__}: {exc}")),
         )
         row = {"input_path": path_text(job.source), "output_path": "", **result.record.to_row()}
     return row, decoded_image, result
@@ -266,7 +263,7 @@ def is_done(entry: JournalEntry | None, job: MaskJob) -> bool:
     """A journal row `--resume` keeps: same input, a final status, and its output still on disk."""
     if entry is None or entry.input_path != path_text(job.source) or entry.status in RETRIED_STATUSES:
         return False
-    if entry.status == "ok":
+    if entry.status == Status.OK:
         output = job.target if job.target and entry.output_path == path_text(job.target) else None
         return output is not None and output.is_file() and output.stat().st_size > 0
     return True

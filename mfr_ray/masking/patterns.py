@@ -1,7 +1,8 @@
 """Procedural fabric patterns: seamless RGB tiles drawn by code, one function per pattern.
 
 Each generator returns a TILE x TILE float32 RGB tile in 0..1 that repeats without seams (shapes wrap
-around the borders, noise is filtered in the Fourier domain). Tiles are built once per process.
+around the borders, noise is filtered in the Fourier domain). Tiles are built once per process. A
+generator is registered in `PATTERNS` by its decorator, `@PATTERNS.register("name")`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from functools import cache
 import cv2
 import numpy as np
 
+from mfr_ray.registry import PATTERNS
+
 TILE = 64
-PATTERNS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {}
-
-
-def register_pattern(name: str):
-    def wrap(fn: Callable[[np.random.Generator], np.ndarray]):
-        PATTERNS[name] = fn
-        return fn
-
-    return wrap
 
 
 def hex_to_rgb(color: str) -> np.ndarray:
@@ -104,21 +98,21 @@ def _flower(petal: float, petals: int):
     return draw
 
 
-@register_pattern("checks")
+@PATTERNS.register("checks")
 def checks(rng):
     x, y = _grid()
     on = ((np.floor(x * 4) + np.floor(y * 4)) % 2).astype(np.float32)
     return _paint(_fill("#f4f1ea"), on, "#2b2b2b")
 
 
-@register_pattern("gingham")
+@PATTERNS.register("gingham")
 def gingham(rng):
     x, y = _grid()
     tile = _paint(_fill("#ffffff"), _stripes(x, 16, 0.5) * 0.55, "#c0392b")
     return _paint(tile, _stripes(y, 16, 0.5) * 0.55, "#c0392b")
 
 
-@register_pattern("tartan")
+@PATTERNS.register("tartan")
 def tartan(rng):
     x, y = _grid()
     tile = _fill("#1f4d2b")
@@ -129,7 +123,7 @@ def tartan(rng):
     return tile
 
 
-@register_pattern("plaid")
+@PATTERNS.register("plaid")
 def plaid(rng):
     x, y = _grid()
     tile = _fill("#8e1b1b")
@@ -139,7 +133,7 @@ def plaid(rng):
     return tile
 
 
-@register_pattern("houndstooth")
+@PATTERNS.register("houndstooth")
 def houndstooth(rng):
     shape = [(0, 0), (0.5, 0), (0.75, 0.25), (0.5, 0.25), (0.5, 0.5), (0.25, 0.25), (0, 0.25)]
     centers = [(i / 4, j / 4) for i in range(4) for j in range(4)]
@@ -147,50 +141,50 @@ def houndstooth(rng):
     return _paint(_fill("#f1ede4"), mask, "#1c1c1c")
 
 
-@register_pattern("stripes_horizontal")
+@PATTERNS.register("stripes_horizontal")
 def stripes_horizontal(rng):
     _, y = _grid()
     return _paint(_fill("#f7f7f7"), _stripes(y, 16, 0.5), "#1f3a93")
 
 
-@register_pattern("stripes_vertical")
+@PATTERNS.register("stripes_vertical")
 def stripes_vertical(rng):
     x, _ = _grid()
     return _paint(_fill("#fdf6e3"), _stripes(x, 16, 0.4), "#c2185b")
 
 
-@register_pattern("stripes_diagonal")
+@PATTERNS.register("stripes_diagonal")
 def stripes_diagonal(rng):
     x, y = _grid()
     return _paint(_fill("#ffe082"), _stripes(x + y, 16, 0.5), "#37474f")
 
 
-@register_pattern("pinstripe")
+@PATTERNS.register("pinstripe")
 def pinstripe(rng):
     x, _ = _grid()
     return _paint(_fill("#263238"), _stripes(x, 8, 0.15), "#cfd8dc")
 
 
-@register_pattern("polka_dots")
+@PATTERNS.register("polka_dots")
 def polka_dots(rng):
     centers = [(i / 4 + 0.125, j / 4 + 0.125 + (i % 2) * 0.125) for i in range(4) for j in range(4)]
     return _paint(_fill("#d32f2f"), _wrapped_shapes(_circle(0.06), centers), "#ffffff")
 
 
-@register_pattern("micro_dots")
+@PATTERNS.register("micro_dots")
 def micro_dots(rng):
     centers = [(i / 8, j / 8 + (i % 2) / 16) for i in range(8) for j in range(8)]
     return _paint(_fill("#1a237e"), _wrapped_shapes(_circle(0.022), centers), "#fff59d")
 
 
-@register_pattern("floral_daisy")
+@PATTERNS.register("floral_daisy")
 def floral_daisy(rng):
     centers = [(0.25, 0.25), (0.75, 0.75)]
     tile = _paint(_fill("#4e7d3a"), _wrapped_shapes(_flower(0.09, 8), centers), "#ffffff")
     return _paint(tile, _wrapped_shapes(_circle(0.05), centers), "#f9c80e")
 
 
-@register_pattern("floral_rose")
+@PATTERNS.register("floral_rose")
 def floral_rose(rng):
     centers = [(0.25, 0.3), (0.75, 0.8)]
     tile = _paint(_fill("#fbe9e7"), _wrapped_shapes(_flower(0.1, 5), centers), "#c62828")
@@ -199,14 +193,14 @@ def floral_rose(rng):
     return _paint(tile, leaves, "#2e7d32")
 
 
-@register_pattern("floral_ditsy")
+@PATTERNS.register("floral_ditsy")
 def floral_ditsy(rng):
     centers = [tuple(rng.random(2)) for _ in range(7)]
     tile = _paint(_fill("#102542"), _wrapped_shapes(_flower(0.035, 5), centers), "#f7b2bd")
     return _paint(tile, _wrapped_shapes(_circle(0.015), centers), "#ffe66d")
 
 
-@register_pattern("leaves")
+@PATTERNS.register("leaves")
 def leaves(rng):
     leaf = [(0, -0.12), (0.05, -0.03), (0.04, 0.08), (0, 0.12), (-0.04, 0.08), (-0.05, -0.03)]
     centers = [(0.25, 0.25), (0.75, 0.25), (0.5, 0.75), (0.0, 0.75)]
@@ -221,22 +215,22 @@ def _camouflage(rng, colors: list[str], cutoff: float) -> np.ndarray:
     return tile
 
 
-@register_pattern("camouflage_woodland")
+@PATTERNS.register("camouflage_woodland")
 def camouflage_woodland(rng):
     return _camouflage(rng, ["#6b6b3a", "#3d4a2a", "#8a6a43", "#1e1e16"], 4)
 
 
-@register_pattern("camouflage_desert")
+@PATTERNS.register("camouflage_desert")
 def camouflage_desert(rng):
     return _camouflage(rng, ["#d8c39a", "#b99a6b", "#8f7650"], 4)
 
 
-@register_pattern("camouflage_urban")
+@PATTERNS.register("camouflage_urban")
 def camouflage_urban(rng):
     return _camouflage(rng, ["#9ea3a6", "#6b7074", "#3c4044", "#d9dcde"], 5)
 
 
-@register_pattern("denim")
+@PATTERNS.register("denim")
 def denim(rng):
     x, y = _grid()
     twill = _stripes(x + y * 0.5, 4, 0.5) * 0.25
@@ -245,7 +239,7 @@ def denim(rng):
     return _paint(tile, grain, "#7f9cc4")
 
 
-@register_pattern("herringbone")
+@PATTERNS.register("herringbone")
 def herringbone(rng):
     x, y = _grid()
     column = np.floor(x * 8) % 2
@@ -253,41 +247,41 @@ def herringbone(rng):
     return _paint(_fill("#8d8579"), _stripes(y + slope * x, 8, 0.5) * 0.8, "#4a443c")
 
 
-@register_pattern("chevron")
+@PATTERNS.register("chevron")
 def chevron(rng):
     x, y = _grid()
     zig = np.abs(((x * 4) % 1.0) - 0.5) / 4
     return _paint(_fill("#ffffff"), _stripes(y + zig, 16, 0.45), "#00897b")
 
 
-@register_pattern("zigzag")
+@PATTERNS.register("zigzag")
 def zigzag(rng):
     x, y = _grid()
     zig = np.abs(((x * 8) % 1.0) - 0.5) / 8
     return _paint(_fill("#fff3e0"), _stripes(y + zig, 8, 0.3), "#e65100")
 
 
-@register_pattern("honeycomb")
+@PATTERNS.register("honeycomb")
 def honeycomb(rng):
     hexagon = [(0.1 * np.cos(a), 0.1 * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 7)[:-1]]
     centers = [(i / 4, j / 2 + (i % 2) / 4) for i in range(4) for j in range(2)]
     return _paint(_fill("#5d4037"), _wrapped_shapes(_polygon(hexagon), centers), "#ffb300")
 
 
-@register_pattern("triangles")
+@PATTERNS.register("triangles")
 def triangles(rng):
     tri = [(0, -0.08), (0.08, 0.07), (-0.08, 0.07)]
     centers = [(i / 4 + (j % 2) / 8, j / 4) for i in range(4) for j in range(4)]
     return _paint(_fill("#283593"), _wrapped_shapes(_polygon(tri), centers), "#80deea")
 
 
-@register_pattern("waves")
+@PATTERNS.register("waves")
 def waves(rng):
     x, y = _grid()
     return _paint(_fill("#e0f7fa"), _stripes(y + 0.04 * np.sin(2 * np.pi * x * 2), 12, 0.4), "#0277bd")
 
 
-@register_pattern("stars")
+@PATTERNS.register("stars")
 def stars(rng):
     star = []
     for k in range(10):
@@ -298,7 +292,7 @@ def stars(rng):
     return _paint(_fill("#0d1b4c"), _wrapped_shapes(_polygon(star), centers), "#ffffff")
 
 
-@register_pattern("hearts")
+@PATTERNS.register("hearts")
 def hearts(rng):
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     heart = [
@@ -309,21 +303,21 @@ def hearts(rng):
     return _paint(_fill("#fce4ec"), _wrapped_shapes(_polygon(heart), centers), "#e91e63")
 
 
-@register_pattern("leopard")
+@PATTERNS.register("leopard")
 def leopard(rng):
     centers = [tuple(rng.random(2)) for _ in range(9)]
     tile = _paint(_fill("#d9a441"), _wrapped_shapes(_circle(0.07), centers), "#3b2412")
     return _paint(tile, _wrapped_shapes(_circle(0.04), centers), "#a86f2c")
 
 
-@register_pattern("marble")
+@PATTERNS.register("marble")
 def marble(rng):
     x, y = _grid()
     veins = np.abs(np.sin(2 * np.pi * (x + y + 0.6 * _smooth_noise(rng, 3))))
     return _paint(_fill("#f5f5f5"), (1 - veins) ** 6, "#7a7a7a")
 
 
-@register_pattern("tie_dye")
+@PATTERNS.register("tie_dye")
 def tie_dye(rng):
     x, y = _grid()
     angle = 2 * np.pi * (x + 0.4 * _smooth_noise(rng, 3))
@@ -332,14 +326,14 @@ def tie_dye(rng):
     return _paint(tile, np.clip(-ring, 0, 1) * 0.8, "#ffeb3b")
 
 
-@register_pattern("grid")
+@PATTERNS.register("grid")
 def grid(rng):
     x, y = _grid()
     lines = np.maximum(_stripes(x, 16, 0.1), _stripes(y, 16, 0.1))
     return _paint(_fill("#fafafa"), lines, "#546e7a")
 
 
-@register_pattern("argyle")
+@PATTERNS.register("argyle")
 def argyle(rng):
     diamond = [(0, -0.25), (0.25, 0), (0, 0.25), (-0.25, 0)]
     tile = _paint(
@@ -357,7 +351,7 @@ def _key_seed(name: str) -> int:
 @cache
 def pattern_tile(name: str) -> np.ndarray:
     """The built-in tile of `name` (float32 RGB 0..1), generated once per process, read-only."""
-    tile = np.clip(PATTERNS[name](np.random.default_rng(_key_seed(name))), 0, 1).astype(np.float32)
+    tile = np.clip(PATTERNS.create(name, np.random.default_rng(_key_seed(name))), 0, 1).astype(np.float32)
     tile.setflags(write=False)
     return tile
 

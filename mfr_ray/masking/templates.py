@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from mfr_ray.masking.patterns import hex_to_rgb
+from mfr_ray.registry import MASK_TYPES
 
 SCALE = 200.0  # template pixels per face unit
 ORIGIN = (0.64, 0.14)  # face-unit offset of the canvas' top-left corner
@@ -28,8 +30,6 @@ MIRROR_ORDER = [0, 2, 1, 4, 3, 5]
 FACE_KEYPOINTS = np.array(
     [[0, 0], [-0.5, 0.06], [0.5, 0.06], [-0.39, 0.49], [0.39, 0.49], [0, 0.74]], np.float32
 )
-POLYGON_TYPE = "polygon"
-POLYGON_COLORS = ("#000000", "#ffffff", "#87ceeb")
 
 
 @dataclass(frozen=True)
@@ -278,25 +278,39 @@ def _gas(color: str) -> MaskTemplate:
 
 @dataclass(frozen=True)
 class MaskTypeSpec:
-    build: Callable[..., MaskTemplate] | None  # None: drawn from landmarks (the polygon type)
+    """How one built-in mask type is drawn. `drawing` "template": `build(color)` (or `build(color, valve)`
+    for a type with a valve variant) draws a template that is warped onto the six key points, front and
+    side views; "polygon": the landmark outline of the lower face filled with one flat colour, drawn from
+    `palette` unless the config fixes one (seed 003's mask)."""
+
     color: str
+    build: Callable[..., MaskTemplate] | None = None
+    drawing: Literal["template", "polygon"] = "template"
+    palette: tuple[str, ...] = ()  # polygon: the flat colours a mask is drawn in
     printable: bool = False  # fabric that takes a drawn print style when no pattern/colour is fixed
     valve: bool = False  # has a valve / no-valve variant (style axis "valve")
     strap_color: str | None = None  # ear loops: None = the mask's own colour
 
+    def __post_init__(self) -> None:
+        if (self.drawing == "template") != (self.build is not None):
+            raise ValueError("a template mask type needs `build`, a polygon one has none")
+        if self.drawing == "polygon" and not self.palette:
+            raise ValueError("a polygon mask type needs a `palette`")
 
-MASK_TYPES: dict[str, MaskTypeSpec] = {
-    "surgical": MaskTypeSpec(_surgical, "#a9cfe6", strap_color="#f4f4f2"),
-    "surgical_blue": MaskTypeSpec(_surgical, "#3f7fc4", strap_color="#f4f4f2"),
-    "surgical_green": MaskTypeSpec(_surgical, "#77b8a1", strap_color="#f4f4f2"),
-    "surgical_white": MaskTypeSpec(_surgical, "#f1f1ee", strap_color="#f4f4f2"),
-    "surgical_black": MaskTypeSpec(_surgical, "#2a2a2c", strap_color="#2a2a2c"),
-    "N95": MaskTypeSpec(_n95, "#efece3", valve=True, strap_color="#e8e2c8"),
-    "KN95": MaskTypeSpec(_kn95, "#f4f4f4", strap_color="#f2f2f2"),
-    "cloth": MaskTypeSpec(_cloth, "#2f3e5c", printable=True),
-    "gas": MaskTypeSpec(_gas, "#3a3b3c"),
-    POLYGON_TYPE: MaskTypeSpec(None, POLYGON_COLORS[0]),
-}
+
+SEED_003_COLORS = ("#000000", "#ffffff", "#87ceeb")  # the polygon mask's flat colours
+
+# The built-in mask types, one line each (a type named in a config is looked up in MASK_TYPES).
+MASK_TYPES.add("surgical", MaskTypeSpec("#a9cfe6", _surgical, strap_color="#f4f4f2"))
+MASK_TYPES.add("surgical_blue", MaskTypeSpec("#3f7fc4", _surgical, strap_color="#f4f4f2"))
+MASK_TYPES.add("surgical_green", MaskTypeSpec("#77b8a1", _surgical, strap_color="#f4f4f2"))
+MASK_TYPES.add("surgical_white", MaskTypeSpec("#f1f1ee", _surgical, strap_color="#f4f4f2"))
+MASK_TYPES.add("surgical_black", MaskTypeSpec("#2a2a2c", _surgical, strap_color="#2a2a2c"))
+MASK_TYPES.add("N95", MaskTypeSpec("#efece3", _n95, valve=True, strap_color="#e8e2c8"))
+MASK_TYPES.add("KN95", MaskTypeSpec("#f4f4f4", _kn95, strap_color="#f2f2f2"))
+MASK_TYPES.add("cloth", MaskTypeSpec("#2f3e5c", _cloth, printable=True))
+MASK_TYPES.add("gas", MaskTypeSpec("#3a3b3c", _gas))
+MASK_TYPES.add("polygon", MaskTypeSpec("#000000", drawing="polygon", palette=SEED_003_COLORS))
 
 
 def side_view(front: MaskTemplate, side: str) -> MaskTemplate:
@@ -333,8 +347,8 @@ def side_view(front: MaskTemplate, side: str) -> MaskTemplate:
 
 def build_template(mask_type: str, view: str, valve: bool = True) -> MaskTemplate:
     """Draw one built-in template (callers cache it); `valve` picks the variant of types that have one."""
-    spec = MASK_TYPES[mask_type]
-    if spec.build is None:
+    spec = MASK_TYPES.get(mask_type)
+    if spec.drawing != "template":
         raise ValueError(f"{mask_type!r} is drawn from landmarks and has no template")
     front = spec.build(spec.color, valve) if spec.valve else spec.build(spec.color)
     return front if view == "front" else side_view(front, view)

@@ -1,4 +1,5 @@
-"""Classification heads for training, registered by name: `create_head(name, in_features, num_classes)`.
+"""Classification heads for training, registered by name in `mfr_ray.registry.HEADS`:
+`create_head(name, in_features, num_classes)`.
 
 Margin heads (ArcFace, CosFace) take the embeddings and labels and return logits for cross-entropy;
 the plain softmax head is a linear layer and ignores the labels.
@@ -12,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mfr_ray.models.registry import Registry
-
-HEADS = Registry("head")
+from mfr_ray.registry import HEADS
 
 
 def create_head(name: str, in_features: int, num_classes: int, **kwargs) -> nn.Module:

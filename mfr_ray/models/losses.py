@@ -5,6 +5,7 @@ pairwise distillation losses between the masked and unmasked embedding of the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,28 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float =
 
 
 # -- distillation ----------------------------------------------------------------------------------------
+def _squared_euclidean(a: torch.Tensor, b: torch.Tensor, margin: float) -> torch.Tensor:
+    return ((a - b) ** 2).sum(1)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, margin: float) -> torch.Tensor:
+    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).clamp(-1.0, 1.0)
+
+
+def _margin_cosine(a: torch.Tensor, b: torch.Tensor, margin: float) -> torch.Tensor:
+    cos = F.cosine_similarity(a, b, dim=1, eps=1e-8).clamp(-1.0, 1.0)
+    sin = torch.sqrt((1.0 - cos * cos).clamp(min=0.0))
+    return 1.0 - (cos * math.cos(margin) - sin * math.sin(margin))
+
+
+# The margin_distill objective's `distillation` choices (its config's literal, less "none") -> per-pair loss.
+DISTILLATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "mse": _squared_euclidean,
+    "cosine": _cosine,
+    "margin_cosine": _margin_cosine,
+}
+
+
 def pairwise_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine",
                           margin: float = 0.0) -> torch.Tensor:
     """Per-pair distance between the masked (student) and unmasked (teacher) embedding of one image:
@@ -58,16 +81,9 @@ def pairwise_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: st
     - "cosine": 1 - cos(theta), direction only;
     - "margin_cosine": 1 - cos(theta + margin), still pulling when the pair is already aligned.
     Returns a (n,) tensor; reduce it with `balanced_mean`."""
-    a, b = student.float(), teacher.float()
-    if kind == "mse":
-        return ((a - b) ** 2).sum(1)
-    cos = F.cosine_similarity(a, b, dim=1, eps=1e-8).clamp(-1.0, 1.0)
-    if kind == "cosine":
-        return 1.0 - cos
-    if kind == "margin_cosine":
-        sin = torch.sqrt((1.0 - cos * cos).clamp(min=0.0))
-        return 1.0 - (cos * math.cos(margin) - sin * math.sin(margin))
-    raise ValueError(f"unknown distillation {kind!r}; use mse, cosine or margin_cosine")
+    if kind not in DISTILLATIONS:
+        raise ValueError(f"unknown distillation {kind!r}; use {', '.join(DISTILLATIONS)}")
+    return DISTILLATIONS[kind](student.float(), teacher.float(), margin)
 
 
 def dynamic_balancing_mask(logits_masked: torch.Tensor, logits_unmasked: torch.Tensor,

@@ -1,49 +1,22 @@
-"""Backbone registry (timm-style): `@register_backbone("name")`, `create_backbone(name, **kw)`,
+"""Backbones by name over the one registry (`mfr_ray.registry.BACKBONES`): `create_backbone(name, **kw)`,
 `load_backbone(name, checkpoint_path)`, and the single input preprocessing every backbone shares."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from mfr_ray.registry import BACKBONES
+
 PIXEL_MEAN = 127.5
 PIXEL_SCALE = 128.0
 
 
-class Registry:
-    """Name -> factory, filled by decorators where each model/head is defined."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._factories: dict[str, Callable[..., nn.Module]] = {}
-
-    def register(self, name: str):
-        def add(factory):
-            if name in self._factories:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._factories[name] = factory
-            return factory
-
-        return add
-
-    def names(self) -> list[str]:
-        return sorted(self._factories)
-
-    def create(self, name: str, *args, **kwargs) -> nn.Module:
-        if name not in self._factories:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
-        return self._factories[name](*args, **kwargs)
-
-
-BACKBONES = Registry("backbone")
-
-
 def register_backbone(name: str):
-    """Class/function decorator adding a backbone factory under `name`."""
+    """Class/function decorator adding a backbone factory under `name` (`BACKBONES.register`)."""
     return BACKBONES.register(name)
 
 
@@ -126,7 +99,8 @@ def load_model_files(folder: str | Path) -> nn.Module:
     else is called) and the weights load with weights_only=True, so a pickled object in the registry raises,
     never runs."""
     import json
-    import pickle
+
+    from mfr_ray.models.spec import read_weights
 
     folder = Path(folder)
     spec_path = folder / MODEL_SPEC_FILE
@@ -137,12 +111,7 @@ def load_model_files(folder: str | Path) -> nn.Module:
         raise ValueError(f"{spec_path}: format {spec.get('format')!r} / factory {spec.get('factory')!r} "
                          f"is not {MODEL_FORMAT!r} / {FACTORY!r}")
     model = create_backbone(spec["backbone"], **spec.get("kwargs", {}))
-    try:
-        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"{folder / WEIGHTS_FILE} is not a plain state dict (refused, not unpickled): "
-                         f"{type(exc).__name__}") from None
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(read_weights(str(folder / WEIGHTS_FILE)), strict=True)
     if list(model.input_size) != spec["input_size"] or model.embedding_size != spec["embedding_size"]:
         raise ValueError(f"{spec_path}: sizes {spec['input_size']}/{spec['embedding_size']} do not match "
                          f"the rebuilt {spec['backbone']}")

@@ -24,6 +24,7 @@ __all__ = [
     "boto3_client",
     "ensure_bucket",
     "exists",
+    "file_version",
     "filesystem_for",
     "is_s3",
     "iter_files",
@@ -135,7 +136,7 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
         raise _wrap("reading", uri, cfg, exc) from None
 
 
@@ -152,7 +153,7 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         else:
             with fs.open_output_stream(path) as stream:
                 stream.write(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
         raise _wrap("writing", uri, cfg, exc) from None
 
 
@@ -160,8 +161,27 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     fs, path = filesystem_for(uri, cfg)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
         raise _wrap("checking", uri, cfg, exc) from None
+
+
+def file_version(uri: str, cfg: StorageConfig | None = None) -> list | None:
+    """What tells one version of a file from another, for cache keys: [size, ETag] of an S3 object (its
+    modification time where the store sends no ETag), [size, mtime in ns] of a local file; None if missing."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not os.path.exists(path):
+            return None
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns]
+    bucket, key = _split_s3(uri)
+    try:
+        head = boto3_client(cfg).head_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _wrap("checking", uri, cfg, exc) from None
+    return [int(head["ContentLength"]), head.get("ETag", "").strip('"') or head["LastModified"].isoformat()]
 
 
 def iter_files(
@@ -185,7 +205,7 @@ def iter_files(
                     rel = obj["Key"][len(prefix):]
                     if rel and not rel.endswith("/") and wanted(rel):
                         yield rel, int(obj["Size"])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
             raise _wrap("listing", uri, cfg, exc) from None
         return
     root = _local_path(uri)
@@ -208,8 +228,8 @@ def ensure_bucket(uri: str, cfg: StorageConfig | None = None) -> None:
     client = boto3_client(cfg)
     try:
         client.head_bucket(Bucket=bucket)
-    except Exception:
+    except Exception:  # noqa: BLE001 - missing or not ours: creating it says which
         try:
             client.create_bucket(Bucket=bucket)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a redacted StorageError
             raise _wrap("creating bucket for", uri, cfg, exc) from None

@@ -5,6 +5,7 @@ distillation, or the FaceNet triplet baseline; DDP workers fed by Ray Data, chec
 used inside Tune trials). Torch and Ray load lazily so importing the config stays light.
 """
 
+from mfr_ray import lazy_attributes
 from mfr_ray.train.config import TrainConfig
 
 _LAZY = {
@@ -16,10 +17,4 @@ _LAZY = {
 
 __all__ = ["TrainConfig", "TrainingOutcome", "run_training", "train_and_report", "train_loop_per_worker"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mfr_ray.train' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

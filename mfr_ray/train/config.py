@@ -3,20 +3,25 @@ checkpoints and tracking. One model validated on the driver and again inside eve
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from mfr_ray.config.base import StrictModel
+from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
+from mfr_ray.evaluation.metric_names import VAL_TPR_AT_FAR, TrainingMetricName
 from mfr_ray.masking.config import MaskingConfig
-from mfr_ray.paths import expand_shared
+from mfr_ray.models.spec import ModelSpec
+from mfr_ray.registry import HEADS, OBJECTIVES
+from mfr_ray.train.objectives.margin_distill import MarginDistillObjective
 
 
 class TrainDataConfig(StrictModel):
     """A prepared dataset (`mfr prepare`) read as (unmasked, masked) pairs of the same image."""
 
-    uri: str = Field(..., description="prepared dataset root: local folder, file:// or s3://bucket/prefix")
+    uri: SharedPath = Field(
+        ..., description="prepared dataset root: local folder, file:// or s3://bucket/prefix"
+    )
     masked_variant: str = Field("masked", description="prepared variant paired with each unmasked crop")
     on_the_fly_masking: bool = Field(
         False,
@@ -51,91 +56,34 @@ class TrainDataConfig(StrictModel):
     )
     seed: int = 0
 
-    @field_validator("uri")
-    @classmethod
-    def _expand(cls, value: str) -> str:
-        return expand_shared(value)
 
+class TrainModelConfig(ModelSpec):
+    """The model a run fine-tunes, described as evaluation describes one (a `ModelSpec`), and the margin head
+    trained on top of it."""
 
-class TrainModelConfig(StrictModel):
-    backbone: str = "mobilefacenet"
-    checkpoint: str | None = Field(None, description="fine-tune from these weights; None trains from scratch")
-    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
-    head: Literal["arcface", "cosface", "softmax"] = "arcface"
+    checkpoint: SharedPath | None = Field(None, description="fine-tune from these weights; None trains from scratch")
+    head: HEADS.name_type = "arcface"
     head_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {s: 32, m: 0.5} for arcface")
 
-    @field_validator("checkpoint")
-    @classmethod
-    def _expand(cls, value: str | None) -> str | None:
-        return expand_shared(value) if value else None
+    def trained(self, checkpoint: str, label: str | None = None) -> ModelSpec:
+        """The ModelSpec of what a run trained: this backbone and its arguments with the run's weights
+        (a checkpoint folder's MODEL_FILE), as `mfr evaluate` takes it."""
+        spec = self.model_dump(include=set(ModelSpec.model_fields))
+        return ModelSpec.model_validate({**spec, "checkpoint": checkpoint, "label": label})
 
 
-class LossConfig(StrictModel):
-    """`margin_distill`: head_weight * [head(unmasked) + masked_weight * head(masked)] + beta *
-    distillation(masked -> teacher) + teacher_unmasked_weight * distillation(unmasked -> teacher), where the
-    teacher is the network's own unmasked embedding (`self`, the paper's recipe) or the starting checkpoint,
-    frozen, on the unmasked crop (`frozen`: the student cannot drift away from what it knew); `triplet`:
-    FaceNet's triplet loss on all embeddings of the batch (the paper's baseline)."""
+def _objective_kind(section: Any) -> str | None:
+    """The `kind` a `loss:` section names (margin_distill when it names none)."""
+    if isinstance(section, dict):
+        return section.get("kind", MarginDistillObjective.model_fields["kind"].default)
+    return getattr(section, "kind", None)
 
-    kind: Literal["margin_distill", "triplet"] = "margin_distill"
-    use_masked: bool = Field(
-        True, description="train on the masked crops too (False: unmasked-only baseline)"
-    )
-    masked_weight: float = Field(1.0, ge=0)
-    head_weight: float = Field(
-        1.0, ge=0, description="weight of the margin head's terms; 0 builds no head (frozen teacher only)"
-    )
-    distillation: Literal["none", "mse", "cosine", "margin_cosine"] = "cosine"
-    teacher: Literal["self", "frozen"] = Field(
-        "self",
-        description="self: the unmasked embedding of the network being trained; frozen: a copy of "
-        "model.checkpoint in eval mode, never updated, embedding the unmasked crop",
-    )
-    beta: float = Field(1.0, ge=0, description="weight of the distillation of the masked embedding")
-    teacher_unmasked_weight: float = Field(
-        0.0, ge=0, description="weight of the distillation of the unmasked embedding onto the frozen teacher"
-    )
-    distill_margin: float = Field(0.0, ge=0, le=2, description="margin of the margin cosine distillation")
-    distill_layer: str = Field(
-        "embedding",
-        description="'embedding' or the dotted name of a backbone module whose output is distilled",
-    )
-    dynamic_balancing: bool = Field(
-        False,
-        description="count the masked distillation only for pairs whose masked and unmasked crops are both "
-        "classified right by the head",
-    )
-    detach_teacher: bool = Field(
-        True, description="self teacher: no gradient through the unmasked side (a frozen one never has any)"
-    )
-    triplet_margin: float = Field(0.2, gt=0)
-    triplet_mining: Literal["batch_hard", "semi_hard"] = "batch_hard"
 
-    @model_validator(mode="after")
-    def _consistent(self) -> LossConfig:
-        if self.kind == "triplet":
-            if self.teacher == "frozen":
-                raise ValueError("teacher frozen is a term of kind margin_distill, not of the triplet loss")
-            return self
-        if self.teacher == "self":
-            if self.distillation != "none" and not self.use_masked:
-                raise ValueError("distillation needs masked crops: set use_masked true or distillation none")
-            if self.teacher_unmasked_weight > 0:
-                raise ValueError("teacher_unmasked_weight needs teacher frozen (self: unmasked teaches)")
-            if self.head_weight == 0:
-                raise ValueError("head_weight 0 needs teacher frozen: self-distillation anchors nothing")
-        else:
-            if self.distillation == "none":
-                raise ValueError("teacher frozen needs a distillation (mse, cosine or margin_cosine)")
-            masked_term = self.use_masked and self.beta > 0
-            if not masked_term and self.teacher_unmasked_weight == 0 and self.head_weight == 0:
-                raise ValueError(
-                    "no loss term left: set beta (with masked crops), teacher_unmasked_weight or head_weight"
-                )
-        if self.dynamic_balancing and self.head_weight == 0:
-            raise ValueError("dynamic_balancing needs the head's predictions: head_weight > 0")
-        return self
-
+# The `loss:` section: one of the registered objectives (mfr_ray/train/objectives/), picked by its `kind`.
+LossConfig = Annotated[
+    Union[tuple(Annotated[objective, Tag(kind)] for kind, objective in OBJECTIVES.items())],  # noqa: UP007
+    Discriminator(_objective_kind),
+]
 
 class OptimConfig(StrictModel):
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -174,20 +122,17 @@ class ScalingSection(StrictModel):
 
 
 class CheckpointSection(StrictModel):
-    storage_path: str = Field(
+    storage_path: SharedPath = Field(
         "outputs/train", description="RunConfig storage: local folder or s3://bucket/prefix"
     )
     num_to_keep: int | None = Field(2, ge=1)
-    score_attribute: str | None = Field("val_tpr_at_far", description="reported metric ranking checkpoints")
+    score_attribute: TrainingMetricName | None = Field(
+        VAL_TPR_AT_FAR, description="reported metric ranking checkpoints"
+    )
     score_order: Literal["max", "min"] = "max"
     max_failures: int = Field(
         1, ge=-1, description="worker failures tolerated (restart from the last checkpoint)"
     )
-
-    @field_validator("storage_path")
-    @classmethod
-    def _expand(cls, value: str) -> str:
-        return expand_shared(value)
 
 
 class TrainConfig(StrictModel):
@@ -196,7 +141,7 @@ class TrainConfig(StrictModel):
     name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
     data: TrainDataConfig
     model: TrainModelConfig = Field(default_factory=TrainModelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(default_factory=MarginDistillObjective)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -215,6 +160,6 @@ class TrainConfig(StrictModel):
     def _teacher_has_weights(self) -> TrainConfig:
         """A frozen teacher is the starting checkpoint: without one there is nothing to distil toward, and the
         worker would only find out after the cluster has started."""
-        if self.loss.teacher == "frozen" and not self.model.checkpoint:
+        if self.loss.needs_teacher and not self.model.checkpoint:
             raise ValueError("loss.teacher frozen needs model.checkpoint (the frozen teacher's weights)")
         return self

@@ -93,10 +93,9 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mfr_ray.models import load_backbone
     from mfr_ray.models.registry import save_model_files
+    from mfr_ray.models.spec import MODEL_FILE
     from mfr_ray.tracking import resolve_tracking_uri
-    from mfr_ray.train.loop import MODEL_FILE
 
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
     with mlflow.start_run(run_id=run_id):
@@ -109,11 +108,9 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
         if result.checkpoint is None:
             return None
         with result.checkpoint.as_directory() as folder:
-            backbone = load_backbone(
-                cfg.model.backbone, os.path.join(folder, MODEL_FILE), **cfg.model.backbone_kwargs
-            )
+            backbone = cfg.model.trained(os.path.join(folder, MODEL_FILE)).load()
         with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
-            save_model_files(backbone, cfg.model.backbone, dict(cfg.model.backbone_kwargs), folder)
+            save_model_files(backbone, cfg.model.backbone, dict(cfg.model.kwargs), folder)
             mlflow.log_artifacts(folder, artifact_path="model")
         mlflow.log_dict(dump_config(cfg), "train_config.json")
         if not cfg.registered_model_name:
@@ -148,15 +145,21 @@ def quiet_ingest() -> Iterator[None]:
 
 
 def ingest_cpu_shortfall(cfg: TrainConfig, cluster_cpus: float) -> str | None:
-    """Ray Data's ingest tasks ask for a whole CPU each: workers that hold all but a fraction of the
-    cluster's CPUs leave them unschedulable and training waits forever. The warning to print, if so."""
-    free = cluster_cpus - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if free >= 1.0:
+    """Ray Data's ingest tasks ask for `data.ingest_cpus` each, beside the on-the-fly masking actors that
+    hold `data.masking_cpus` each for the whole run: workers that leave less than that free leave the
+    ingest unschedulable and training waits forever. The warning to print, if so."""
+    data, scaling = cfg.data, cfg.scaling
+    maskers = data.on_the_fly_masking and cfg.loss.use_masked
+    held = data.masking_actors * data.masking_cpus if maskers else 0.0
+    free = cluster_cpus - scaling.num_workers * scaling.cpus_per_worker
+    if free >= held + data.ingest_cpus:
         return None
+    beside = f" beside {data.masking_actors} masking actor(s) x {data.masking_cpus:g} CPU" if maskers else ""
     return (
-        f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} CPU leave {max(free, 0):.2f} of the "
-        f"cluster's {cluster_cpus:g} CPUs; Ray Data ingest tasks need 1 CPU each and will wait until the cluster "
-        "grows. Lower scaling.cpus_per_worker (a logical share; threads are scaling.torch_threads)."
+        f"{scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU leave {max(free, 0):.2f} of the "
+        f"cluster's {cluster_cpus:g} CPUs; Ray Data ingest tasks need {data.ingest_cpus:g} CPU each "
+        f"(data.ingest_cpus){beside} and will wait until the cluster grows. Lower scaling.cpus_per_worker "
+        "(a logical share; threads are scaling.torch_threads)."
     )
 
 
@@ -173,11 +176,11 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mfr_ray.config.common import init_ray
     from mfr_ray.models import create_backbone
+    from mfr_ray.raycluster import init_ray
     from mfr_ray.tracking import resolve_tracking_uri
     from mfr_ray.train.data import label_count, training_dataset, validation_identities, validation_set
-    from mfr_ray.train.loop import train_loop_per_worker
+    from mfr_ray.train.loop import WORKER_INPUTS, WorkerInputs, train_loop_per_worker
 
     name = run_name or cfg.name
     init_ray(cfg.ray)
@@ -187,7 +190,7 @@ def run_training(
     with quiet_ingest():
         num_classes = label_count(cfg.data, cfg.storage)
         held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
-        input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).input_size)
+        input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.kwargs).input_size)
         validation = validation_set(cfg.data, cfg.storage, held_out, input_size)
         train_ds, rows = training_dataset(cfg.data, cfg.storage, held_out, use_masked=cfg.loss.use_masked)
     per_step = cfg.schedule.batch_size * cfg.scaling.num_workers
@@ -206,12 +209,14 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": cfg.model_dump(mode="json"),
-            "num_classes": num_classes,
-            "steps_per_epoch": steps_per_epoch,
-            "validation": ray.put(validation) if validation is not None else None,
-            "tracking_uri": resolve_tracking_uri(cfg.tracking) if mlflow_run_id else None,
-            "mlflow_run_id": mlflow_run_id,
+            WORKER_INPUTS: WorkerInputs(
+                train=cfg.model_dump(mode="json"),
+                num_classes=num_classes,
+                steps_per_epoch=steps_per_epoch,
+                validation=ray.put(validation) if validation is not None else None,
+                tracking_uri=resolve_tracking_uri(cfg.tracking) if mlflow_run_id else None,
+                mlflow_run_id=mlflow_run_id,
+            )
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from mfr_ray.config import StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
+from mfr_ray.evaluation.metric_names import VAL_TPR_AT_FAR, TrainingMetricName
 
 
 class SearchDimension(StrictModel):
@@ -47,7 +48,9 @@ class TuneConfig(StrictModel):
     searcher: Literal["grid", "random", "optuna", "hyperopt"] = "random"
     num_samples: int = Field(8, ge=1, description="samples drawn (grid: repeats of the full grid)")
     max_concurrent_trials: int = Field(1, ge=1)
-    metric: str = "val_tpr_at_far"
+    metric: TrainingMetricName = Field(
+        VAL_TPR_AT_FAR, description="the objective: a metric each trial's training reports per epoch"
+    )
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerConfig = SchedulerConfig()
     trial_cpus: float = Field(0.01, gt=0, description="CPUs held by the trial driver; its trainer asks for its own")

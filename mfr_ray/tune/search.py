@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from mfr_ray.config import dump_config, flatten_config, set_dotted
-from mfr_ray.config.common import init_ray
-from mfr_ray.config.loader import REDACTED, apply_overrides
+from mfr_ray.config.loader import REDACTED, read_config, validate_config
+from mfr_ray.evaluation.metric_names import VAL_ACCURACY
+from mfr_ray.raycluster import init_ray
 from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, redact, write_bytes
 from mfr_ray.tune.config import SearchDimension, TuneConfig
 
@@ -46,11 +47,15 @@ def param_domain(dim: SearchDimension, searcher: str):
 
 
 def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
-    """The base training config as plain data, with the search's own overrides applied."""
-    data = yaml.safe_load(Path(cfg.base_config).read_text()) or {}
+    """The base training config as plain data, with the search's own overrides applied (what each trial sets
+    its sampled keys on), read and checked as `load_config` does: a bad base fails by key and file."""
+    from mfr_ray.train import TrainConfig
+
+    data = read_config(cfg.base_config, cfg.base_overrides)
     if data.get("kind") != "train":
         raise ValueError(f"{cfg.base_config}: base_config must be a train config (kind: train)")
-    return apply_overrides(data, cfg.base_overrides)
+    validate_config(data, cfg.base_config, expected=TrainConfig)
+    return data
 
 
 def trial_train_data(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +350,7 @@ def trial_table(result_grid, keys: list[str], metric: str) -> list[dict[str, Any
         row = {"trial_id": metrics.get("trial_id", ""), "status": "error" if result.error else "ok"}
         row.update({key: (result.config or {}).get(key) for key in keys})
         row[metric] = metrics.get(metric)
-        row["val_accuracy"] = metrics.get("val_accuracy")
+        row[VAL_ACCURACY] = metrics.get(VAL_ACCURACY)
         row["epochs"] = metrics.get("training_iteration")
         rows.append(row)
     return rows

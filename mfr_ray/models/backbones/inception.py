@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from mfr_ray.models.registry import register_backbone
+from mfr_ray.registry import BACKBONES
 
 
-@register_backbone("inception_resnet_v1")
+@BACKBONES.register("inception_resnet_v1")
 class InceptionResNetV1(nn.Module):
     def __init__(self, embedding_size: int = 512, input_size=(160, 160), dropout: float = 0.6):
         super().__init__()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from mfr_ray.models.embedding_head import EmbeddingHead
-from mfr_ray.models.registry import register_backbone
+from mfr_ray.registry import BACKBONES
 
 STAGE_DEPTHS = {18: (2, 2, 2, 2), 50: (3, 4, 14, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -51,11 +51,11 @@ class IResNet(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-@register_backbone("iresnet18")
+@BACKBONES.register("iresnet18")
 def iresnet18(**kwargs) -> IResNet:
     return IResNet(18, **kwargs)
 
 
-@register_backbone("iresnet50")
+@BACKBONES.register("iresnet50")
 def iresnet50(**kwargs) -> IResNet:
     return IResNet(50, **kwargs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mfr_ray.models.registry import register_backbone
+from mfr_ray.registry import BACKBONES
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 1.
 BOTTLENECK_SETTINGS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -48,7 +48,7 @@ class Bottleneck(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-@register_backbone("mobilefacenet")
+@BACKBONES.register("mobilefacenet")
 class MobileFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 128, input_size: tuple[int, int] = (112, 96)):
         super().__init__()

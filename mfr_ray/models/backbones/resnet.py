@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from mfr_ray.models.embedding_head import EmbeddingHead
-from mfr_ray.models.registry import register_backbone
+from mfr_ray.registry import BACKBONES
 
 
 class FaceResNet(nn.Module):
@@ -34,11 +34,11 @@ class FaceResNet(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-@register_backbone("resnet18")
+@BACKBONES.register("resnet18")
 def resnet18(**kwargs) -> FaceResNet:
     return FaceResNet(18, **kwargs)
 
 
-@register_backbone("resnet50")
+@BACKBONES.register("resnet50")
 def resnet50(**kwargs) -> FaceResNet:
     return FaceResNet(50, **kwargs)

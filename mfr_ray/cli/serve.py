@@ -1,0 +1,209 @@
+"""`mfr export`, `mfr enrol`, `mfr verify`, `mfr identify` and `mfr serve`: the recogniser in service."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+DEFAULT_FAR = 1e-3
+FAR_HELP = "False accept rate of the decision: one of the FARs the package was exported with."
+# Exit status of verify/identify when no decision could be made (no face, unreadable image).
+NO_DECISION_EXIT = 3
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        typer.secho(f"cannot read {path}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _package_or_exit(uri: str):
+    from mfr_ray.serve.package import PackageError, load_package
+
+    try:
+        return load_package(uri)
+    except PackageError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _describe_images(images) -> str:
+    return ", ".join(f"{i.status} ({i.align_method})" for i in images)
+
+
+def _answer(decide, as_json: bool, describe) -> None:
+    """Run one decision and print it (JSON, "no decision: why", or `describe(result)`); a package error
+    exits 2, an image without a face exits 3."""
+    from mfr_ray.serve.package import PackageError
+    from mfr_ray.serve.recognise import NO_DECISION
+
+    try:
+        result = decide()
+    except PackageError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+    elif result.decision == NO_DECISION:
+        typer.echo(f"no decision: {result.reason}")
+    else:
+        typer.echo(describe(result))
+    if result.decision == NO_DECISION:
+        raise typer.Exit(NO_DECISION_EXIT)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export(
+        source: str = typer.Argument(..., help="Checkpoint file, models:/NAME/VERSION, or an MLflow run id "
+                                     "(a training run, or an evaluation run: then it also calibrates)."),
+        out: Path = typer.Argument(..., help="Package folder to write."),
+        eval_run: str = typer.Option(None, "--eval-run", help="MLflow evaluation run whose pairs calibrate the "
+                                     "thresholds (it must have evaluated these weights)."),
+        far: list[float] = typer.Option(None, "--far", help="FARs to calibrate at (repeat; default 1e-2 1e-3 1e-4)."),
+        backbone: str = typer.Option("mobilefacenet", "--backbone", help="Backbone of a checkpoint file."),
+        register_name: str = typer.Option(None, "--register", help="Also register the package as a new version "
+                                          "of this MLflow model."),
+        tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: env / ./mlflow.db)."),
+        no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Write the folder only, log nothing."),
+    ) -> None:
+        """A model package: plain weights, preprocessing, thresholds at FARs, model card; logged to MLflow."""
+        from mfr_ray.config.common import TrackingConfig
+        from mfr_ray.serve.package import DEFAULT_FARS, PackageError, export_package
+
+        try:
+            result = export_package(
+                source, out, eval_run=eval_run, fars=tuple(far or DEFAULT_FARS), backbone=backbone,
+                tracking=TrackingConfig(tracking_uri=tracking_uri, enabled=not no_mlflow),
+                register_name=register_name,
+            )
+        except PackageError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"package: {result.path}")
+        for p in result.operating_points:
+            flag = "" if p.resolvable else f"  NOT RESOLVABLE ({p.n_impostor} impostor pairs < 1/FAR)"
+            typer.echo(f"  FAR {p.far_target:g}: threshold {p.threshold:.4f}  measured FAR {p.far:.5f}  "
+                       f"TPR {p.tpr * 100:.2f}%  ({p.n_impostor} impostor pairs){flag}")
+        if not result.operating_points:
+            typer.echo("  no thresholds (no --eval-run): verify/identify need a calibrated package")
+        if result.run_id:
+            typer.echo(f"mlflow run: {result.run_id} (artifacts package/)")
+        if result.model_version:
+            typer.echo(f"registered: models:/{register_name}/{result.model_version}")
+
+    @app.command("enrol")
+    def enrol(
+        package: str = typer.Argument(..., help="Package folder or URI (mfr export)."),
+        root: str = typer.Argument(..., help="Folder or s3:// prefix of <identity>/<image> files."),
+        out: str = typer.Option(..., "--out", help="Gallery folder or s3:// prefix (created if missing)."),
+        actors: int = typer.Option(1, "--actors", min=1, help="Ray Data actors, each holding the package."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1),
+    ) -> None:
+        """Embed new <identity>/<image> files into a Parquet gallery; every file a row with a status."""
+        from mfr_ray.serve.gallery import enrol as run_enrol
+        from mfr_ray.serve.package import PackageError
+
+        try:
+            summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size)
+        except PackageError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        if summary.files != summary.rows_written + summary.already_enrolled:
+            raise typer.Exit(1)
+
+    @app.command("unenrol")
+    def unenrol(
+        identity: str = typer.Argument(..., help="Identity (folder name) to remove."),
+        gallery: str = typer.Option(..., "--gallery", help="Gallery folder or s3:// prefix."),
+    ) -> None:
+        """Remove every template and row of one identity from a gallery."""
+        from mfr_ray.serve.gallery import Gallery
+        from mfr_ray.serve.package import PackageError
+
+        try:
+            removed = Gallery(gallery).remove(identity)
+        except PackageError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"removed {removed} rows of {identity!r} from {gallery}")
+        if not removed:
+            raise typer.Exit(1)
+
+    @app.command("verify")
+    def verify(
+        image_a: Path = typer.Argument(..., help="First image file."),
+        image_b: Path = typer.Argument(..., help="Second image file."),
+        package: str = typer.Option(..., "--package", help="Package folder or URI (mfr export)."),
+        far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Same person? Decision at a FAR, score, threshold, alignment; exit 3 if an image has no face."""
+        from mfr_ray.serve.recognise import verify as run_verify
+
+        model = _package_or_exit(package)
+        a, b = _read_image(image_a), _read_image(image_b)
+        _answer(lambda: run_verify(model, a, b, far), as_json, lambda result: (
+            f"{result.decision}: score {result.score:.4f} vs threshold {result.threshold:.4f} at "
+            f"FAR {far:g}{'' if result.far_resolvable else ' (FAR not resolvable by the calibration set)'}"
+            f"; alignment {_describe_images(result.images)}"))
+
+    @app.command("identify")
+    def identify(
+        image: Path = typer.Argument(..., help="Probe image file."),
+        gallery: str = typer.Option(..., "--gallery", help="Gallery folder or s3:// prefix (mfr enrol)."),
+        package: str = typer.Option(None, "--package", help="Package (default: the one the gallery was made with)."),
+        far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
+        k: int = typer.Option(5, "--k", min=1, help="Candidates to list."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Who is this? Best identity above the FAR's threshold, else unknown; exit 3 if no face."""
+        from mfr_ray.serve.gallery import Gallery
+        from mfr_ray.serve.recognise import identify as run_identify
+
+        opened = Gallery(gallery)
+        if not opened.manifest:
+            typer.secho(f"{gallery} is not a gallery (no gallery.json): make one with `mfr enrol`",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        model = _package_or_exit(package or opened.package_uri)
+        probe = _read_image(image)
+
+        def describe(result) -> str:
+            head = result.identity if result.identity else f"unknown ({result.reason})"
+            lines = [(f"{head}: threshold {result.threshold:.4f} at FAR {far:g}; alignment "
+                      f"{result.image.status} ({result.image.align_method})")]
+            return "\n".join(lines + [f"  {c.score:.4f}  {c.identity}  ({c.source_key})" for c in result.candidates])
+
+        _answer(lambda: run_identify(model, opened, probe, far, k), as_json, describe)
+
+    @app.command("serve")
+    def serve(
+        package: str = typer.Argument(..., help="Package folder or URI (mfr export)."),
+        gallery: str = typer.Option(..., "--gallery", help="Gallery folder or s3:// prefix (created if missing)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (anything but loopback needs a key)."),
+        port: int = typer.Option(8000, "--port"),
+        api_key_file: str = typer.Option(None, "--api-key-file", help="File holding the API key (else "
+                                         "$MFR_SERVE_API_KEY_FILE / $MFR_SERVE_API_KEY)."),
+        far: float = typer.Option(DEFAULT_FAR, "--far", help="Default FAR of decisions (one the package has)."),
+        replicas: int = typer.Option(1, "--replicas", min=1, help="Embedder replicas (without autoscaling)."),
+        autoscale_max: int = typer.Option(None, "--autoscale-max", min=1, help="Autoscale the embedder up to "
+                                          "this many replicas."),
+        no_batching: bool = typer.Option(False, "--no-batching", help="One forward pass per request."),
+        max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
+        batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
+        torch_threads: int = typer.Option(1, "--torch-threads", min=1, help="Threads of each embedder replica."),
+    ) -> None:
+        """The Ray Serve application: /verify, /identify, /enrol, /healthz."""
+        from mfr_ray.serve.app import run
+
+        batching = {"enabled": not no_batching, "max_batch_size": max_batch_size,
+                    "wait_timeout_s": batch_wait_ms / 1000}
+        autoscaling = {"min_replicas": 1, "max_replicas": autoscale_max} if autoscale_max else None
+        run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
+            num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads)

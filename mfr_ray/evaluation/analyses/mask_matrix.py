@@ -1,0 +1,65 @@
+"""The mask-pair matrix: verification with the template image from one variant and the probe from another."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from mfr_ray.config.base import StrictModel
+from mfr_ray.evaluation.analyses.base import Analysis, AnalysisResult
+from mfr_ray.evaluation.mask_matrix import mask_pair_matrix, masking_group_means
+from mfr_ray.evaluation.metric_names import scoped
+from mfr_ray.evaluation.report import pct_cell, plot_heatmap, write_matrix_csv
+from mfr_ray.registry import ANALYSES
+
+if TYPE_CHECKING:
+    from mfr_ray.evaluation.config import EvaluateConfig
+    from mfr_ray.evaluation.runner import AnalysisContext
+
+
+class MaskMatrixConfig(StrictModel):
+    mask_matrix: bool = Field(True, description="template x probe variant tables when several variants")
+    mask_matrix_variants: list[str] | None = Field(
+        None, description="variants in the matrix, in order (e.g. leave out 'mixed'); None: all sources"
+    )
+
+
+@ANALYSES.register("mask_matrix")
+class MaskMatrix(Analysis, title="Mask-pair matrix (template x probe, mean accuracy %)", order=10, config=MaskMatrixConfig):
+    """Per metric a (template x probe) table of fold means over the first protocol, as CSV and heatmap, and
+    the averages of the both-unmasked, one-masked and both-masked cells as MLflow metrics."""
+
+    cfg: MaskMatrixConfig
+
+    def check(self, evaluate_cfg: EvaluateConfig) -> None:
+        unknown = set(self.cfg.mask_matrix_variants or []) - set(evaluate_cfg.sources)
+        if unknown:
+            raise ValueError(f"analyses.mask_matrix_variants: {sorted(unknown)} are not in sources")
+
+    def run(self, ctx: AnalysisContext) -> AnalysisResult | None:
+        variants = self.cfg.mask_matrix_variants or ctx.source_variants
+        if len(variants) < 2:
+            return None
+        features = {v: ctx.pair_features(v) for v in variants}
+        variants, tables = mask_pair_matrix(features, ctx.pairs.same, ctx.pairs.fold, ctx.cfg.far_targets)
+        metrics = {}
+        for metric, table in tables.items():
+            write_matrix_csv(ctx.output_dir / f"{self.name}_{metric}.csv", variants, table)
+            plot_heatmap(ctx.output_dir / f"{self.name}_{metric}.png", variants, table,
+                         f"{metric} (%), {ctx.protocol.name}")
+            for group, value in masking_group_means(variants, table).items():
+                metrics[scoped(self.name, metric, group)] = value
+        section = {"variants": variants, "accuracy": tables["accuracy"],
+                   "groups": masking_group_means(variants, tables["accuracy"])}
+        return AnalysisResult(section, metrics)
+
+    @classmethod
+    def report_section(cls, section: dict) -> list[str]:
+        variants = section["variants"]
+        lines = ["", f"## {cls.title}", ""]
+        lines += ["| template \\ probe | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 1)]
+        for i, v in enumerate(variants):
+            lines.append(f"| {v} | " + " | ".join(pct_cell(x) for x in section["accuracy"][i]) + " |")
+        groups = ", ".join(f"{k} {pct_cell(v)}" for k, v in section["groups"].items())
+        return lines + ["", f"Group averages: {groups}"]

@@ -1,0 +1,120 @@
+"""API-key auth for `mfr serve` when it listens beyond loopback, and a per-client rate limit.
+
+The key comes from a file (`--api-key-file`, `$MFR_SERVE_API_KEY_FILE`: a mounted secret) or from
+`$MFR_SERVE_API_KEY`. Only its SHA-256 digest goes to the Serve replicas, so the key itself is in no
+deployment argument, Ray object, log or error; requests are checked by comparing digests in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mfr_ray.config.base import ConfigError
+
+API_KEY_ENV = "MFR_SERVE_API_KEY"
+API_KEY_FILE_ENV = "MFR_SERVE_API_KEY_FILE"
+MIN_KEY_LENGTH = 16
+API_KEY_HEADER = "x-api-key"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`; 0.0.0.0 and every other address are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class KeyDigest:
+    """SHA-256 of the API key: what the replicas hold and compare against."""
+
+    hexdigest: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "KeyDigest(***)"
+
+    def matches(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        candidate = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+        return hmac.compare_digest(candidate, self.hexdigest)
+
+
+def _digest(key: str, source: str) -> KeyDigest:
+    key = key.strip()
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(f"the API key from {source} is shorter than {MIN_KEY_LENGTH} characters")
+    return KeyDigest(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest())
+
+
+def load_key_digest(key_file: str | Path | None = None) -> KeyDigest | None:
+    """The API key's digest from `key_file`, else $MFR_SERVE_API_KEY_FILE, else $MFR_SERVE_API_KEY; None if
+    none is set. Errors name the source, never the key."""
+    path = key_file or os.environ.get(API_KEY_FILE_ENV)
+    if path:
+        try:
+            text = Path(path).expanduser().read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read the API key file {path}: {err.strerror}") from None
+        return _digest(text, f"file {path}")
+    if os.environ.get(API_KEY_ENV):
+        return _digest(os.environ[API_KEY_ENV], f"${API_KEY_ENV}")
+    return None
+
+
+def resolve_auth(host: str, key_file: str | Path | None = None,
+                 require: bool | None = None) -> KeyDigest | None:
+    """The digest the app must check, or None for no auth. Auth is required when the HTTP server binds
+    beyond loopback (or `require=True`), and then a missing key is a configuration error; a configured key is
+    enforced on loopback too."""
+    digest = load_key_digest(key_file)
+    needed = (not is_loopback(host)) if require is None else require
+    if needed and digest is None:
+        raise ConfigError(
+            f"serving on {host} needs an API key: put one (>= {MIN_KEY_LENGTH} characters) in a file and "
+            f"pass --api-key-file FILE or set ${API_KEY_FILE_ENV} (or ${API_KEY_ENV})"
+        )
+    return digest
+
+
+def presented_key(headers) -> str | None:
+    """The key a request carries: `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return headers.get(API_KEY_HEADER) or None
+
+
+class RateLimiter:
+    """Token bucket per client: `rate` requests/s sustained, `burst` at once. Per replica: with N replicas
+    a client gets up to N times the rate. Thread-safe; idle clients are forgotten after a minute."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = float(rate), int(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+        self._last_sweep = time.monotonic()
+
+    def allow(self, client: str) -> tuple[bool, float]:
+        """(allowed, seconds until the next request would be allowed)."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            if allowed:
+                tokens -= 1.0
+            self._buckets[client] = (tokens, now)
+            if now - self._last_sweep > 60:
+                self._buckets = {c: (t, s) for c, (t, s) in self._buckets.items() if now - s < 60}
+                self._last_sweep = now
+        return allowed, 0.0 if allowed else (1.0 - tokens) / self.rate

@@ -1,0 +1,106 @@
+"""`mfr export` on the shared CASIA checkpoint, calibrated on a real evaluation of 20 LFW pairs (MTCNN
+alignment, flip + sum feature) logged to a real MLflow store: the package's thresholds are the
+evaluation's, its scores on the same LFW images are the evaluation's within 1e-4, verify's decisions follow
+the exported threshold, a FAR the set cannot resolve is flagged, and the package loads without pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from mfr_ray.evaluation.verification import far_threshold
+from mfr_ray.serve.package import MODEL_CARD, PACKAGE_JSON, PackageError, export_package, load_package
+from mfr_ray.serve.recognise import DIFFERENT, NO_DECISION, SAME, verify
+from tests.serve_inputs import FARS
+
+
+def test_thresholds_are_the_evaluations_and_an_unresolvable_far_is_flagged(calibrated):
+    points = {p.far_target: p for p in calibrated["export"].operating_points}
+    scores, same = calibrated["scores"], calibrated["pairs"].same
+    assert int((~same).sum()) == 10
+    for far in FARS:
+        point = points[far]
+        assert point.threshold == pytest.approx(far_threshold(scores[~same], far), abs=1e-6)
+        accepted = scores >= point.threshold
+        assert point.false_accepts == int((accepted & ~same).sum()) <= far * 10 + 1e-9
+        assert point.tpr == pytest.approx((accepted & same).sum() / same.sum())
+        assert point.n_impostor == 10 and "evaluation run" in point.calibration_set
+    assert points[0.1].resolvable and not points[1e-3].resolvable
+    assert points[1e-3].threshold > scores[~same].max()  # "no impostor accepted" is all it can say
+
+    package = load_package(calibrated["package"])
+    assert package.threshold(0.1) == points[0.1].threshold
+    with pytest.raises(PackageError, match="FAR=0.05.*0.1, 0.001"):
+        package.threshold(0.05)
+    card = (Path(calibrated["package"]) / MODEL_CARD).read_text()
+    assert "| 0.001 |" in card and "**no**" in card and calibrated["summary"]["run_id"] in card
+
+
+def test_package_records_the_evaluations_preprocessing_and_loads_without_pickle(calibrated):
+    folder = Path(calibrated["package"])
+    spec = json.loads((folder / PACKAGE_JSON).read_text())
+    pre = spec["preprocessing"]
+    assert pre["flip"] is True and pre["feature"] == "sum" and pre["crop"] == "112x96"
+    assert pre["align"] == calibrated["cfg"].sources["unmasked"].align.model_dump(mode="json")
+    assert pre["normalisation"]["pixel_mean"] == 127.5 and pre["normalisation"]["pixel_scale"] == 128.0
+    assert spec["backbone"] == "mobilefacenet" and spec["embedding_size"] == 128
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # the weights are the evaluated checkpoint's
+    evaluated = calibrated["cfg"].model.load().state_dict()
+    assert all(torch.equal(state[k], evaluated[k]) for k in evaluated)
+    # a package whose weights hide a pickled object is refused, not run
+    torch.save({"w": torch.zeros(1), "payload": PackageError("x")}, folder.parent / "evil.pt")
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        from mfr_ray.models.spec import read_weights
+
+        read_weights(str(folder.parent / "evil.pt"))
+
+
+def test_package_is_logged_and_registered_in_mlflow(calibrated):
+    client = mlflow.MlflowClient(calibrated["tracking"].tracking_uri)
+    run = client.get_run(calibrated["export"].run_id)
+    assert run.data.tags["mfr.stage"] == "export"
+    assert run.data.tags["mfr.eval_run"] == calibrated["summary"]["run_id"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "package")}
+    assert {"package/package.json", "package/MODEL_CARD.md", "package/weights.pt"} <= names
+    version = calibrated["export"].model_version
+    package = load_package(f"models:/lfw-serve-package/{version}",
+                           tracking_uri=calibrated["tracking"].tracking_uri)
+    assert package.package_id == load_package(calibrated["package"]).package_id
+
+
+def test_verify_on_lfw_pairs_matches_the_evaluation(calibrated):
+    """The same LFW pairs through the package: scores within 1e-4 of the evaluation's, and each decision is
+    the one the exported threshold predicts from the evaluation's score."""
+    package = load_package(calibrated["package"])
+    pairs, scores = calibrated["pairs"], calibrated["scores"]
+    root = Path(calibrated["cfg"].sources["unmasked"].uri)
+    threshold = package.threshold(0.1)
+    decisions = []
+    for left, right, expected in zip(pairs.left, pairs.right, scores, strict=True):
+        result = verify(package, (root / left).read_bytes(), (root / right).read_bytes(), far=0.1)
+        assert result.decision != NO_DECISION, result.reason
+        assert result.score == pytest.approx(expected, abs=1e-4)
+        assert result.threshold == threshold and result.far_resolvable
+        assert result.decision == (SAME if expected >= threshold else DIFFERENT)
+        assert [i.align_method for i in result.images] == ["mtcnn", "mtcnn"]
+        decisions.append(result.decision)
+    assert {SAME, DIFFERENT} <= set(decisions)
+    assert np.mean([d == SAME for d in decisions]) < 1.0
+
+
+def test_export_refuses_an_evaluation_of_other_weights(calibrated, tmp_path):
+    other = calibrated["cfg"].model.load()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    checkpoint = tmp_path / "other.pt"
+    torch.save(other.state_dict(), checkpoint)
+    with pytest.raises(PackageError, match="would not hold for these weights"):
+        export_package(str(checkpoint), tmp_path / "pkg", eval_run=calibrated["summary"]["run_id"],
+                       tracking=calibrated["tracking"])

@@ -1,0 +1,269 @@
+"""`mfr serve` end to end: a real Ray Serve application on loopback, real HTTP, real LFW faces.
+
+One application for the module (API key on): /verify gives the decision the package's calibrated threshold
+predicts, with the score of the in-process `recognise.verify` (1e-4); /identify after /enrol gives what
+the in-process `recognise.identify` gives on the same gallery; bad images and requests get a 4xx JSON
+reason, never a 500; a request without the key is refused; the HTTP proxy listens on 127.0.0.1 only; and
+after the application is deleted and started again the enrolments are still there."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mfr_ray.serve.app import APP_NAME, LimitsConfig, ServeConfig, start
+from tests.services import descendants, free_port, listening_sockets
+
+pytestmark = pytest.mark.slow  # two Serve starts, each loading MTCNN, dlib and the network: ~1-2 min
+
+N_PAIRS = 8  # genuine and impostor pairs each, from LFW fold 1
+FARS = (0.125, 0.25)  # resolvable with 8 impostor pairs
+FAR = 0.125
+ENROLLED = ("Aaron_Peirsol", "Abdullah_Gul", "Adam_Sandler")  # 3+ images each
+
+
+def lfw_image(lfw_dir: Path, name: str, number: int) -> Path:
+    return lfw_dir / name / f"{name}_{number:04d}.jpg"
+
+
+def lfw_pairs(shared: Path, lfw_dir: Path) -> list[tuple[Path, Path, bool]]:
+    """The first N_PAIRS genuine and N_PAIRS impostor pairs of pairs.txt (fold 1)."""
+    lines = (shared / "datasets" / "lfw" / "pairs.txt").read_text().splitlines()
+    fold_size = int(lines[0].split()[1])
+    genuine = [line.split() for line in lines[1 : 1 + N_PAIRS]]
+    impostor = [line.split() for line in lines[1 + fold_size : 1 + fold_size + N_PAIRS]]
+    pairs = [(lfw_image(lfw_dir, n, int(i)), lfw_image(lfw_dir, n, int(j)), True) for n, i, j in genuine]
+    pairs += [
+        (lfw_image(lfw_dir, a, int(i)), lfw_image(lfw_dir, b, int(j)), False) for a, i, b, j in impostor
+    ]
+    return pairs
+
+
+@dataclasses.dataclass
+class Service:
+    url: str
+    key: str
+    cfg: ServeConfig
+    package: object  # the same package, loaded in this process
+    pairs: list
+
+    def post(self, route: str, key: str | None = "", **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        key = self.key if key == "" else key
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return requests.post(f"{self.url}{route}", headers=headers, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def calibrated_package(tmp_path_factory, shared, lfw_dir):
+    """The CASIA checkpoint exported as a package, its thresholds calibrated as `mfr export` does
+    (`calibrate` on pair scores of the package's own embedding path) on 8 + 8 LFW pairs."""
+    from mfr_ray.config.common import TrackingConfig
+    from mfr_ray.serve.package import PACKAGE_JSON, calibrate, export_package, load_package
+
+    out = tmp_path_factory.mktemp("serve") / "package"
+    export_package(
+        str(shared / "weights" / "mobilefacenet_casia.ckpt"), out, tracking=TrackingConfig(enabled=False)
+    )
+    package = load_package(out)
+    pairs = lfw_pairs(shared, lfw_dir)
+    results = package.embed_images([p.read_bytes() for a, b, _ in pairs for p in (a, b)])
+    assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
+    scores = np.array([package.score(results[2 * i], results[2 * i + 1]) for i in range(len(pairs))])
+    same = np.array([s for _, _, s in pairs])
+    points = calibrate(scores, same, FARS, f"LFW pairs.txt fold 1, first {N_PAIRS} + {N_PAIRS} pairs")
+    spec = json.loads((out / PACKAGE_JSON).read_text())
+    spec["calibration"] = {"operating_points": [dataclasses.asdict(p) for p in points], "n_pairs": len(pairs)}
+    (out / PACKAGE_JSON).write_text(json.dumps(spec))
+    return out, load_package(out), pairs
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, calibrated_package, tmp_path_factory):
+    from ray import serve
+
+    folder, package, pairs = calibrated_package
+    key = secrets.token_urlsafe(24)
+    key_file = tmp_path_factory.mktemp("serve-key") / "api_key"
+    key_file.write_text(key + "\n")
+    cfg = ServeConfig(
+        package=str(folder),
+        gallery=str(folder.parent / "gallery"),
+        port=free_port(),
+        api_key_file=str(key_file),
+        far=FAR,
+        embedder_num_cpus=0,
+        limits=LimitsConfig(max_body_bytes=2 * 2**20, max_pixels=1_000_000),
+    )
+    start(cfg)
+    yield Service(f"http://127.0.0.1:{cfg.port}", key, cfg, package, pairs)
+    serve.shutdown()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_verify_gives_the_decision_the_threshold_predicts(service):
+    from mfr_ray.serve.recognise import verify
+
+    threshold = service.package.threshold(FAR)
+    for a, b, same in service.pairs:
+        answer = service.post("/verify", json={"a": b64(a.read_bytes()), "b": b64(b.read_bytes())})
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        local = verify(service.package, a.read_bytes(), b.read_bytes(), FAR)
+        assert got["score"] == pytest.approx(local.score, abs=1e-4), (a.name, b.name)
+        assert got["threshold"] == pytest.approx(threshold) and got["far"] == FAR
+        assert got["decision"] == ("same" if got["score"] >= threshold else "different")
+        if abs(local.score - threshold) > 1e-4:
+            assert got["decision"] == local.decision
+        assert [i["status"] for i in got["images"]] == ["ok", "ok"]
+    # the other calibrated FAR is chosen per request; an uncalibrated one is refused with the known ones
+    a, b, _ = service.pairs[0]
+    other = service.post("/verify", json={"a": b64(a.read_bytes()), "b": b64(b.read_bytes()), "far": 0.25})
+    assert other.json()["threshold"] == pytest.approx(service.package.threshold(0.25))
+    unknown = service.post("/verify", json={"a": b64(a.read_bytes()), "b": b64(b.read_bytes()), "far": 0.01})
+    assert unknown.status_code == 400 and "0.125" in unknown.json()["reason"]
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_get_4xx_with_a_reason(service, lfw_dir):
+    face = lfw_image(lfw_dir, "Aaron_Peirsol", 1).read_bytes()
+    rng = np.random.default_rng(0)
+    big = Image.open(io.BytesIO(face)).resize((1200, 1200))  # 1.44 MP > the test's 1 MP limit
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=60)
+    cases = {
+        "corrupt": (face[: len(face) // 3], 422, "decode_error"),
+        "empty": (b"", 422, "decode_error"),
+        "not an image": (b"GIF? no: plain text, not pixels\n" * 4, 422, "decode_error"),
+        "huge": (buf.getvalue(), 413, "too_large"),
+        "no face": (_jpeg(rng.integers(0, 255, (250, 250, 3), dtype=np.uint8)), 422, "no_face"),
+    }
+    for name, (data, status, error) in cases.items():
+        answer = service.post("/identify", data=data, headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == status, (name, answer.status_code, answer.text)
+        body = answer.json()
+        assert body["error"] == error and body["reason"], (name, body)
+        pair = service.post("/verify", json={"a": b64(face), "b": b64(data)})
+        assert pair.status_code == status and "image b" in pair.json()["reason"], (name, pair.text)
+    too_big = service.post("/identify", data=b"\xff" * (3 * 2**20), headers={"Content-Type": "image/jpeg"})
+    assert too_big.status_code == 413 and "exceeds" in too_big.json()["reason"]
+    for body, error in (
+        (b"{not json", "bad_json"),
+        (b'{"a": "!!!", "b": "x"}', "bad_base64"),
+        (b"{}", "missing_image"),
+    ):
+        answer = service.post("/verify", data=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"] == error, answer.text
+    bad_k = service.post("/identify?k=0", data=face, headers={"Content-Type": "image/jpeg"})
+    assert bad_k.status_code == 400 and bad_k.json()["error"] == "bad_k"
+    no_name = service.post("/enrol", data=face, headers={"Content-Type": "image/jpeg"})
+    assert no_name.status_code == 400 and no_name.json()["error"] == "bad_identity"
+
+
+def test_requests_without_the_key_are_refused(service, lfw_dir):
+    face = lfw_image(lfw_dir, "Aaron_Peirsol", 1).read_bytes()
+    for key in (None, "wrong-" + service.key, service.key[:-1]):
+        answer = service.post("/identify", key=key, data=face, headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 401 and answer.json()["error"] == "unauthorized", key
+        assert service.key not in answer.text
+    assert (
+        service.post("/identify", key=None, data=face, headers={"X-API-Key": service.key}).status_code == 200
+    )
+    health = requests.get(f"{service.url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # probes see no details
+    detailed = requests.get(
+        f"{service.url}/healthz", headers={"Authorization": f"Bearer {service.key}"}, timeout=30
+    )
+    assert detailed.json()["package_id"] == service.package.package_id
+
+
+def test_http_listens_on_loopback_only(service, ray_local):
+    node = ray_local._private.worker._global_node
+    pids = descendants([info.process.pid for infos in node.all_processes.values() for info in infos])
+    sockets = listening_sockets(pids)
+    assert any(port == service.cfg.port for *_, port in sockets), "the Serve proxy was not found"
+    exposed = [s for s in sockets if s[2] not in {"127.0.0.1", "::1"}]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _enrol_and_identify(service, lfw_dir):
+    from mfr_ray.serve.gallery import Gallery
+    from mfr_ray.serve.recognise import identify
+
+    for name in ENROLLED:
+        for number in (1, 2):
+            data = lfw_image(lfw_dir, name, number).read_bytes()
+            answer = service.post("/enrol", json={"identity": name, "image": b64(data)})
+            assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+    again = service.post(
+        "/enrol",
+        json={"identity": ENROLLED[0], "image": b64(lfw_image(lfw_dir, ENROLLED[0], 1).read_bytes())},
+    )
+    assert again.json()["stored"] is False  # the same image is not stored twice
+    gallery = Gallery(service.cfg.gallery)
+    assert sorted(gallery.identities()) == sorted(ENROLLED) and gallery.templates().num_rows == 2 * len(
+        ENROLLED
+    )
+    answers = {}
+    for name in ENROLLED + ("Abel_Pacheco",):  # three enrolled people's third image, and a stranger
+        probe = lfw_image(lfw_dir, name, 3 if name != "Abel_Pacheco" else 1).read_bytes()
+        got = service.post("/identify?k=3", data=probe, headers={"Content-Type": "image/jpeg"}).json()
+        local = identify(service.package, gallery, probe, FAR, k=3)
+        assert got["decision"] == ("match" if got["score"] >= got["threshold"] else "unknown")
+        assert [c["identity"] for c in got["candidates"]] == [c.identity for c in local.candidates]
+        np.testing.assert_allclose(
+            [c["score"] for c in got["candidates"]], [c.score for c in local.candidates], atol=1e-4
+        )
+        if abs(local.score - local.threshold) > 1e-4:
+            assert (got["decision"], got["identity"]) == (local.decision, local.identity)
+        answers[name] = got
+    for name in ENROLLED:
+        assert answers[name]["candidates"][0]["identity"] == name
+    return answers
+
+
+def test_enrol_identify_and_a_restart_keeps_the_gallery(service, lfw_dir):
+    from ray import serve
+
+    from mfr_ray.serve.gallery import Gallery
+
+    before = _enrol_and_identify(service, lfw_dir)
+    failed = service.post("/enrol", json={"identity": "Nobody", "image": b64(b"not an image at all")})
+    assert failed.status_code == 422 and failed.json()["error"] == "decode_error"
+    rows = Gallery(service.cfg.gallery).table.to_pylist()  # refused, and its row kept: every input is a row
+    assert [(r["status"], r["embedding"]) for r in rows if r["identity"] == "Nobody"] == [
+        ("decode_error", None)
+    ]
+    serve.delete(APP_NAME)
+    down = None
+    try:
+        down = requests.get(f"{service.url}/healthz", timeout=10).status_code
+    except requests.ConnectionError:
+        pass
+    assert down != 200
+    start(service.cfg)
+    probe = lfw_image(lfw_dir, ENROLLED[1], 3).read_bytes()
+    after = service.post("/identify?k=3", data=probe, headers={"Content-Type": "image/jpeg"}).json()
+    assert after["candidates"] == before[ENROLLED[1]]["candidates"]
+    stats = requests.get(f"{service.url}/healthz", headers={"X-API-Key": service.key}, timeout=30).json()[
+        "gallery"
+    ]
+    assert stats["templates"] == 2 * len(ENROLLED) and stats["identities"] == len(ENROLLED)
