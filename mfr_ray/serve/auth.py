@@ -24,7 +24,7 @@ API_KEY_HEADER = "x-api-key"
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and `localhost`; 0.0.0.0 and every other address are not."""
+    """True for 127.0.0.0/8, ::1 and `localhost`; the wildcard and every other address are not."""
     if host == "localhost":
         return True
     try:
