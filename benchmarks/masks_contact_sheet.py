@@ -1,6 +1,7 @@
 """Contact sheets of every mask type and style on real LFW faces, for docs/masking.md:
 docs/img/masks_types.png (each type, front and turned faces), docs/img/masks_styles_wear.png (each coverage,
-strap and valve style), docs/img/masks_styles_prints.png (each print style) and docs/img/masks_aligned.png (the three aligned layouts).
+strap and valve style), docs/img/masks_styles_prints.png (each print style), docs/img/masks_aligned.png (the three
+aligned layouts) and docs/img/occluders.png (training's random occluders, `data.occluders`, one row per fill).
 
     python benchmarks/masks_contact_sheet.py
 """
@@ -20,6 +21,7 @@ from mfr_ray.masking import MaskEngine, MaskingConfig, available_mask_types
 from mfr_ray.masking.config import COVERAGE_STYLES, PRINT_STYLES
 from mfr_ray.masking.quality import lfw_files
 from mfr_ray.paths import PROJECT_ROOT
+from mfr_ray.train.augment import FILLS, OccluderConfig, occlude
 
 CELL = 96  # pixels per face in the sheet
 CROP = (45, 40, 205, 200)  # the face part of a 250x250 LFW deep-funneled image
@@ -96,6 +98,15 @@ def main() -> None:
             )
         )
     save(rows, args.out / "masks_aligned.png")
+
+    crops = np.stack([r.crop for r in FaceAligner(AlignConfig(crop="112x96", num_threads=1)).align_batch(faces)])
+    square = lambda images: [np.pad(c, ((0, 0), (8, 8), (0, 0))) for c in images]  # noqa: E731
+    rng = np.random.default_rng(2)
+    rows = [labelled_row("unmasked", square(crops))]
+    for fill in FILLS:
+        shown = occlude(crops, OccluderConfig(prob=1.0, fills=[fill]), rng)
+        rows.append(labelled_row(f"occluder: {fill}", square(shown)))
+    save(rows, args.out / "occluders.png")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def test_teacher_is_frozen_through_optimizer_steps(crops):
     and BatchNorm statistics stay bit-identical, no teacher parameter gets a gradient or sits in the
     optimiser, and the teacher stays in eval mode while the model trains."""
     unmasked, masked, labels = crops
-    cfg = teacher_config("loss.head_weight=1.0", "optim.warmup_steps=0", "optim.lr=0.05")
+    # BatchNorm training (the shipped config freezes it) so the student's running statistics move too
+    cfg = teacher_config("loss.head_weight=1.0", "optim.warmup_steps=0", "optim.lr=0.05", "model.batchnorm=train")
     model = build_model(cfg, num_classes=2)
     optimizer = build_optimizer(cfg.optim, model)
     teacher_before, student_before = state_of(model.teacher), state_of(model.backbone)

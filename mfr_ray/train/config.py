@@ -12,7 +12,8 @@ from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.evaluation.metric_names import VAL_TPR_AT_FAR, TrainingMetricName
 from mfr_ray.masking.config import MaskingConfig
 from mfr_ray.models.spec import ModelSpec
-from mfr_ray.registry import HEADS, OBJECTIVES
+from mfr_ray.registry import HEADS, MASK_TYPES, OBJECTIVES
+from mfr_ray.train.augment import OccluderConfig
 from mfr_ray.train.objectives.margin_distill import MarginDistillObjective
 
 
@@ -42,6 +43,15 @@ class TrainDataConfig(StrictModel):
     )
     val_folds: int = Field(5, ge=2, description="folds of the verification protocol on the validation pairs")
     hflip: bool = Field(True, description="random horizontal flip of each pair (same flip for both crops)")
+    occluders: OccluderConfig = Field(
+        default_factory=OccluderConfig,
+        description="random lower-face occluders (not masks) in place of a share of the masked crops",
+    )
+    exclude_mask_types: list[MASK_TYPES.name_type] = Field(
+        default_factory=list,
+        description="pairs whose masked crop has one of these mask types are left out of training and "
+        "validation: a mask type held out without preparing the dataset again",
+    )
     materialize: bool = Field(
         True,
         description="keep the encoded training crops in the object store after reading them once "
@@ -64,6 +74,11 @@ class TrainModelConfig(ModelSpec):
     checkpoint: SharedPath | None = Field(None, description="fine-tune from these weights; None trains from scratch")
     head: HEADS.name_type = "arcface"
     head_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {s: 32, m: 0.5} for arcface")
+    batchnorm: Literal["train", "frozen"] = Field(
+        "train",
+        description="frozen: BatchNorm layers keep the checkpoint's statistics (eval mode) while the rest "
+        "trains, so batches of masked crops do not move what unmasked faces are normalised with",
+    )
 
     def trained(self, checkpoint: str, label: str | None = None) -> ModelSpec:
         """The ModelSpec of what a run trained: this backbone and its arguments with the run's weights
@@ -162,4 +177,9 @@ class TrainConfig(StrictModel):
         worker would only find out after the cluster has started."""
         if self.loss.needs_teacher and not self.model.checkpoint:
             raise ValueError("loss.teacher frozen needs model.checkpoint (the frozen teacher's weights)")
+        if self.model.batchnorm == "frozen" and not self.model.checkpoint:
+            raise ValueError(
+                "model.batchnorm frozen needs model.checkpoint: a network trained from scratch has no "
+                "BatchNorm statistics to keep"
+            )
         return self

@@ -40,15 +40,24 @@ def validation_identities(num_identities: int, count: int, seed: int) -> list[in
 
 
 def _select(
-    ds, columns: dict[str, str], num_cpus: float, drop: Sequence[int] = (), keep: Sequence[int] | None = None
+    ds,
+    columns: dict[str, str],
+    num_cpus: float,
+    drop: Sequence[int] = (),
+    keep: Sequence[int] | None = None,
+    drop_mask_types: Sequence[str] = (),
 ):
     """Columns picked and renamed ({name: new name}) and rows of unwanted identities dropped (`drop`, or all
-    but `keep`), in one operator whose tasks ask for `num_cpus` (`data.ingest_cpus`): an ingest operator
-    asking for a whole CPU would never start beside the training workers."""
+    but `keep`) with the pairs of held-out mask types (`drop_mask_types`), in one operator whose tasks ask
+    for `num_cpus` (`data.ingest_cpus`): an ingest operator asking for a whole CPU would never start beside
+    the training workers."""
     ids = np.asarray(drop if keep is None else keep, dtype=np.int64)
+    held_out_types = np.asarray(list(drop_mask_types), dtype=object)
 
     def pick(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = np.isin(batch["identity_id"], ids, invert=keep is None)
+        if len(held_out_types):
+            wanted &= ~np.isin(batch["mask_type"].astype(object), held_out_types)
         return {new: batch[name][wanted] for name, new in columns.items()}
 
     return ds.map_batches(pick, batch_format="numpy", num_cpus=num_cpus)
@@ -97,7 +106,9 @@ def training_dataset(
         pairs = paired_dataset(
             cfg.uri, storage, cfg.masked_variant, seed=cfg.seed, num_cpus=ingest, statuses=statuses
         )
-        ds = _select(pairs, {c: c for c in TRAIN_COLUMNS}, ingest, drop=held_out)
+        ds = _select(
+            pairs, {c: c for c in TRAIN_COLUMNS}, ingest, drop=held_out, drop_mask_types=cfg.exclude_mask_types
+        )
         ds = ds.materialize() if cfg.materialize else ds
         return ds, ds.count()
     unmasked = _select(
@@ -122,7 +133,12 @@ def training_dataset(
     masked = unmasked.map_batches(
         OnTheFlyMasker,
         fn_constructor_kwargs={
-            "masking": cfg.masking.model_copy(update={"aligned": True}),
+            "masking": cfg.masking.model_copy(
+                update={
+                    "aligned": True,
+                    "exclude_types": sorted({*cfg.masking.exclude_types, *cfg.exclude_mask_types}),
+                }
+            ),
             "cpus": cfg.masking_cpus,
         },
         batch_size=32,
@@ -161,7 +177,13 @@ def validation_set(
         num_cpus=cfg.ingest_cpus,
         statuses=training_statuses(cfg),
     )
-    ds = _select(pairs, {c: c for c in ["source_key", *TRAIN_COLUMNS]}, cfg.ingest_cpus, keep=held_out)
+    ds = _select(
+        pairs,
+        {c: c for c in ["source_key", *TRAIN_COLUMNS]},
+        cfg.ingest_cpus,
+        keep=held_out,
+        drop_mask_types=cfg.exclude_mask_types,  # a held-out type must not pick the checkpoints either
+    )
     rows = sorted(ds.take_all(), key=lambda r: r["source_key"])
     order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.val_max_images]
     chosen = [rows[i] for i in sorted(order)]

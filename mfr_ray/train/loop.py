@@ -27,6 +27,7 @@ from mfr_ray.evaluation.metric_names import VAL_ACCURACY, VAL_TPR_AT_FAR, metric
 from mfr_ray.models import preprocess
 from mfr_ray.models.spec import MODEL_FILE
 from mfr_ray.threads import threads_for, use_threads
+from mfr_ray.train.augment import apply_occluders
 from mfr_ray.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from mfr_ray.train.data import ValidationSet, decode_pairs
 from mfr_ray.train.objective import FaceTrainModel, build_model, compute_loss
@@ -219,7 +220,7 @@ class Worker:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    rng: np.random.Generator  # the flips
+    rng: np.random.Generator  # the flips and the occluders
     steps_per_epoch: int
     start_epoch: int = 0
     step: int = 0  # global steps done
@@ -311,7 +312,7 @@ def epoch_batches(worker: Worker, shard, epoch: int):
 
 
 def train_step(worker: Worker, batch: dict[str, np.ndarray]) -> tuple[int, int, dict[str, Any]]:
-    """Decode and flip one batch of pairs, forward, backward (DDP all-reduces the gradients), clip, step
+    """Decode one batch of pairs, put random occluders on a share of them, flip, forward, backward (DDP all-reduces the gradients), clip, step
     the optimiser and the schedule. Returns (crops through the backbone on all workers, pairs skipped, the
     loss terms as the objective logged them)."""
     cfg, device = worker.cfg, worker.device
@@ -319,6 +320,7 @@ def train_step(worker: Worker, batch: dict[str, np.ndarray]) -> tuple[int, int, 
         list(batch["image_unmasked"]), list(batch["image_masked"]), worker.input_size
     )
     labels = torch.as_tensor(batch["identity_id"][valid].astype(np.int64), device=device)
+    masked, _ = apply_occluders(unmasked, masked, cfg.data.occluders, worker.rng)
     if cfg.data.hflip:
         flip = worker.rng.random(len(labels)) < 0.5
         unmasked[flip] = unmasked[flip, :, ::-1]

@@ -85,6 +85,23 @@ class FaceTrainModel(nn.Module):
         return embeddings, logits, features
 
 
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
+
+
+def freeze_batchnorm(backbone: nn.Module) -> int:
+    """Keep every BatchNorm layer of `backbone` in eval mode whatever `.train()` later asks (it normalises
+    with, and keeps, the checkpoint's running statistics; its scale and shift still train). Returns how
+    many layers were frozen."""
+    import functools
+
+    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.train = functools.partial(_stay_in_eval, layer)
+        layer.train(False)
+    return len(layers)
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> FaceTrainModel:
     """Backbone (from the configured checkpoint, or fresh), the head sized to the label map when the
     objective needs one and, when it needs the frozen teacher, a second copy of the checkpoint read from
@@ -93,6 +110,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> FaceTrainModel:
 
     objective = cfg.loss
     backbone = cfg.model.load(cfg.storage).train()  # a file, s3:// or models:/, weights only
+    if cfg.model.batchnorm == "frozen":
+        freeze_batchnorm(backbone)
     head = None
     if objective.needs_head:
         head = create_head(cfg.model.head, backbone.embedding_size, num_classes, **cfg.model.head_kwargs)
