@@ -100,7 +100,7 @@ def main() -> None:
     save(rows, args.out / "masks_aligned.png")
 
     crops = np.stack([r.crop for r in FaceAligner(AlignConfig(crop="112x96", num_threads=1)).align_batch(faces)])
-    square = lambda images: [np.pad(c, ((0, 0), (8, 8), (0, 0))) for c in images]  # noqa: E731
+    square = lambda images: [np.pad(c, ((0, 0), (8, 8), (0, 0))) for c in images]
     rng = np.random.default_rng(2)
     rows = [labelled_row("unmasked", square(crops))]
     for fill in FILLS:

@@ -15,7 +15,7 @@ from mfr_ray.data.align import AlignConfig, FaceAligner
 from mfr_ray.imageio import read_image_file
 from mfr_ray.models import preprocess
 from mfr_ray.paths import PROJECT_ROOT
-from mfr_ray.train.augment import OccluderConfig, apply_occluders, occluder_alpha, occlude
+from mfr_ray.train.augment import OccluderConfig, apply_occluders, occlude, occluder_alpha
 from mfr_ray.train.config import TrainConfig, TrainDataConfig
 from mfr_ray.train.data import training_dataset, validation_set
 from mfr_ray.train.loop import build_optimizer

@@ -4,6 +4,8 @@ objective's loss (`mfr_ray.train.objectives`)."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -93,11 +95,9 @@ def freeze_batchnorm(backbone: nn.Module) -> int:
     """Keep every BatchNorm layer of `backbone` in eval mode whatever `.train()` later asks (it normalises
     with, and keeps, the checkpoint's running statistics; its scale and shift still train). Returns how
     many layers were frozen."""
-    import functools
-
     layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for layer in layers:
-        layer.train = functools.partial(_stay_in_eval, layer)
+        layer.train = types.MethodType(_stay_in_eval, layer)
         layer.train(False)
     return len(layers)
 
