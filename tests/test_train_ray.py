@@ -131,6 +131,7 @@ def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, t
         {
             "loss": "{kind: triplet}",  # a whole section: the base config's margin_distill terms would be refused
             "model.checkpoint": "null",
+            "model.batchnorm": "train",  # from scratch there are no statistics to keep
             "optim.optimizer": "adamw",
             "optim.lr": 0.001,
             "optim.schedule": "cosine",
