@@ -84,9 +84,10 @@ def main() -> None:
                 rows.append(labelled_row(f"{axis} = {option}", cells))
         save(rows, args.out / f"masks_styles_{name}.png")
 
-    rows = []
+    rows, aligned_by_layout = [], {}
     for crop in ("160x160", "112x112", "112x96"):
         aligned = [r.crop for r in FaceAligner(AlignConfig(crop=crop, num_threads=1)).align_batch(faces)]
+        aligned_by_layout[crop] = aligned
         cells = [
             masked(engine, a, f"{i}", t, aligned=True)
             for i, (a, t) in enumerate(zip(aligned, types[::2], strict=False))
@@ -99,7 +100,7 @@ def main() -> None:
         )
     save(rows, args.out / "masks_aligned.png")
 
-    crops = np.stack([r.crop for r in FaceAligner(AlignConfig(crop="112x96", num_threads=1)).align_batch(faces)])
+    crops = np.stack(aligned_by_layout["112x96"])  # the training layout, aligned once above
     square = lambda images: [np.pad(c, ((0, 0), (8, 8), (0, 0))) for c in images]
     rng = np.random.default_rng(2)
     rows = [labelled_row("unmasked", square(crops))]
