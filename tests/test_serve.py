@@ -1,10 +1,13 @@
 """`mfr serve` end to end: a real Ray Serve application on loopback, real HTTP, real LFW faces.
 
-One application for the module (API key on): /verify gives the decision the package's calibrated threshold
-predicts, with the score of the in-process `recognise.verify` (1e-4); /identify after /enrol gives what
-the in-process `recognise.identify` gives on the same gallery; bad images and requests get a 4xx JSON
-reason, never a 500; a request without the key is refused; the HTTP proxy listens on 127.0.0.1 only; and
-after the application is deleted and started again the enrolments are still there."""
+One application for the module (API key on, enrolment key of its own): /verify gives the decision the
+package's calibrated threshold predicts, with the score of the in-process `recognise.verify` (1e-4);
+/identify after /enrol gives what the in-process `recognise.identify` gives on the same gallery; bad images
+and hostile bodies get a 4xx JSON reason, never a 500; a request without the key is refused, and /enrol
+refuses the identification key; the HTTP proxy listens on 127.0.0.1 only; after the application is deleted
+and started again the enrolments are still there; a person removed with `mfr unenrol` while the service
+runs is no longer returned once the poll interval has passed; decisions land in the audit file; and a
+client over the rate gets 429 with Retry-After."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import dataclasses
 import io
 import json
 import secrets
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,8 @@ N_PAIRS = 8  # genuine and impostor pairs each, from LFW fold 1
 FARS = (0.125, 0.25)  # resolvable with 8 impostor pairs
 FAR = 0.125
 ENROLLED = ("Aaron_Peirsol", "Abdullah_Gul", "Adam_Sandler")  # 3+ images each
+POLL_S = 1.0  # the gallery keeper's poll for changes made outside the service
+RATE, BURST = 5.0, 40  # the tests' sequential requests stay under it; the rate test goes over
 
 
 def lfw_image(lfw_dir: Path, name: str, number: int) -> Path:
@@ -52,6 +58,7 @@ def lfw_pairs(shared: Path, lfw_dir: Path) -> list[tuple[Path, Path, bool]]:
 class Service:
     url: str
     key: str
+    enrol_key: str
     cfg: ServeConfig
     package: object  # the same package, loaded in this process
     pairs: list
@@ -93,20 +100,24 @@ def service(ray_local, calibrated_package, tmp_path_factory):
     from ray import serve
 
     folder, package, pairs = calibrated_package
-    key = secrets.token_urlsafe(24)
+    key, enrol_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     key_file = tmp_path_factory.mktemp("serve-key") / "api_key"
     key_file.write_text(key + "\n")
+    enrol_key_file = key_file.parent / "enrol_key"
+    enrol_key_file.write_text(enrol_key)
     cfg = ServeConfig(
         package=str(folder),
         gallery=str(folder.parent / "gallery"),
         port=free_port(),
         api_key_file=str(key_file),
+        enrol_key_file=str(enrol_key_file),
         far=FAR,
         embedder_num_cpus=0,
-        limits=LimitsConfig(max_body_bytes=2 * 2**20, max_pixels=1_000_000),
+        gallery_poll_s=POLL_S,
+        limits=LimitsConfig(max_body_bytes=2 * 2**20, max_pixels=1_000_000, rate_per_s=RATE, burst=BURST),
     )
     start(cfg)
-    yield Service(f"http://127.0.0.1:{cfg.port}", key, cfg, package, pairs)
+    yield Service(f"http://127.0.0.1:{cfg.port}", key, enrol_key, cfg, package, pairs)
     serve.shutdown()
 
 
@@ -174,8 +185,89 @@ def test_bad_inputs_get_4xx_with_a_reason(service, lfw_dir):
         assert answer.status_code == 400 and answer.json()["error"] == error, answer.text
     bad_k = service.post("/identify?k=0", data=face, headers={"Content-Type": "image/jpeg"})
     assert bad_k.status_code == 400 and bad_k.json()["error"] == "bad_k"
-    no_name = service.post("/enrol", data=face, headers={"Content-Type": "image/jpeg"})
+    no_name = service.post("/enrol", key=service.enrol_key, data=face, headers={"Content-Type": "image/jpeg"})
     assert no_name.status_code == 400 and no_name.json()["error"] == "bad_identity"
+
+
+def test_hostile_bodies_get_4xx_never_500(service, lfw_dir):
+    face = b64(lfw_image(lfw_dir, "Aaron_Peirsol", 1).read_bytes())
+    cases = [
+        ("/verify", b"[" * 100_000, "bad_json"),
+        ("/verify", b'{"a": 1' + b"0" * 5000 + b"}", "bad_json"),
+        ("/verify", f'{{"a": "{face}", "b": "{face}", "far": {"1" * 310}}}'.encode(), "bad_json"),
+        ("/verify", f'{{"a": "{face}", "b": "{face}", "far": 1e400}}'.encode(), "bad_far"),
+        ("/verify", f'{{"a": "{face}", "b": "{face}", "far": NaN}}'.encode(), "bad_json"),
+        ("/identify", f'{{"image": "{face}", "k": 1e400}}'.encode(), "bad_k"),
+        ("/identify", f'{{"image": {{"nested": "{face}"}}}}'.encode(), "bad_json"),
+    ]
+    for route, body, error in cases:
+        answer = service.post(route, data=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, (route, body[:40], answer.status_code, answer.text[:200])
+        assert answer.json()["error"] == error and answer.json()["reason"], answer.text[:200]
+    query = service.post("/identify?k=1e400&far=1e400", data=lfw_image(lfw_dir, "Aaron_Peirsol", 1).read_bytes(),
+                         headers={"Content-Type": "image/jpeg"})
+    assert query.status_code == 400 and query.json()["error"] == "bad_far"
+
+
+def test_a_streamed_body_without_length_is_cut_at_the_limit(service):
+    def chunks():  # chunked transfer encoding: no Content-Length to check up front; one chunk past 2 MiB
+        for _ in range(33):
+            yield b"\xff" * 2**16
+
+    answer = service.post("/identify", data=chunks(), headers={"Content-Type": "image/jpeg"})
+    assert answer.status_code == 413 and "exceeds" in answer.json()["reason"]
+
+
+def test_enrolment_has_its_own_key(service, lfw_dir):
+    face = lfw_image(lfw_dir, "Aaron_Peirsol", 1).read_bytes()
+    body = {"identity": "Mallory", "image": b64(face)}
+    assert service.post("/enrol", json=body).status_code == 401  # the identification key cannot enrol
+    assert service.post("/identify", key=service.enrol_key, data=face,
+                        headers={"Content-Type": "image/jpeg"}).status_code == 401
+    query = service.post("/enrol?identity=Mallory", key=service.enrol_key, data=face,
+                         headers={"Content-Type": "image/jpeg"})
+    assert query.status_code == 400 and "query string" in query.json()["reason"]
+    hidden = service.post("/enrol", key=service.enrol_key, json={"identity": "Mal\u200blory", "image": b64(face)})
+    assert hidden.status_code == 400 and hidden.json()["error"] == "bad_identity"
+
+
+def test_a_person_removed_while_serving_is_not_returned(service, lfw_dir):
+    """`mfr unenrol` in another process: the service notices within POLL_S (the keeper polls gallery.json)."""
+    from mfr_ray.serve.gallery import Gallery
+
+    person = "Adrien_Brody"
+    enrolled = service.post("/enrol", key=service.enrol_key, data=lfw_image(lfw_dir, person, 1).read_bytes(),
+                            headers={"Content-Type": "image/jpeg", "X-Identity": person})
+    assert enrolled.status_code == 200 and enrolled.json()["stored"], enrolled.text
+    probe = lfw_image(lfw_dir, person, 2).read_bytes()
+
+    def candidates() -> list[str]:
+        got = service.post("/identify?k=5", data=probe, headers={"Content-Type": "image/jpeg"})
+        assert got.status_code == 200, got.text
+        return [c["identity"] for c in got.json()["candidates"]]
+
+    assert candidates()[0] == person
+    assert Gallery(service.cfg.gallery).remove(person) == 1
+    time.sleep(POLL_S + 1.0)
+    for _ in range(3):
+        assert person not in candidates()
+
+
+def test_decisions_land_in_the_audit_file(service):
+    from mfr_ray.serve.audit import AUDIT_FILE, read_events
+    from mfr_ray.serve.auth import _digest
+
+    path = Path(service.cfg.gallery) / AUDIT_FILE
+    events = read_events(str(path))
+    actions = {e["action"] for e in events}
+    assert {"enrol", "identify"} <= actions, actions
+    key_id, enrol_id = _digest(service.key, "t").key_id, _digest(service.enrol_key, "t").key_id
+    assert {e["key_id"] for e in events if e["action"] == "identify"} == {key_id}
+    assert {e["key_id"] for e in events if e["action"] == "enrol"} == {enrol_id}
+    text = path.read_text()
+    assert service.key not in text and service.enrol_key not in text and "embedding" not in text
+
+
 
 
 def test_requests_without_the_key_are_refused(service, lfw_dir):
@@ -211,10 +303,10 @@ def _enrol_and_identify(service, lfw_dir):
     for name in ENROLLED:
         for number in (1, 2):
             data = lfw_image(lfw_dir, name, number).read_bytes()
-            answer = service.post("/enrol", json={"identity": name, "image": b64(data)})
+            answer = service.post("/enrol", key=service.enrol_key, json={"identity": name, "image": b64(data)})
             assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
     again = service.post(
-        "/enrol",
+        "/enrol", key=service.enrol_key,
         json={"identity": ENROLLED[0], "image": b64(lfw_image(lfw_dir, ENROLLED[0], 1).read_bytes())},
     )
     assert again.json()["stored"] is False  # the same image is not stored twice
@@ -246,7 +338,8 @@ def test_enrol_identify_and_a_restart_keeps_the_gallery(service, lfw_dir):
     from mfr_ray.serve.gallery import Gallery
 
     before = _enrol_and_identify(service, lfw_dir)
-    failed = service.post("/enrol", json={"identity": "Nobody", "image": b64(b"not an image at all")})
+    failed = service.post("/enrol", key=service.enrol_key,
+                          json={"identity": "Nobody", "image": b64(b"not an image at all")})
     assert failed.status_code == 422 and failed.json()["error"] == "decode_error"
     rows = Gallery(service.cfg.gallery).table.to_pylist()  # refused, and its row kept: every input is a row
     assert [(r["status"], r["embedding"]) for r in rows if r["identity"] == "Nobody"] == [
@@ -267,3 +360,18 @@ def test_enrol_identify_and_a_restart_keeps_the_gallery(service, lfw_dir):
         "gallery"
     ]
     assert stats["templates"] == 2 * len(ENROLLED) and stats["identities"] == len(ENROLLED)
+
+
+def test_over_the_rate_a_client_gets_429_with_retry_after(service):
+    """Runs last: it empties this client's bucket, then waits for it to refill."""
+    codes, retry = [], None
+    for _ in range(2 * BURST):
+        answer = requests.get(f"{service.url}/healthz", timeout=30)
+        codes.append(answer.status_code)
+        if answer.status_code == 429:
+            retry = answer.headers.get("Retry-After")
+            assert answer.json()["error"] == "rate_limited"
+            break
+    assert codes[-1] == 429 and set(codes[:-1]) == {200} and len(codes) >= BURST // 2, codes
+    assert retry is not None and int(retry) >= 1
+    time.sleep(BURST / RATE)

@@ -99,10 +99,12 @@ def test_serve_config_names_the_bad_key():
         )
 
 
-def test_rayservice_manifest_builds_the_application(monkeypatch):
+def test_rayservice_manifest_builds_the_application(monkeypatch, shared, tmp_path):
     from ray.serve.deployment import Application
 
+    from mfr_ray.config.common import TrackingConfig
     from mfr_ray.serve.app import app_builder
+    from mfr_ray.serve.package import export_package
 
     service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
@@ -121,7 +123,11 @@ def test_rayservice_manifest_builds_the_application(monkeypatch):
     module, _, name = app["import_path"].partition(":")
     assert f"{module}:{name}" == "mfr_ray.serve.app:app_builder"
     assert app["args"]["host"] == serve_config["http_options"]["host"] == "0.0.0.0"
+    assert app["args"]["behind_tls_proxy"] is True  # TLS ends at the load balancer, said explicitly
     with pytest.raises(ConfigError, match="needs an API key"):  # the pods' secret is what lets it start
         app_builder(app["args"])
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    assert isinstance(app_builder(app["args"]), Application)
+    # the package is resolved once, here (the manifest's bucket is a placeholder: a local package stands in)
+    package = export_package(str(shared / "weights" / "mobilefacenet_casia.ckpt"), tmp_path / "pkg",
+                             tracking=TrackingConfig(enabled=False))
+    assert isinstance(app_builder(app["args"] | {"package": package.path}), Application)

@@ -241,6 +241,25 @@ def test_rerun_by_name_resumes_from_s3_checkpoint(tiny_prepared, s3_server, tmp_
     assert_checkpoint_loads(second.result)
 
 
+def test_an_s3_checkpoint_with_credentials_only_in_the_config(tiny_prepared, s3_server, tmp_path, shared,
+                                                              monkeypatch):
+    """`model.checkpoint: s3://...` with the keys only in the config's `storage:` section: the workers get
+    the secrets themselves (a JSON dump of the config would hand them `**********`), and they are not in
+    the environment for the workers to fall back on."""
+    from mfr_ray.storage import write_bytes
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+        assert name not in os.environ
+    uri = f"s3://{s3_server.bucket}/weights/casia.ckpt"
+    write_bytes(uri, (shared / "weights" / "mobilefacenet_casia.ckpt").read_bytes(), s3_server.storage)
+    cfg = train_config(tiny_prepared, tmp_path / "ckpt", **{"model.checkpoint": uri})
+    cfg = cfg.model_copy(update={"storage": s3_server.storage})
+    assert s3_server.secret_key not in repr(cfg)
+    outcome = run_training(cfg, run_name="s3-checkpoint")
+    assert outcome.result.error is None and outcome.result.metrics["global_step"] == STEPS
+
+
 def test_console_shows_one_bar_per_epoch_and_no_ingest_noise(tiny_prepared, tmp_path):
     """`jobs/train.py` as a user runs it (its own local Ray, worker logs forwarded to the console): one
     progress bar per epoch with steps, loss, images/s and the validation TPR; none of Ray Data's

@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", min=1),
     ) -> None:
         """Embed new <identity>/<image> files into a Parquet gallery; every file a row with a status."""
+        from mfr_ray.serve.audit import AuditLog, default_audit_path
         from mfr_ray.serve.gallery import enrol as run_enrol
         from mfr_ray.serve.package import PackageError
 
@@ -114,6 +115,9 @@ def register(app: typer.Typer) -> None:
         except PackageError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        audit = AuditLog(default_audit_path(out))
+        for identity in summary.identities_added:
+            audit.record("enrol", key_id="cli", identity=identity, decision="ok")
         if summary.files != summary.rows_written + summary.already_enrolled:
             raise typer.Exit(1)
 
@@ -123,6 +127,7 @@ def register(app: typer.Typer) -> None:
         gallery: str = typer.Option(..., "--gallery", help="Gallery folder or s3:// prefix."),
     ) -> None:
         """Remove every template and row of one identity from a gallery."""
+        from mfr_ray.serve.audit import AuditLog, default_audit_path
         from mfr_ray.serve.gallery import Gallery
         from mfr_ray.serve.package import PackageError
 
@@ -131,7 +136,10 @@ def register(app: typer.Typer) -> None:
         except PackageError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        typer.echo(f"removed {removed} rows of {identity!r} from {gallery}")
+        AuditLog(default_audit_path(gallery)).record("unenrol", key_id="cli", identity=identity,
+                                                     decision="removed" if removed else "absent", rows=removed)
+        typer.echo(f"removed {removed} rows of {identity!r} from {gallery}; a running `mfr serve` on this "
+                   "gallery stops returning them within its --gallery-poll-s (2 s by default)")
         if not removed:
             raise typer.Exit(1)
 
@@ -198,12 +206,30 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
         batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=1, help="Threads of each embedder replica."),
+        enrol_key_file: str = typer.Option(None, "--enrol-key-file", help="File holding the key /enrol "
+                                           "requires (else $MFR_SERVE_ENROL_KEY_FILE); without one /enrol is off."),
+        tls_certfile: str = typer.Option(None, "--tls-certfile", help="HTTPS certificate (PEM)."),
+        tls_keyfile: str = typer.Option(None, "--tls-keyfile", help="HTTPS private key (PEM)."),
+        behind_tls_proxy: bool = typer.Option(False, "--behind-tls-proxy", help="A TLS-terminating proxy is in "
+                                              "front: allow plain HTTP on a non-loopback bind."),
+        audit_log: str = typer.Option("default", "--audit-log", help="Audit file (JSON lines); default "
+                                      "<gallery>/audit.jsonl for a local gallery."),
+        gallery_poll_s: float = typer.Option(2.0, "--gallery-poll-s", help="How stale an answer may be after "
+                                             "`mfr unenrol` / `mfr enrol` change the gallery outside the service."),
     ) -> None:
         """The Ray Serve application: /verify, /identify, /enrol, /healthz."""
+        from mfr_ray.config.base import ConfigError
         from mfr_ray.serve.app import run
 
         batching = {"enabled": not no_batching, "max_batch_size": max_batch_size,
                     "wait_timeout_s": batch_wait_ms / 1000}
         autoscaling = {"min_replicas": 1, "max_replicas": autoscale_max} if autoscale_max else None
-        run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
-            num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads)
+        tls = {"certfile": tls_certfile, "keyfile": tls_keyfile} if tls_certfile or tls_keyfile else None
+        try:
+            run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
+                num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads,
+                enrol_key_file=enrol_key_file, tls=tls, behind_tls_proxy=behind_tls_proxy, audit_log=audit_log,
+                gallery_poll_s=gallery_poll_s)
+        except (ConfigError, ValueError) as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None

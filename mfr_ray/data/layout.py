@@ -55,7 +55,12 @@ class StorageUnavailable(RuntimeError):
 
 
 class OutputLocked(RuntimeError):
-    """Another run is writing the same output (its `_lock.json` names it)."""
+    """Another run is writing the same output (its `_lock.json` names it); `retry_after_s` when its lease
+    says how long at most."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def shard_name(shard_id: int) -> str:
@@ -199,6 +204,16 @@ def fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _lease_expired(holder: dict) -> bool:
+    """True when the lock carries a lease that ran out (its holder would have released it by now)."""
+    expires = holder.get("expires")
+    if not isinstance(expires, int | float) or time.time() < expires:
+        return False
+    print(f"warning: taking over a lock whose lease expired ({holder.get('host')} pid {holder.get('pid')}, "
+          f"since {holder.get('since_utc')})", file=sys.stderr, flush=True)
+    return True
+
+
 def _holder_is_dead(holder: dict) -> bool:
     """True only when the lock's owner ran on this host and its process is gone (a crashed driver)."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
@@ -220,12 +235,14 @@ def _read_lock(layout: DatasetLayout) -> dict | None:
 
 
 @contextmanager
-def output_lock(layout: DatasetLayout, force: bool = False) -> Iterator[dict]:
+def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | None = None) -> Iterator[dict]:
     """Hold `<out>/_lock.json` while a run writes the output, so a second run into the same output fails
     at once instead of deleting the first one's staging and index. Local: created with O_EXCL. S3 has no
     conditional write through pyarrow: written, then read back after a pause (the later writer wins and
-    the other one sees a foreign run id). A lock left by a dead process of this host is taken over;
-    `force` takes over any lock. Released on the way out, failure included."""
+    the other one sees a foreign run id). A lock left by a dead process of this host is taken over, and so
+    is one whose lease expired (`lease_s`: short writes such as a gallery's, so a writer that died on
+    another host or on S3 does not lock the output for ever); `force` takes over any lock. Released on the
+    way out, failure included."""
     owner = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -233,10 +250,18 @@ def output_lock(layout: DatasetLayout, force: bool = False) -> Iterator[dict]:
         "since": time.time(),
         "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if lease_s is not None:
+        owner["expires"] = owner["since"] + lease_s
     path = layout.path(LOCK_JSON)
     data = json.dumps(owner, indent=1, sort_keys=True).encode()
 
     def refuse(holder: dict) -> OutputLocked:
+        expires = holder.get("expires")
+        if isinstance(expires, int | float):
+            then = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+            return OutputLocked(f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} "
+                                f"since {holder.get('since_utc')}; its lease ends at {then}, when a writer "
+                                "that died is taken over: retry then", retry_after_s=max(1.0, expires - time.time()))
         return OutputLocked(
             f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} (run "
             f"{holder.get('run_id')}) since {holder.get('since_utc')}; if that run is dead, delete "
@@ -246,7 +271,7 @@ def output_lock(layout: DatasetLayout, force: bool = False) -> Iterator[dict]:
     for _ in range(3):  # a lock that vanished or was taken over is tried again
         holder = _read_lock(layout)
         if holder is not None:
-            if not (force or _holder_is_dead(holder)):
+            if not (force or _holder_is_dead(holder) or _lease_expired(holder)):
                 raise refuse(holder)
             layout.delete_file(path)
         if layout.local:

@@ -8,20 +8,25 @@ gallery and the owner of its search index, so every frontend sees every enrolmen
 Endpoints (JSON out; images as base64 in a JSON body, or as the raw body where one image is sent):
   POST /verify    {"a": B64, "b": B64, "far": 0.001}                     -> same / different, score, threshold
   POST /identify  {"image": B64, "k": 5, "far": 0.001}, or raw body ?k=&far= -> match / unknown, top-k
-  POST /enrol     {"identity": NAME, "image": B64}, or raw body ?identity=   -> the template row stored
+  POST /enrol     {"identity": NAME, "image": B64}, or raw body + X-Identity header -> the template row
   GET  /healthz   -> {"status": "ok"} (model and gallery details for authorised callers)
-Bad input is a 4xx with {"error": ..., "reason": ...}, never a 500. The JSON of /verify and /identify is
-`dataclasses.asdict` of `recognise.VerifyResult` / `IdentifyResult`, as `mfr verify` / `mfr identify` print.
+Bad input is a 4xx with {"error": ..., "reason": ...} (`parsing`); a replica that is restarting answers 503
+with Retry-After; anything unexpected is a 500 that names a request id and nothing else (the traceback goes
+to the replica's log). The JSON of /verify and /identify is `dataclasses.asdict` of `recognise.VerifyResult`
+/ `IdentifyResult`, as `mfr verify` / `mfr identify` print. /enrol has its own key and is off without one.
+The package is resolved once, in `build_app`: every replica refuses to start with another `package_id`.
 (No `from __future__ import annotations` here: FastAPI reads the route annotations at import.)
 """
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import hashlib
 import json
+import logging
+import threading
 import time
+import urllib.parse
+import uuid
 from typing import Any
 
 import numpy as np
@@ -30,15 +35,35 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, model_validator
 from ray import serve
 
-from mfr_ray.config.base import StrictModel
+from mfr_ray.config.base import ConfigError, StrictModel
 from mfr_ray.config.common import LOOPBACK, RayConfig
 from mfr_ray.raycluster import init_ray
-from mfr_ray.serve.auth import KeyDigest, RateLimiter, is_loopback, presented_key, resolve_auth
+from mfr_ray.serve.auth import (
+    KeyDigest,
+    RateLimiter,
+    client_address,
+    is_loopback,
+    load_enrol_digest,
+    presented_key,
+    resolve_auth,
+)
+from mfr_ray.serve.parsing import (
+    RequestError,
+    decode_images,
+    parse_far,
+    parse_identity,
+    parse_json_object,
+    parse_k,
+)
+
+_logger = logging.getLogger("mfr_ray.serve")
 
 APP_NAME = "mfr-recogniser"
 # ModelPackage.embed_images statuses -> HTTP status of the refusal.
 IMAGE_STATUS_CODES = {"too_large": 413, "unsupported": 415, "decode_error": 422, "no_face": 422}
 API_SOURCE_PREFIX = "api-"
+IDENTITY_HEADER = "x-identity"
+RETRY_AFTER_S = 2  # what a 503 asks a client to wait while a replica restarts
 
 
 class BatchingConfig(StrictModel):
@@ -71,8 +96,18 @@ class LimitsConfig(StrictModel):
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="request body, base64 included")
     max_pixels: int = Field(40_000_000, ge=10_000)
     max_k: int = Field(50, ge=1)
-    rate_per_s: float = Field(50.0, gt=0, description="sustained requests/s per client and frontend replica")
+    rate_per_s: float = Field(50.0, gt=0, description="sustained requests/s per client address, per API key "
+                              "and per frontend replica")
     burst: int = Field(100, ge=1)
+    trusted_proxies: list[str] = Field(default_factory=list, description="addresses of load balancers whose "
+                                       "X-Forwarded-For names the client (else the peer address counts)")
+
+
+class TLSConfig(StrictModel):
+    """HTTPS at Serve's proxy (a certificate and its key, PEM files on every node that runs a proxy)."""
+
+    certfile: str
+    keyfile: str
 
 
 class ServeConfig(StrictModel):
@@ -84,6 +119,18 @@ class ServeConfig(StrictModel):
     port: int = Field(8000, ge=1, le=65535)
     api_key_file: str | None = Field(None, description="file holding the API key (else "
                                      "$MFR_SERVE_API_KEY_FILE or $MFR_SERVE_API_KEY); enforced whenever set")
+    enrol_key_file: str | None = Field(None, description="file holding the key /enrol requires (else "
+                                       "$MFR_SERVE_ENROL_KEY_FILE or $MFR_SERVE_ENROL_KEY); none: /enrol is off")
+    tls: TLSConfig | None = Field(None, description="HTTPS at the proxy; a non-loopback bind needs it or "
+                                  "behind_tls_proxy")
+    behind_tls_proxy: bool = Field(False, description="a TLS-terminating proxy is in front: plain HTTP is "
+                                   "allowed on a non-loopback bind")
+    audit_log: str | None = Field("default", description="audit file (JSON lines); 'default': "
+                                  "<gallery>/audit.jsonl for a local gallery, none on S3; null: logger only")
+    gallery_poll_s: float = Field(2.0, gt=0, le=60, description="how often the gallery keeper looks for "
+                                  "changes made outside the service (mfr unenrol, mfr enrol): answers are at "
+                                  "most this stale")
+    package_id: str | None = Field(None, description="set by build_app: the package every replica must load")
     far: float = Field(1e-3, gt=0, lt=1, description="default FAR of decisions (one of the package's)")
     top_k: int = Field(5, ge=1)
     num_replicas: int = Field(1, ge=1, description="Embedder replicas when autoscaling is off")
@@ -95,13 +142,17 @@ class ServeConfig(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
 
+    def audit_path(self) -> str | None:
+        from mfr_ray.serve.audit import default_audit_path
 
-class RequestError(Exception):
-    """A client error: HTTP status, a short machine-readable error and a reason for a person."""
+        return default_audit_path(self.gallery) if self.audit_log == "default" else self.audit_log
 
-    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(reason)
-        self.status, self.error, self.reason, self.headers = status, error, reason, headers or {}
+    def check_transport(self, host: str) -> None:
+        """A bind beyond loopback carries biometric data: refuse plain HTTP unless TLS is configured or the
+        operator says a TLS-terminating proxy is in front."""
+        if not is_loopback(host) and self.tls is None and not self.behind_tls_proxy:
+            raise ConfigError(f"serving on {host} over plain HTTP: configure tls (certfile, keyfile) or, when a "
+                              "TLS-terminating proxy is in front, behind_tls_proxy=true (docs/deploy.md)")
 
 
 def _embed_result(wire: dict):
@@ -144,11 +195,11 @@ class Embedder:
     """The package's network, loaded once per replica. Batched: concurrent requests share a forward pass;
     unbatched: one image at a time. The forward pass runs off the event loop so the next batch can gather."""
 
-    def __init__(self, package: str, batching: dict, max_pixels: int, torch_threads: int = 1):
+    def __init__(self, package: str, package_id: str, batching: dict, max_pixels: int, torch_threads: int = 1):
         from mfr_ray.serve.package import load_package
 
         keep_replica_server_on_loopback()
-        self.package = load_package(package, num_threads=torch_threads)
+        self.package = load_package(package, num_threads=torch_threads, expect_id=package_id)
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
         self._one_at_a_time = asyncio.Lock()
@@ -173,44 +224,107 @@ class Embedder:
 # --------------------------------------------------------------------------------------------- GalleryKeeper
 @serve.deployment(name="GalleryKeeper", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class GalleryKeeper:
-    """The gallery's only writer and searcher. Methods are `async` without awaits inside, so they run one
-    at a time on the replica's event loop: a search never sees half an enrolment."""
+    """The gallery's only writer in the service and its searcher. Writes and the poll for outside changes
+    run in threads, off the event loop, so a search never waits for storage; each builds a new
+    `GalleryState` and swaps it in whole, so a search never sees half an enrolment or removal."""
 
-    def __init__(self, package: str, gallery: str):
+    MAX_PARTS = 32  # parts merged in the background beyond this (each enrolment appends one)
+
+    def __init__(self, package: str, package_id: str, gallery: str, poll_s: float = 2.0):
         from mfr_ray.serve.gallery import Gallery
         from mfr_ray.serve.package import load_package
 
         keep_replica_server_on_loopback()
-        self.package = load_package(package)
+        self.package = load_package(package, expect_id=package_id)
         self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package)
+        self._enrolling = threading.Lock()
+        self._compacting = threading.Lock()
+        threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="gallery-poll").start()
+
+    def _poll(self, every_s: float) -> None:
+        """Notice changes made outside the service (`mfr unenrol`, `mfr enrol`) within `every_s`."""
+        while True:
+            time.sleep(every_s)
+            try:
+                if self.gallery.refresh_if_changed():
+                    _logger.info("gallery %s changed outside the service: reloaded", self.gallery.uri)
+            except Exception:  # storage hiccups must not end the poll; the next one retries
+                _logger.warning("gallery poll failed", exc_info=True)
 
     async def search_identities(self, embedding: np.ndarray, k: int) -> list[dict]:
         return [dataclasses.asdict(m) for m in self.gallery.search_identities(embedding, k)]
 
     async def enrol(self, identity: str, source_key: str, wire: dict) -> dict:
         """Store one image's row (failed ones too: every input is a row); an image already enrolled ok for
-        this identity is not stored twice."""
+        this identity is not stored twice. A gallery locked by another writer answers `gallery_locked`."""
+        from mfr_ray.data.layout import OutputLocked
+
+        try:
+            row = await asyncio.to_thread(self._enrol, identity, source_key, wire)
+        except OutputLocked as exc:
+            return {"error": "gallery_locked", "reason": str(exc), "retry_after_s": exc.retry_after_s or 5.0}
+        if len(self.gallery.manifest.get("parts", [])) > self.MAX_PARTS and not self._compacting.locked():
+            threading.Thread(target=self._compact, daemon=True, name="gallery-compact").start()
+        return row
+
+    def _enrol(self, identity: str, source_key: str, wire: dict) -> dict:
         from mfr_ray.serve.gallery import _utc_now, result_row, template_id
 
-        tid = template_id(identity, source_key)
-        templates = self.gallery.templates()
-        if tid in set(templates.column("template_id").to_pylist()):
-            return {"template_id": tid, "identity": identity, "source_key": source_key, "status": "ok",
-                    "reason": "already enrolled", "align_method": wire["align_method"], "stored": False}
-        row = result_row(identity, source_key, wire["status"], wire["reason"], wire["align_method"],
-                         wire["embedding"], _utc_now())
-        self.gallery.add_rows([row])
         fields = ("template_id", "identity", "source_key", "status", "reason", "align_method")
+        with self._enrolling:
+            tid = template_id(identity, source_key)
+            if tid in set(self.gallery.templates().column("template_id").to_pylist()):
+                return {"template_id": tid, "identity": identity, "source_key": source_key, "status": "ok",
+                        "reason": "already enrolled", "align_method": wire["align_method"], "stored": False}
+            row = result_row(identity, source_key, wire["status"], wire["reason"], wire["align_method"],
+                             wire["embedding"], _utc_now())
+            self.gallery.add_rows([row])
         return {k: row[k] for k in fields} | {"stored": True}
 
+    def _compact(self) -> None:
+        with self._compacting:
+            try:
+                self.gallery.compact(self.MAX_PARTS)
+            except Exception:  # a later enrolment tries again
+                _logger.warning("gallery compaction failed", exc_info=True)
+
     async def stats(self) -> dict:
-        templates = self.gallery.templates()
-        return {"uri": self.gallery.uri, "templates": templates.num_rows,
-                "identities": len(set(templates.column("identity").to_pylist()))}
+        state = self.gallery.state
+        return {"uri": self.gallery.uri, "templates": state.templates.num_rows,
+                "identities": len(set(state.templates.column("identity").to_pylist())),
+                "version": state.manifest.get("version", 0)}
 
 
 # --------------------------------------------------------------------------------------------- Frontend
 http_app = FastAPI(title="mfr-ray recogniser", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """What a call to a replica raises while that replica is dead or restarting."""
+    from ray import exceptions as ray_errors
+    from ray.serve import exceptions as serve_errors
+
+    return (ray_errors.RayActorError, ray_errors.ActorUnavailableError, serve_errors.BackPressureError,
+            serve_errors.DeploymentUnavailableError)
+
+
+async def answer(work) -> JSONResponse:
+    """Every route's answer: its JSON; a 4xx for a client error; 503 with Retry-After while a replica
+    restarts; and for anything else a 500 naming a request id, the details only in the replica's log (no
+    traceback, path or message reaches the client)."""
+    try:
+        return JSONResponse(await work)
+    except RequestError as err:
+        return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status, headers=err.headers)
+    except _unavailable_errors():
+        _logger.warning("a replica is unavailable", exc_info=True)
+        return JSONResponse({"error": "unavailable", "reason": f"the service is restarting a replica; retry in "
+                             f"{RETRY_AFTER_S} s"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    except Exception:  # the promise: never a traceback to the client
+        request_id = uuid.uuid4().hex[:12]
+        _logger.exception("request %s failed", request_id)
+        return JSONResponse({"error": "internal", "reason": f"internal error (request {request_id}); the "
+                             "service log has the details"}, status_code=500)
 
 
 @serve.deployment(name="Frontend", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -218,31 +332,47 @@ http_app = FastAPI(title="mfr-ray recogniser", docs_url=None, redoc_url=None, op
 class Frontend:
     """HTTP in, JSON out: auth, limits, parsing, and the verify / identify decisions on the embeddings."""
 
-    def __init__(self, embedder, keeper, settings: dict, key_digest: KeyDigest | None):
+    def __init__(self, embedder, keeper, settings: dict, key_digest: KeyDigest | None,
+                 enrol_digest: KeyDigest | None = None):
+        from mfr_ray.serve.audit import AuditLog
         from mfr_ray.serve.package import load_package
 
         keep_replica_server_on_loopback()
         self.embedder, self.keeper = embedder, keeper
         self.cfg = ServeConfig.model_validate(settings)
-        self.key_digest = key_digest
-        self.package = load_package(self.cfg.package)  # thresholds and score; the network loads in Embedder
+        self.key_digest, self.enrol_digest = key_digest, enrol_digest
+        # thresholds and score; the network loads in Embedder
+        self.package = load_package(self.cfg.package, expect_id=self.cfg.package_id)
         self.limiter = RateLimiter(self.cfg.limits.rate_per_s, self.cfg.limits.burst)
+        self.audit = AuditLog(self.cfg.audit_path())
 
     # -- request plumbing ------------------------------------------------------------------------------
-    async def _guard(self, request: Request, open_route: bool = False) -> bool:
-        """Rate limit, then auth; returns whether the caller is authorised (open routes let others in)."""
-        client = request.client.host if request.client else "unknown"
-        allowed, retry_after = self.limiter.allow(client)
+    def _client(self, request: Request) -> str:
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), self.cfg.limits.trusted_proxies)
+
+    def _limit(self, bucket: str) -> None:
+        allowed, retry_after = self.limiter.allow(bucket)
         if not allowed:
-            raise RequestError(429, "rate_limited", f"more than {self.cfg.limits.rate_per_s:g} requests/s "
-                               f"from {client}; retry in {retry_after:.2f} s",
-                               {"Retry-After": f"{max(1, round(retry_after))}"})
-        if self.key_digest is None:
-            return True
-        if self.key_digest.matches(presented_key(request.headers)):
-            return True
+            raise RequestError(429, "rate_limited", f"more than {self.cfg.limits.rate_per_s:g} requests/s; retry "
+                               f"in {retry_after:.2f} s", {"Retry-After": f"{max(1, round(retry_after))}"})
+
+    async def _guard(self, request: Request, open_route: bool = False, enrol: bool = False) -> str | None:
+        """Rate limit (per client address, then per key), then auth. Returns the key id of an authorised
+        caller ("none" where no key is configured), None for an unauthorised one on an open route."""
+        self._limit(f"ip:{self._client(request)}")
+        digest = self.enrol_digest if enrol else self.key_digest
+        if enrol and digest is None:
+            raise RequestError(403, "enrolment_off", "enrolment over HTTP is off: start the service with an "
+                               "enrolment key (--enrol-key-file), or enrol with `mfr enrol`")
+        if digest is None:
+            return "none"
+        presented = presented_key(request.headers)
+        if digest.matches(presented):
+            self._limit(f"key:{digest.key_id}")
+            return digest.key_id
         if open_route:
-            return False
+            return None
         raise RequestError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer KEY` "
                            "or `X-API-Key: KEY`", {"WWW-Authenticate": "Bearer"})
 
@@ -268,42 +398,18 @@ class Frontend:
                 raise RequestError(415, "unsupported",
                                    f"send JSON with base64 fields {', '.join(image_fields)}")
             return params, {image_fields[0]: body}
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, "bad_json", f"the body is not valid JSON: {err}") from None
-        if not isinstance(doc, dict):
-            raise RequestError(400, "bad_json", "the body must be a JSON object")
-        images = {}
-        for name in image_fields:
-            value = doc.pop(name, None)
-            if not isinstance(value, str):
-                raise RequestError(400, "missing_image", f"field {name!r} (base64 image) is missing")
-            try:
-                images[name] = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise RequestError(400, "bad_base64", f"field {name!r} is not valid base64") from None
+        doc = parse_json_object(body)
+        images = decode_images(doc, image_fields)
         return params | doc, images
 
     def _far(self, params: dict):
         from mfr_ray.serve.package import PackageError
 
+        far = parse_far(params.get("far", self.cfg.far))
         try:
-            far = float(params.get("far", self.cfg.far))
             return far, self.package.operating_point(far)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, PackageError):
-                raise RequestError(400, "unknown_far", str(err)) from None
-            raise RequestError(400, "bad_far", f"far must be a number, got {params.get('far')!r}") from None
-
-    def _k(self, params: dict) -> int:
-        try:
-            k = int(params.get("k", self.cfg.top_k))
-        except (TypeError, ValueError):
-            raise RequestError(400, "bad_k", f"k must be an integer, got {params.get('k')!r}") from None
-        if not 1 <= k <= self.cfg.limits.max_k:
-            raise RequestError(400, "bad_k", f"k must be between 1 and {self.cfg.limits.max_k}")
-        return k
+        except PackageError as err:
+            raise RequestError(400, "unknown_far", str(err)) from None
 
     async def _embed(self, images: list[bytes]) -> list:
         empty = [i for i, data in enumerate(images) if not data]
@@ -325,7 +431,7 @@ class Frontend:
     # -- routes ----------------------------------------------------------------------------------------
     @http_app.get("/healthz")
     async def healthz(self, request: Request):
-        return await self._answer(self._healthz(request))
+        return await answer(self._healthz(request))
 
     async def _healthz(self, request: Request) -> dict:
         authorised = await self._guard(request, open_route=True)
@@ -333,98 +439,131 @@ class Frontend:
         if authorised:
             out |= {"package_id": self.package.package_id, "default_far": self.cfg.far,
                     "fars": [p.far_target for p in self.package.operating_points],
-                    "gallery": await self.keeper.stats.remote(), "batching": self.cfg.batching.model_dump()}
+                    "gallery": await self.keeper.stats.remote(), "batching": self.cfg.batching.model_dump(),
+                    "gallery_poll_s": self.cfg.gallery_poll_s}
         return out
 
     @http_app.post("/verify")
     async def verify(self, request: Request):
-        return await self._answer(self._verify(request))
+        return await answer(self._verify(request))
 
-    async def _faces(self, request: Request, names: tuple[str, ...]):
-        """A decision request's common part: auth, the parsed body, the FAR's operating point and the
-        embedded images (a 4xx when one has no usable face)."""
-        await self._guard(request)
+    async def _faces(self, request: Request, names: tuple[str, ...], k: bool = False):
+        """A decision request's common part: auth, the parsed body and its numbers (all checked before any
+        image is embedded), the FAR's operating point and the embedded images (a 4xx when one has no usable
+        face). Returns the caller's key id, k (None unless asked for), the FAR, its point, the embeddings."""
+        key_id = await self._guard(request)
         params, images = await self._payload(request, names)
         far, point = self._far(params)
+        top_k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k) if k else None
         embedded = await self._embed([images[name] for name in names])
         self._refuse_images(embedded, names)
-        return params, far, point, embedded
+        return key_id, top_k, far, point, embedded
 
     async def _verify(self, request: Request) -> dict:
         from mfr_ray.serve.recognise import verify_decision
 
-        _, far, point, (a, b) = await self._faces(request, ("a", "b"))
+        _, _, far, point, (a, b) = await self._faces(request, ("a", "b"))
         return dataclasses.asdict(verify_decision(self.package, point, far, a, b))
 
     @http_app.post("/identify")
     async def identify(self, request: Request):
-        return await self._answer(self._identify(request))
+        return await answer(self._identify(request))
 
     async def _identify(self, request: Request) -> dict:
         from mfr_ray.serve.recognise import Candidate, identify_decision
 
-        params, far, point, (probe,) = await self._faces(request, ("image",))
-        matches = await self.keeper.search_identities.remote(probe.embedding, self._k(params))
+        key_id, k, far, point, (probe,) = await self._faces(request, ("image",), k=True)
+        matches = await self.keeper.search_identities.remote(probe.embedding, k)
         candidates = [Candidate(**m) for m in matches]  # gallery.Match fields, by name
-        return dataclasses.asdict(identify_decision(point, far, probe, candidates))
+        result = identify_decision(point, far, probe, candidates)
+        self.audit.record("identify", key_id=key_id, client=self._client(request), decision=result.decision,
+                          identity=result.identity, score=result.score, far=far)
+        return dataclasses.asdict(result)
 
     @http_app.post("/enrol")
     async def enrol(self, request: Request):
-        return await self._answer(self._enrol(request))
+        return await answer(self._enrol(request))
 
     async def _enrol(self, request: Request) -> dict:
-        await self._guard(request)
+        key_id = await self._guard(request, enrol=True)
         params, images = await self._payload(request, ("image",))
-        identity = str(params.get("identity") or "").strip()
-        if not identity or "/" in identity or len(identity) > 200:
-            raise RequestError(400, "bad_identity",
-                               "identity must be a non-empty name (no '/', at most 200 characters)")
+        header = request.headers.get(IDENTITY_HEADER)
+        if "identity" in request.query_params:
+            raise RequestError(400, "bad_identity", "send the identity in the JSON body or the X-Identity "
+                               "header (percent-encoded UTF-8), not the query string: URLs land in access logs")
+        identity = parse_identity(params.get("identity") if header is None else urllib.parse.unquote(header))
         data = images["image"]
         source_key = f"{identity}/{API_SOURCE_PREFIX}{hashlib.sha256(data).hexdigest()[:16]}"
         (result,) = await self._embed([data])
         row = await self.keeper.enrol.remote(identity, source_key, _wire(result))
+        if "error" in row:
+            raise RequestError(503, row["error"], row["reason"], {"Retry-After": f"{round(row['retry_after_s'])}"})
+        self.audit.record("enrol", key_id=key_id, client=self._client(request), identity=identity,
+                          decision=row["status"], template_id=row["template_id"], stored=row["stored"])
         self._refuse_images([result], ("image",))  # the failed row is stored all the same
         return row
 
-    async def _answer(self, work) -> JSONResponse:
-        """Every route's answer: its JSON, or a 4xx for a client error."""
-        try:
-            return JSONResponse(await work)
-        except RequestError as err:
-            return JSONResponse({"error": err.error, "reason": err.reason}, status_code=err.status,
-                                headers=err.headers)
-
 
 # --------------------------------------------------------------------------------------------- build and run
-def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None):
-    """The bound application: Frontend -> (Embedder, GalleryKeeper)."""
+def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None, enrol_digest: KeyDigest | None = None):
+    """The bound application: Frontend -> (Embedder, GalleryKeeper). The package is resolved here, once
+    (`models:/NAME@ALIAS` to its version now, any URI to its `package_id`), and every replica is told
+    which package it must load."""
+    from mfr_ray.serve.package import load_package, pin_package_uri
+
+    pinned = pin_package_uri(cfg.package)
+    cfg = cfg.model_copy(update={"package": pinned, "package_id": load_package(pinned).package_id})
     replicas: dict[str, Any] = {"num_replicas": cfg.num_replicas}
     if cfg.autoscaling:
         replicas = {"autoscaling_config": cfg.autoscaling.model_dump()}
     embedder = Embedder.options(
         ray_actor_options={"num_cpus": cfg.embedder_num_cpus},
         max_ongoing_requests=max(16, 2 * cfg.batching.max_batch_size), **replicas,
-    ).bind(cfg.package, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads)
-    keeper = GalleryKeeper.bind(cfg.package, cfg.gallery)
+    ).bind(cfg.package, cfg.package_id, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads)
+    keeper = GalleryKeeper.bind(cfg.package, cfg.package_id, cfg.gallery, cfg.gallery_poll_s)
     settings = cfg.model_dump(mode="json", exclude={"ray"})
-    return Frontend.options(num_replicas=cfg.frontend_replicas).bind(embedder, keeper, settings, key_digest)
+    return Frontend.options(num_replicas=cfg.frontend_replicas).bind(embedder, keeper, settings, key_digest,
+                                                                     enrol_digest)
+
+
+def _auth(cfg: ServeConfig, host: str) -> tuple[KeyDigest | None, KeyDigest | None]:
+    """(identification key, enrolment key) digests for a proxy bound to `host`; refuses plain HTTP beyond
+    loopback (`check_transport`) and a missing key there."""
+    cfg.check_transport(host)
+    key_digest = resolve_auth(host, cfg.api_key_file)
+    return key_digest, load_enrol_digest(cfg.enrol_key_file, key_digest)
 
 
 def app_builder(args: dict):
     """Serve's application builder (`import_path: mfr_ray.serve.app:app_builder` in a Serve config or a
-    KubeRay RayService): `args` are ServeConfig fields; `host` should be the proxy's http_options host, so a
-    cluster-wide bind requires the API key (from $MFR_SERVE_API_KEY_FILE, e.g. a mounted secret)."""
-    cfg = ServeConfig.model_validate(args)
-    return build_app(cfg, resolve_auth(cfg.host, cfg.api_key_file))
+    KubeRay RayService): `args` are ServeConfig fields. Without `args.host` the proxy is taken to listen
+    beyond loopback (a Serve config's http_options are not visible here), so the API key is required (from
+    $MFR_SERVE_API_KEY_FILE, e.g. a mounted secret)."""
+    host = args.get("host", "0.0.0.0")
+    cfg = ServeConfig.model_validate(args | {"host": host})
+    return build_app(cfg, *_auth(cfg, host))
+
+
+def _proxy_host(default: str) -> str:
+    """The host Serve's HTTP proxy really binds: on a cluster where Serve already runs, that of its
+    controller, whatever this command asked for."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host or default
+    except Exception:  # noqa: BLE001 - no controller reachable: what was asked is what binds
+        return default
 
 
 def start(cfg: ServeConfig, route_prefix: str = "/"):
     """Start (or update) the application on this machine's Ray (`init_ray`: local on loopback unless
     configured) with Serve's HTTP proxy on cfg.host:cfg.port; returns the Frontend handle."""
-    key_digest = resolve_auth(cfg.host, cfg.api_key_file)
+    _auth(cfg, cfg.host)  # refuse before anything starts
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg, key_digest), name=APP_NAME, route_prefix=route_prefix)
+    tls = {"ssl_certfile": cfg.tls.certfile, "ssl_keyfile": cfg.tls.keyfile} if cfg.tls else {}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, **tls})
+    digests = _auth(cfg, _proxy_host(cfg.host))
+    return serve.run(build_app(cfg, *digests), name=APP_NAME, route_prefix=route_prefix)
 
 
 def run(package: str, gallery: str, host: str = LOOPBACK, port: int = 8000, blocking: bool = True, **options):
@@ -433,8 +572,12 @@ def run(package: str, gallery: str, host: str = LOOPBACK, port: int = 8000, bloc
     fields = {"package": package, "gallery": gallery, "host": host, "port": port, **options}
     cfg = ServeConfig.model_validate(fields)
     start(cfg)
-    auth = "API key required" if resolve_auth(cfg.host, cfg.api_key_file) else "no auth (loopback only)"
-    print(f"mfr serve: http://{cfg.host}:{cfg.port} ({auth}); /verify /identify /enrol /healthz", flush=True)
+    key_digest, enrol_digest = _auth(cfg, _proxy_host(cfg.host))
+    auth = "API key required" if key_digest else "no auth (loopback only)"
+    enrol = "/enrol with its own key" if enrol_digest else "/enrol off (no enrolment key)"
+    scheme = "https" if cfg.tls else "http"
+    print(f"mfr serve: {scheme}://{cfg.host}:{cfg.port} ({auth}; {enrol}); /verify /identify /enrol /healthz; "
+          f"gallery changes made outside the service are seen within {cfg.gallery_poll_s:g} s", flush=True)
     if not blocking:
         return cfg
     try:

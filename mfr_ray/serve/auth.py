@@ -19,6 +19,8 @@ from mfr_ray.config.base import ConfigError
 
 API_KEY_ENV = "MFR_SERVE_API_KEY"
 API_KEY_FILE_ENV = "MFR_SERVE_API_KEY_FILE"
+ENROL_KEY_ENV = "MFR_SERVE_ENROL_KEY"
+ENROL_KEY_FILE_ENV = "MFR_SERVE_ENROL_KEY_FILE"
 MIN_KEY_LENGTH = 16
 API_KEY_HEADER = "x-api-key"
 
@@ -42,6 +44,11 @@ class KeyDigest:
     def __repr__(self) -> str:
         return "KeyDigest(***)"
 
+    @property
+    def key_id(self) -> str:
+        """Names the key in audit lines without revealing it (a prefix of a hash of its digest)."""
+        return hashlib.sha256(self.hexdigest.encode()).hexdigest()[:12]
+
     def matches(self, presented: str | None) -> bool:
         if not presented:
             return False
@@ -56,19 +63,31 @@ def _digest(key: str, source: str) -> KeyDigest:
     return KeyDigest(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest())
 
 
-def load_key_digest(key_file: str | Path | None = None) -> KeyDigest | None:
-    """The API key's digest from `key_file`, else $MFR_SERVE_API_KEY_FILE, else $MFR_SERVE_API_KEY; None if
-    none is set. Errors name the source, never the key."""
-    path = key_file or os.environ.get(API_KEY_FILE_ENV)
+def load_key_digest(key_file: str | Path | None = None, file_env: str = API_KEY_FILE_ENV,
+                    key_env: str = API_KEY_ENV) -> KeyDigest | None:
+    """The API key's digest from `key_file`, else $<file_env>, else $<key_env>; None if none is set. A key
+    taken from the environment is removed from it once hashed, so Ray workers started later do not inherit
+    it. Errors name the source, never the key."""
+    path = key_file or os.environ.get(file_env)
     if path:
         try:
             text = Path(path).expanduser().read_text()
         except OSError as err:
             raise ConfigError(f"cannot read the API key file {path}: {err.strerror}") from None
         return _digest(text, f"file {path}")
-    if os.environ.get(API_KEY_ENV):
-        return _digest(os.environ[API_KEY_ENV], f"${API_KEY_ENV}")
+    if os.environ.get(key_env):
+        return _digest(os.environ.pop(key_env), f"${key_env}")
     return None
+
+
+def load_enrol_digest(key_file: str | Path | None = None, identify: KeyDigest | None = None) -> KeyDigest | None:
+    """The enrolment key's digest (`--enrol-key-file`, $MFR_SERVE_ENROL_KEY_FILE, $MFR_SERVE_ENROL_KEY), or
+    None: enrolment over HTTP is then off. It must differ from the identification key, else anyone who may
+    identify could enrol under any name."""
+    digest = load_key_digest(key_file, ENROL_KEY_FILE_ENV, ENROL_KEY_ENV)
+    if digest is not None and identify is not None and hmac.compare_digest(digest.hexdigest, identify.hexdigest):
+        raise ConfigError("the enrolment key equals the identification key: give enrolment a key of its own")
+    return digest
 
 
 def resolve_auth(host: str, key_file: str | Path | None = None,
@@ -94,9 +113,20 @@ def presented_key(headers) -> str | None:
     return headers.get(API_KEY_HEADER) or None
 
 
+def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies: list[str]) -> str:
+    """The caller's address: the connection's peer, or, when that peer is a trusted proxy (a load
+    balancer in front of the service), the last address it appended to X-Forwarded-For."""
+    peer = peer or "unknown"
+    if forwarded_for and peer in trusted_proxies:
+        return forwarded_for.split(",")[-1].strip() or peer
+    return peer
+
+
 class RateLimiter:
-    """Token bucket per client: `rate` requests/s sustained, `burst` at once. Per replica: with N replicas
-    a client gets up to N times the rate. Thread-safe; idle clients are forgotten after a minute."""
+    """Token bucket per client: `rate` requests/s sustained, `burst` at once. The service keeps one bucket
+    per client address and one per API key, so clients behind one load balancer are told apart by their
+    keys. Per replica: with N replicas a client gets up to N times the rate. Thread-safe; idle clients are
+    forgotten after a minute."""
 
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = float(rate), int(burst)

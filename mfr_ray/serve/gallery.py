@@ -1,13 +1,15 @@
 """The gallery of enrolled people: Parquet parts in a local folder or an `s3://` prefix.
 
-    <gallery>/gallery.json                  package id, embedding size, the list of parts (the commit point)
+    <gallery>/gallery.json                  package id, embedding size, the list of parts (the commit point),
+                                            a version counter moved on by every write
     <gallery>/templates/part-*.parquet      one part per enrolment (identity, template_id, embedding,
                                             source_key, enrolled_at, status, reason, align_method)
-    <gallery>/_lock.json                    held while an enrolment or a removal writes
+    <gallery>/_lock.json                    held while an enrolment or a removal writes (a lease: taken over
+                                            once older than Gallery.LOCK_LEASE_S)
 
 Every enrolled file is a row, failed ones too (status and reason, no embedding): files in = rows out.
-Only `ok` rows are templates. Enrolling again adds a part with the files not seen before; removing an
-identity rewrites the parts that hold it. A part is written before `gallery.json` names it, so a killed
+Only `ok` rows are templates. Enrolling again adds a part with the files not seen before (parts are merged
+once there are many); removing an identity rewrites the parts that hold it. A part is written before `gallery.json` names it, so a killed
 enrolment leaves the gallery as it was.
 """
 
@@ -71,17 +73,49 @@ def build_index(embeddings: np.ndarray):
     return make_index(embeddings)
 
 
+@dataclass
+class GalleryState:
+    """One consistent view of the gallery: its manifest, every row, the `ok` rows and (built on first
+    search) their index. Replaced whole, never changed in place, so a reader that took it sees no half
+    enrolment or removal while a writer prepares the next one."""
+
+    manifest: dict
+    table: pa.Table
+    templates: pa.Table
+    index: object = None
+
+    @classmethod
+    def of(cls, manifest: dict, table: pa.Table) -> GalleryState:
+        import pyarrow.compute as pc
+
+        return cls(manifest, table, table.filter(pc.equal(table.column("status"), "ok")))
+
+    @property
+    def change_key(self) -> tuple:
+        return change_key(self.manifest)
+
+
+def change_key(manifest: dict) -> tuple:
+    """What changes whenever the gallery does (its version counter; the part list for galleries written
+    before the counter existed)."""
+    return manifest.get("version", 0), tuple(manifest.get("parts", ()))
+
+
 class Gallery:
-    """An opened gallery: rows in memory, an index over its `ok` templates built on first search."""
+    """An opened gallery: a `GalleryState` in memory, an index over its `ok` templates built on first search.
+    Writers (`add_rows`, `remove`, `compact`) serialise on a thread lock here and `_lock.json` (a lease)
+    across processes; `refresh_if_changed` is the cheap poll a long-lived reader runs."""
+
+    LOCK_LEASE_S = 300.0  # a writer's `_lock.json` older than this is taken over (its holder died)
 
     def __init__(self, uri: str, storage: StorageConfig | None = None):
+        import threading
+
         self.uri = str(uri)
         self.storage = storage or StorageConfig()
         self.layout = DatasetLayout(self.uri, self.storage)
-        self.manifest: dict = {}
-        self.table = gallery_schema().empty_table()
-        self._index = None
-        self._templates: pa.Table | None = None
+        self._writing = threading.RLock()
+        self.state = GalleryState.of({}, gallery_schema().empty_table())
         self.refresh()
 
     # -- creation and reading --------------------------------------------------------------------------
@@ -92,12 +126,15 @@ class Gallery:
         another package (other weights or preprocessing) is refused."""
         gallery = cls(uri, storage)
         if not gallery.manifest:
-            gallery.layout.write_json(gallery.layout.path(GALLERY_JSON), {
-                "format": GALLERY_FORMAT, "package_id": package.package_id,
-                "embedding_size": package.embedding_size, "package": package_uri or str(package.folder),
-                "parts": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
-            gallery.refresh()
+            with gallery._writing, gallery._lock():
+                gallery.refresh()
+                if not gallery.manifest:
+                    gallery.layout.write_json(gallery.layout.path(GALLERY_JSON), {
+                        "format": GALLERY_FORMAT, "package_id": package.package_id, "version": 0,
+                        "embedding_size": package.embedding_size, "package": package_uri or str(package.folder),
+                        "parts": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    })
+                    gallery.refresh()
         gallery.check_package(package)
         return gallery
 
@@ -105,6 +142,14 @@ class Gallery:
         if self.manifest.get("package_id") != package.package_id:
             raise PackageError(f"gallery {self.uri} holds embeddings of package {self.manifest.get('package_id')}, "
                                f"not {package.package_id}: enrol into a new gallery for this package")
+
+    @property
+    def manifest(self) -> dict:
+        return self.state.manifest
+
+    @property
+    def table(self) -> pa.Table:
+        return self.state.table
 
     @property
     def embedding_size(self) -> int:
@@ -119,16 +164,31 @@ class Gallery:
     def package_uri(self) -> str | None:
         return self.manifest.get("package")
 
+    def _read_manifest(self) -> dict:
+        manifest = self.layout.read_json(self.layout.path(GALLERY_JSON)) or {}
+        if manifest and manifest.get("format") != GALLERY_FORMAT:
+            raise PackageError(f"{self.uri}/{GALLERY_JSON}: format {manifest.get('format')!r} is not "
+                               f"{GALLERY_FORMAT!r}")
+        return manifest
+
+    def _load(self, manifest: dict) -> GalleryState:
+        parts = [self.layout.read_table(self.layout.path(TEMPLATES_DIR, name)) for name in manifest.get("parts", [])]
+        return GalleryState.of(manifest, pa.concat_tables(parts) if parts else gallery_schema().empty_table())
+
     def refresh(self) -> None:
         """Re-read gallery.json and its parts (another process may have enrolled since)."""
-        self.manifest = self.layout.read_json(self.layout.path(GALLERY_JSON)) or {}
-        if self.manifest and self.manifest.get("format") != GALLERY_FORMAT:
-            raise PackageError(f"{self.uri}/{GALLERY_JSON}: format {self.manifest.get('format')!r} is not "
-                               f"{GALLERY_FORMAT!r}")
-        parts = [self.layout.read_table(self.layout.path(TEMPLATES_DIR, name)) for name in self.manifest.get("parts", [])]
-        self.table = pa.concat_tables(parts) if parts else gallery_schema().empty_table()
-        self._index = None
-        self._templates = None
+        with self._writing:
+            self.state = self._load(self._read_manifest())
+
+    def refresh_if_changed(self) -> bool:
+        """Read gallery.json only, and the parts only when another process changed the gallery (a removal
+        by `mfr unenrol`, an enrolment by `mfr enrol`); True when it had changed."""
+        with self._writing:
+            manifest = self._read_manifest()
+            if change_key(manifest) == self.state.change_key:
+                return False
+            self.state = self._load(manifest)
+            return True
 
     def identities(self) -> list[str]:
         """Identities with at least one usable template."""
@@ -136,26 +196,29 @@ class Gallery:
 
     def templates(self) -> pa.Table:
         """The `ok` rows: what search sees."""
-        if self._templates is None:
-            import pyarrow.compute as pc
-
-            self._templates = self.table.filter(pc.equal(self.table.column("status"), "ok"))
-        return self._templates
+        return self.state.templates
 
     def source_keys(self) -> set[str]:
         return set(self.table.column("source_key").to_pylist())
 
     # -- writing ---------------------------------------------------------------------------------------
-    def _write_manifest(self, parts: list[str]) -> None:
-        manifest = dict(self.manifest, parts=parts, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    def _lock(self):
+        return output_lock(self.layout, lease_s=self.LOCK_LEASE_S)
+
+    def _commit(self, manifest: dict, parts: list[str]) -> dict:
+        """Write gallery.json naming `parts` (the commit point), with the version counter moved on."""
+        manifest = dict(manifest, parts=parts, version=int(manifest.get("version", 0)) + 1,
+                        updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.layout.write_json(self.layout.path(GALLERY_JSON), manifest)
+        return manifest
 
     def _new_part_name(self) -> str:
         return f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
 
     def add_rows(self, rows: list[dict]) -> int:
         """Append rows (dicts of the gallery schema; `embedding` None for failed inputs) as one new part,
-        under the gallery's lock; returns the rows written. Durable once this returns."""
+        under the gallery's lock; returns the rows written. Durable once this returns. Only gallery.json is
+        read back (the parts too only when another process changed the gallery meanwhile)."""
         if not rows:
             return 0
         sizes = {len(r["embedding"]) for r in rows if r["embedding"] is not None}
@@ -163,17 +226,32 @@ class Gallery:
             raise PackageError(f"embeddings of size {sorted(sizes)} do not fit gallery {self.uri} "
                                f"(size {self.embedding_size})")
         table = pa.Table.from_pylist(rows, schema=gallery_schema())
-        with output_lock(self.layout):
-            self.refresh()
+        with self._writing, self._lock():
+            self.refresh_if_changed()
             name = self._new_part_name()
             self.layout.write_table(self.layout.path(TEMPLATES_DIR, name), table)
-            self._write_manifest(list(self.manifest["parts"]) + [name])
-            self.refresh()
+            manifest = self._commit(self.manifest, list(self.manifest["parts"]) + [name])
+            self.state = GalleryState.of(manifest, pa.concat_tables([self.table, table]))
         return len(rows)
 
+    def compact(self, max_parts: int = 32) -> bool:
+        """Merge the parts into one when there are more than `max_parts` (each enrolment adds one); the
+        rows and their order stay. True when it merged."""
+        with self._writing, self._lock():
+            self.refresh_if_changed()
+            old = list(self._manifest()["parts"])
+            if len(old) <= max_parts:
+                return False
+            name = self._new_part_name()
+            self.layout.write_table(self.layout.path(TEMPLATES_DIR, name), self.table)
+            self.state = GalleryState.of(self._commit(self.manifest, [name]), self.table)
+            for part in old:
+                self.layout.delete_file(self.layout.path(TEMPLATES_DIR, part))
+        return True
+
     def enrol_images(self, package: ModelPackage, identity: str, images: list[tuple[str, bytes]]) -> list[dict]:
-        """Embed and add (source_key, bytes) images of one identity in this process (the service's
-        `/enrol`); returns every row written, failed ones included."""
+        """Embed and add (source_key, bytes) images of one identity in this process; returns every row
+        written, failed ones included."""
         self.check_package(package)
         results = package.embed_images([data for _, data in images])
         now = _utc_now()
@@ -186,7 +264,7 @@ class Gallery:
         """Delete every row of `identity` (templates and failed rows); returns how many went."""
         import pyarrow.compute as pc
 
-        with output_lock(self.layout):
+        with self._writing, self._lock():
             self.refresh()
             kept_parts, removed, dropped = [], 0, []
             for name in self._manifest()["parts"]:
@@ -204,22 +282,23 @@ class Gallery:
                     self.layout.write_table(self.layout.path(TEMPLATES_DIR, new_name), rest)
                     kept_parts.append(new_name)
             if removed:
-                self._write_manifest(kept_parts)
+                self._commit(self.manifest, kept_parts)
                 for name in dropped:
                     self.layout.delete_file(self.layout.path(TEMPLATES_DIR, name))
             self.refresh()
         return removed
 
     # -- search ----------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> list[list[Match]]:
+    def search(self, queries: np.ndarray, k: int, state: GalleryState | None = None) -> list[list[Match]]:
         """The k best templates for each (n, d) L2-normalised query, best first."""
-        templates = self.templates()
+        state = state or self.state
+        templates = state.templates
         if templates.num_rows == 0:
             return [[] for _ in range(len(queries))]
-        if self._index is None:
+        if state.index is None:
             embeddings = np.asarray(templates.column("embedding").combine_chunks().flatten(), dtype=np.float32)
-            self._index = build_index(embeddings.reshape(templates.num_rows, self.embedding_size))
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, templates.num_rows))
+            state.index = build_index(embeddings.reshape(templates.num_rows, self.embedding_size))
+        scores, ids = state.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, templates.num_rows))
         names = templates.column("identity").to_pylist()
         tids = templates.column("template_id").to_pylist()
         keys = templates.column("source_key").to_pylist()
@@ -229,10 +308,11 @@ class Gallery:
     def search_identities(self, query: np.ndarray, k: int) -> list[Match]:
         """The k best identities for one query, each with its best template (templates per identity vary,
         so enough templates are searched to reach k distinct people)."""
-        counts = Counter(self.templates().column("identity").to_pylist())
+        state = self.state
+        counts = Counter(state.templates.column("identity").to_pylist())
         depth = min(sum(counts.values()), k * max(counts.values(), default=1))
         best: dict[str, Match] = {}
-        for match in self.search(np.asarray(query, dtype=np.float32)[None], depth)[0]:
+        for match in self.search(np.asarray(query, dtype=np.float32)[None], depth, state)[0]:
             best.setdefault(match.identity, match)
         return sorted(best.values(), key=lambda m: -m.score)[:k]
 

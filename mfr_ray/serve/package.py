@@ -215,37 +215,71 @@ def _header_pixels(data: bytes) -> int | None:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
+def _temporary_folder() -> Path:
+    """A download folder removed when this process exits (a replica's or a CLI's)."""
+    import atexit
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="mfr-package-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def pin_package_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """`models:/NAME@ALIAS` resolved to the version the alias names now (`models:/NAME/VERSION`), so every
+    replica started later loads the same weights; any other URI is returned as it is."""
+    from mfr_ray.config.loader import redact_uri
+
+    if not (is_registry_uri(uri) and "@" in uri):
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from mfr_ray.tracking import resolve_tracking_uri
+
+    name, alias = uri[len("models:/"):].split("@", 1)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri)))
+    try:
+        version = client.get_model_version_by_alias(name, alias).version
+    except MlflowException as exc:
+        raise PackageError(f"{uri}: cannot resolve the alias: {redact_uri(str(exc))[:300]}") from None
+    return f"models:/{name}/{version}"
+
+
 def _fetch(uri: str, storage: StorageConfig | None, tracking_uri: str | None) -> Path:
     """A local folder holding the package at `uri` (a folder, s3://, models:/ or runs:/)."""
-    from mfr_ray.storage import is_s3, iter_files, join_uri, read_bytes
+    from mfr_ray.storage import StorageError, is_s3, iter_files, join_uri, local_target, read_bytes
 
     if is_registry_uri(uri) or uri.startswith("runs:/"):
         import mlflow
 
         from mfr_ray.tracking import resolve_tracking_uri
 
-        folder = tempfile.mkdtemp(prefix="mfr-package-")
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=uri, tracking_uri=resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri)),
-            dst_path=folder,
+            dst_path=str(_temporary_folder()),
         )
         return Path(local)
     if is_s3(uri):
-        folder = Path(tempfile.mkdtemp(prefix="mfr-package-"))
-        for key, _ in iter_files(uri, storage):
-            target = folder / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(read_bytes(join_uri(uri, key), storage))
+        folder = _temporary_folder()
+        try:
+            for key, _ in iter_files(uri, storage):
+                target = local_target(folder, key)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(read_bytes(join_uri(uri, key), storage))
+        except StorageError as exc:
+            raise PackageError(f"cannot fetch package {uri}: {exc}") from None
         return folder
     return Path(uri).expanduser()
 
 
 def load_package(
     path_or_uri: str | Path, storage: StorageConfig | None = None, tracking_uri: str | None = None,
-    num_threads: int | None = 1,
+    num_threads: int | None = 1, expect_id: str | None = None,
 ) -> ModelPackage:
     """Open a package folder (local, s3://, or an MLflow `models:/` / `runs:/` URI). Models load lazily,
-    on the first embedding."""
+    on the first embedding. With `expect_id`, a package whose id differs is refused: the replicas of one
+    service must embed, threshold and search with the same package."""
     folder = _fetch(str(path_or_uri), storage, tracking_uri)
     spec_path = folder / PACKAGE_JSON
     if not spec_path.is_file():
@@ -253,6 +287,9 @@ def load_package(
     spec = json.loads(spec_path.read_text())
     if spec.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{spec_path}: format {spec.get('format')!r} is not {PACKAGE_FORMAT!r}")
+    if expect_id is not None and spec.get("package_id") != expect_id:
+        raise PackageError(f"{path_or_uri} is now package {spec.get('package_id')}, not {expect_id} that this "
+                           "service was started with: redeploy the service to change its model")
     return ModelPackage(folder, spec, num_threads)
 
 
@@ -375,6 +412,7 @@ def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from mfr_ray.config.loader import redact_uri
     from mfr_ray.models.spec import ModelSpec
     from mfr_ray.storage import is_s3
 
@@ -395,7 +433,7 @@ def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -
         run = MlflowClient(tracking_uri=tracking_uri).get_run(source)
     except MlflowException:
         raise PackageError(f"{source!r} is neither a checkpoint file, a models:/ URI nor an MLflow run id "
-                           f"in {tracking_uri}") from None
+                           f"in {redact_uri(tracking_uri)}") from None
     if run.data.tags.get("mfr.stage") == "evaluate":
         spec = evaluation_config_from_params(run.data.params).model
         return _Source(spec.load(), spec.backbone, dict(spec.kwargs), spec.display_name(), eval_run=source)

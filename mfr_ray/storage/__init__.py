@@ -51,6 +51,20 @@ def join_uri(uri: str, *parts: str) -> str:
     return str(Path(_local_path(uri), *parts))
 
 
+def local_target(folder: str | Path, key: str) -> Path:
+    """Where an object listed under a prefix lands inside `folder`. A key that is absolute, holds `..` or a
+    backslash, or would resolve outside `folder` is refused: anyone who can write to the bucket must not
+    get file writes elsewhere on the machine that downloads it."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("..", ".") for p in parts) or "\x00" in key:
+        raise StorageError(f"object key {key!r} is not a plain relative path; refused")
+    root = Path(folder).resolve()
+    target = (root / key).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise StorageError(f"object key {key!r} resolves outside {root}; refused")
+    return target
+
+
 def _local_path(uri: str) -> str:
     return urlparse(uri).path if uri.startswith("file://") else os.path.expanduser(uri)
 

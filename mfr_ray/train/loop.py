@@ -197,7 +197,9 @@ WORKER_INPUTS = "inputs"  # the key of Ray Train's train_loop_config that holds 
 class WorkerInputs:
     """What the driver hands every worker: the run's config and what it derived from the dataset."""
 
-    train: dict[str, Any]  # TrainConfig as JSON, validated again in the worker
+    # The validated config itself, not its JSON: `model_dump(mode="json")` masks every SecretStr, and the
+    # workers would then authenticate to S3 with the mask. Pickled by Ray with the secrets; shown masked.
+    train: TrainConfig
     num_classes: int
     steps_per_epoch: int
     validation: Any = None  # ObjectRef of the ValidationSet (rank 0 fetches it); None: nothing held out
@@ -268,7 +270,7 @@ def start_worker(inputs: WorkerInputs) -> Worker:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.model_validate(inputs.train)
+    cfg = inputs.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     use_threads(cfg.scaling.torch_threads or threads_for(cfg.scaling.cpus_per_worker))

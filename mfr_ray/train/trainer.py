@@ -210,7 +210,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={
             WORKER_INPUTS: WorkerInputs(
-                train=cfg.model_dump(mode="json"),
+                train=cfg,
                 num_classes=num_classes,
                 steps_per_epoch=steps_per_epoch,
                 validation=ray.put(validation) if validation is not None else None,
