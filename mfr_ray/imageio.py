@@ -42,6 +42,9 @@ UNMASKED = "unmasked"
 # Suffixes of the files read as images (prepare's index and `mfr mask`); others are not images.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 40_000_000
+# The only decoders Pillow may use on input bytes (the formats of IMAGE_SUFFIXES; camera MPO files open
+# through JPEG's): hostile bytes never reach its rarer parsers (EPS, FITS, PSD, ICNS, ...).
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
 
 # Container signatures of image formats Pillow cannot decode here: they are images, just not ours.
 _UNSUPPORTED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
@@ -163,7 +166,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
             except UnidentifiedImageError:
                 if data[:4] in (b"II*\x00", b"MM\x00*"):
                     return DecodedImage(None, Status.UNSUPPORTED, "TIFF variant that cannot be decoded here")

@@ -189,3 +189,31 @@ def test_encode_rejects_unknown_format(face):
     with pytest.raises(ValueError, match="unknown image format"):
         encode_image(face, "tga")
     assert decode_image(encode_image(face, "png")).image.tolist() == face.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "ICO", "SGI", "TGA"])
+def test_only_the_listed_decoders_read_input_bytes(face, fmt):
+    """Formats Pillow could parse but the project does not list (their parsers are attack surface) are
+    refused, while the listed ones decode."""
+    decoded = decode_image(_saved(Image.fromarray(face[:64, :64]), fmt))
+    assert not decoded.ok and decoded.status in ("decode_error", "unsupported"), (fmt, decoded.reason)
+    assert decode_image(_saved(Image.fromarray(face), "JPEG")).ok
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from mfr_ray.masking.files import write_replacing
+
+    target = tmp_path / "a.jpg"
+    target.write_bytes(b"original")
+    write_replacing(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+    def killed(*_args):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError):
+        write_replacing(target, b"half-written")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]

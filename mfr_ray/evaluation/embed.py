@@ -126,15 +126,12 @@ def embed_crops(
     else:
         import ray
 
+        from mfr_ray.pools import map_batches_bounded
+
         ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
-            },
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-        )
+        ds = map_batches_bounded(ds, Embedder, constructor_kwargs={
+            "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
+        }, batch_size=batch_size, num_actors=num_actors)
         ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
         for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
             parts.append(part)

@@ -123,16 +123,17 @@ def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, 
             parts.append(cropper({"key": np.array(keys[s : s + batch_size])}))
             progress(len(parts[-1]["key"]))
     else:
-        import ray
+        from mfr_ray.pools import run_on_actors
 
-        ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=max(num_actors * 4, 1))
-        ds = ds.map_batches(
-            FolderCropper,
-            fn_constructor_kwargs={"source": source, "storage": storage},
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-        )
-        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        height, width = CROP_TEMPLATES[source.align.crop][0]
+
+        def crashed(item: dict, reason: str) -> dict[str, np.ndarray]:
+            return {"key": np.array([item["key"]]), "crop": np.zeros((1, height, width, 3), dtype=np.uint8),
+                    "method": np.array(["none"]), "status": np.array([Status.CRASHED]), "reason": np.array([reason])}
+
+        for part in run_on_actors([{"key": k} for k in keys], FolderCropper, key="key", batch_size=batch_size,
+                                  constructor_kwargs={"source": source, "storage": storage},
+                                  num_actors=num_actors, on_crash=crashed):
             parts.append(part)
             progress(len(part["key"]))
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -53,6 +53,21 @@ def is_folder_output(input_path: Path, output_path: Path) -> bool:
     return input_path.is_dir() or output_path.is_dir() or not output_path.suffix
 
 
+def write_replacing(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file beside it and a rename: a run killed mid-write (`--in-place`
+    rewrites originals) leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with staging.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def check_paths(input_path: Path, output_path: Path, in_place: bool) -> str | None:
     """Why writing `input_path` to `output_path` is refused, or None. Outputs over or inside the input
     would overwrite originals (or be read back as inputs), so they need `in_place`."""
@@ -201,8 +216,7 @@ def mask_job(
         row = {"input_path": path_text(job.source), "output_path": "", **result.record.to_row()}
         row["reason"] = path_text(row["reason"])  # it may quote a file name
         if result.image is not None:
-            job.target.parent.mkdir(parents=True, exist_ok=True)
-            job.target.write_bytes(encode_image(result.image, ENCODABLE[job.target.suffix.lower()]))
+            write_replacing(job.target, encode_image(result.image, ENCODABLE[job.target.suffix.lower()]))
             row["output_path"] = path_text(job.target)
     except Exception as exc:  # noqa: BLE001  one file's failure is its row, not the end of the run
         result = MaskResult(

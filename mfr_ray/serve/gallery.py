@@ -365,6 +365,22 @@ class EnrolEmbedder:
                 "align_method": np.array(method), "embedding": embedding}
 
 
+def _embed_on_actors(items: list[dict], package_uri: str, root: str, storage: StorageConfig | None,
+                     embedding_size: int, num_actors: int, batch_size: int):
+    """EnrolEmbedder batches over a bounded actor pool; an image that kills its actor is a `crashed` row."""
+    from mfr_ray.imageio import Status
+    from mfr_ray.pools import run_on_actors
+
+    def crashed(item: dict, reason: str) -> dict[str, np.ndarray]:
+        return {"source_key": np.array([item["source_key"]]), "status": np.array([Status.CRASHED]),
+                "reason": np.array([reason]), "align_method": np.array(["none"]),
+                "embedding": np.zeros((1, embedding_size), dtype=np.float32)}
+
+    return run_on_actors(items, EnrolEmbedder, constructor_kwargs={"package_uri": str(package_uri), "root": str(root),
+                         "storage": storage}, key="source_key", batch_size=batch_size, num_actors=num_actors,
+                         on_crash=crashed, num_cpus=1)
+
+
 @dataclass
 class EnrolSummary:
     gallery: str
@@ -425,19 +441,11 @@ def enrol(
         else:
             items.append({"source_key": key, "identity": identity})
     if items:
-        import ray as ray_module
-
         init_ray(ray or RayConfig())
-        ds = ray_module.data.from_items(items, override_num_blocks=max(1, min(len(items), num_actors * 4)))
-        ds = ds.map_batches(
-            EnrolEmbedder,
-            fn_constructor_kwargs={"package_uri": str(package_uri), "root": str(root_or_uri), "storage": storage},
-            batch_size=batch_size, compute=ray_module.data.ActorPoolStrategy(size=num_actors), num_cpus=1,
-        )
-        ds.context.enable_progress_bars = False  # the bar below counts images
         identity_of_key = {item["source_key"]: item["identity"] for item in items}
         with tqdm(total=len(items), unit="img", desc="enrol", disable=not progress, file=sys.stderr) as bar:
-            for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for part in _embed_on_actors(items, package_uri, root_or_uri, storage, package.embedding_size,
+                                         num_actors, batch_size):
                 for key, status, reason, method, emb in zip(part["source_key"], part["status"], part["reason"],
                                                             part["align_method"], part["embedding"], strict=True):
                     rows.append(result_row(identity_of_key[str(key)], str(key), str(status), str(reason),

@@ -207,8 +207,10 @@ def _header_pixels(data: bytes) -> int | None:
 
     from PIL import Image
 
+    from mfr_ray.imageio import DECODE_FORMATS
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
             return img.size[0] * img.size[1]
     except Exception:  # noqa: BLE001 - not an image: decode_image gives the status and reason
         return None

@@ -15,6 +15,7 @@ from mfr_ray.config.common import StorageConfig
 from mfr_ray.data import load_label_map, paired_dataset, read_prepared, require_complete
 from mfr_ray.imageio import decode_image, encode_image
 from mfr_ray.masking.config import MaskingConfig
+from mfr_ray.pools import map_batches_bounded
 from mfr_ray.train.config import TrainDataConfig
 
 TRAIN_COLUMNS = ["identity_id", "image_unmasked", "image_masked"]
@@ -98,7 +99,6 @@ def training_dataset(
     """The `ray.data.Dataset` Ray Train splits across workers, rows {identity_id, image_unmasked,
     image_masked} (encoded crops) of the training identities, and its row count (on-the-fly masking:
     the count before masking). Unmasked-only runs carry an empty `image_masked`."""
-    import ray
 
     check_dataset(cfg, storage)
     ingest, statuses = cfg.ingest_cpus, training_statuses(cfg)
@@ -130,22 +130,13 @@ def training_dataset(
             num_cpus=ingest,
         )
         return without_masks, rows
-    masked = unmasked.map_batches(
-        OnTheFlyMasker,
-        fn_constructor_kwargs={
-            "masking": cfg.masking.model_copy(
-                update={
-                    "aligned": True,
-                    "exclude_types": sorted({*cfg.masking.exclude_types, *cfg.exclude_mask_types}),
-                }
-            ),
-            "cpus": cfg.masking_cpus,
-        },
-        batch_size=32,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.masking_actors),
-        num_cpus=cfg.masking_cpus,
+    masking = cfg.masking.model_copy(
+        update={"aligned": True, "exclude_types": sorted({*cfg.masking.exclude_types, *cfg.exclude_mask_types})}
     )
+    # bounded restarts: a crop that kills its masker fails training instead of retrying for ever
+    masked = map_batches_bounded(unmasked, OnTheFlyMasker, batch_size=32, num_actors=cfg.masking_actors,
+                                 constructor_kwargs={"masking": masking, "cpus": cfg.masking_cpus},
+                                 num_cpus=cfg.masking_cpus, batch_format="numpy")
     return masked, rows
 
 
