@@ -237,3 +237,20 @@ def test_audit_lines_hold_decisions_and_no_biometrics(tmp_path):
     events = read_events(str(tmp_path / "audit.jsonl"))
     assert [e["action"] for e in events] == ["enrol", "identify"] and all("time" in e for e in events)
     assert oct(os.stat(tmp_path / "audit.jsonl").st_mode & 0o777) == "0o600"
+
+
+def test_a_single_writer_takes_over_the_lock_its_dead_predecessor_left(tmp_path):
+    """The gallery keeper restarted after a crash mid-write: its lock (same writer name, another process)
+    is taken over at once; a lock of another writer (an `mfr unenrol` running now) is not."""
+    from mfr_ray.config.common import StorageConfig
+    from mfr_ray.data.layout import LOCK_JSON, DatasetLayout, OutputLocked, output_lock
+
+    layout = DatasetLayout(str(tmp_path), StorageConfig())
+    left = {"host": "other-node", "pid": 4242, "run_id": "crashed", "since": time.time(), "since_utc": "now",
+            "expires": time.time() + 300, "writer": "keeper"}
+    (tmp_path / LOCK_JSON).write_text(json.dumps(left))
+    with output_lock(layout, lease_s=300, writer="keeper") as owner:
+        assert owner["writer"] == "keeper"
+    (tmp_path / LOCK_JSON).write_text(json.dumps(dict(left, writer="cli")))
+    with pytest.raises(OutputLocked), output_lock(layout, lease_s=300, writer="keeper"):
+        pass

@@ -235,14 +235,16 @@ def _read_lock(layout: DatasetLayout) -> dict | None:
 
 
 @contextmanager
-def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | None = None) -> Iterator[dict]:
+def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | None = None,
+                writer: str | None = None) -> Iterator[dict]:
     """Hold `<out>/_lock.json` while a run writes the output, so a second run into the same output fails
     at once instead of deleting the first one's staging and index. Local: created with O_EXCL. S3 has no
     conditional write through pyarrow: written, then read back after a pause (the later writer wins and
     the other one sees a foreign run id). A lock left by a dead process of this host is taken over, and so
     is one whose lease expired (`lease_s`: short writes such as a gallery's, so a writer that died on
     another host or on S3 does not lock the output for ever); `force` takes over any lock. Released on the
-    way out, failure included."""
+    way out, failure included. A `writer` name marks a single writer (a service's gallery keeper): a lock
+    another process left under the same name is its dead predecessor's and is taken over at once."""
     owner = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -252,6 +254,8 @@ def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | Non
     }
     if lease_s is not None:
         owner["expires"] = owner["since"] + lease_s
+    if writer is not None:
+        owner["writer"] = writer
     path = layout.path(LOCK_JSON)
     data = json.dumps(owner, indent=1, sort_keys=True).encode()
 
@@ -271,7 +275,8 @@ def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | Non
     for _ in range(3):  # a lock that vanished or was taken over is tried again
         holder = _read_lock(layout)
         if holder is not None:
-            if not (force or _holder_is_dead(holder) or _lease_expired(holder)):
+            predecessor = writer is not None and holder.get("writer") == writer and holder.get("pid") != owner["pid"]
+            if not (force or predecessor or _holder_is_dead(holder) or _lease_expired(holder)):
                 raise refuse(holder)
             layout.delete_file(path)
         if layout.local:

@@ -64,6 +64,7 @@ IMAGE_STATUS_CODES = {"too_large": 413, "unsupported": 415, "decode_error": 422,
 API_SOURCE_PREFIX = "api-"
 IDENTITY_HEADER = "x-identity"
 RETRY_AFTER_S = 2  # what a 503 asks a client to wait while a replica restarts
+KEEPER_WRITER = "mfr-serve-gallery-keeper"  # the lock name of the one writer a service runs
 
 
 class BatchingConfig(StrictModel):
@@ -236,7 +237,8 @@ class GalleryKeeper:
 
         keep_replica_server_on_loopback()
         self.package = load_package(package, expect_id=package_id)
-        self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package)
+        # the service's single writer: a lock its crashed predecessor left is taken over at start
+        self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package, writer=KEEPER_WRITER)
         self._enrolling = threading.Lock()
         self._compacting = threading.Lock()
         threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="gallery-poll").start()

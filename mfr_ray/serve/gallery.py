@@ -108,10 +108,13 @@ class Gallery:
 
     LOCK_LEASE_S = 300.0  # a writer's `_lock.json` older than this is taken over (its holder died)
 
-    def __init__(self, uri: str, storage: StorageConfig | None = None):
+    def __init__(self, uri: str, storage: StorageConfig | None = None, writer: str | None = None):
+        """`writer` names a single writer (the service's gallery keeper): a lock left by a dead process of
+        the same name is taken over at once instead of after the lease."""
         import threading
 
         self.uri = str(uri)
+        self.writer = writer
         self.storage = storage or StorageConfig()
         self.layout = DatasetLayout(self.uri, self.storage)
         self._writing = threading.RLock()
@@ -121,10 +124,10 @@ class Gallery:
     # -- creation and reading --------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, uri: str, package: ModelPackage, storage: StorageConfig | None = None,
-                       package_uri: str | None = None) -> Gallery:
+                       package_uri: str | None = None, writer: str | None = None) -> Gallery:
         """Open the gallery at `uri`, creating it for `package` if there is none; a gallery made with
         another package (other weights or preprocessing) is refused."""
-        gallery = cls(uri, storage)
+        gallery = cls(uri, storage, writer)
         if not gallery.manifest:
             with gallery._writing, gallery._lock():
                 gallery.refresh()
@@ -203,7 +206,7 @@ class Gallery:
 
     # -- writing ---------------------------------------------------------------------------------------
     def _lock(self):
-        return output_lock(self.layout, lease_s=self.LOCK_LEASE_S)
+        return output_lock(self.layout, lease_s=self.LOCK_LEASE_S, writer=self.writer)
 
     def _commit(self, manifest: dict, parts: list[str]) -> dict:
         """Write gallery.json naming `parts` (the commit point), with the version counter moved on."""
