@@ -16,6 +16,7 @@ NO_EXTRAS = {"identification": False, "open_set": False, "clustering": False, "c
              "mask_matrix": False}
 # 10 impostor pairs: FAR 0.1 is resolvable (1/10 <= 0.1), FAR 1e-3 is not.
 FARS = (0.1, 1e-3)
+MASKED_VARIANT = "N95"  # the evaluation's masked variant: the package's masked-pair thresholds come from it
 
 
 def calibrated_evaluation(root: Path) -> dict:
@@ -25,6 +26,7 @@ def calibrated_evaluation(root: Path) -> dict:
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     cfg = EvaluateConfig(
         name="lfw-serve", pairs={"limit_folds": 2, "max_pairs_per_fold": 10}, analyses=NO_EXTRAS,
+        sources={"unmasked": {}, MASKED_VARIANT: {"variant": MASKED_VARIANT}},  # masked on the photo, then aligned
         cache_dir=str(root.parent / "serve-eval-cache"), output_dir=str(root / "eval"), far_targets=[0.1],
         tracking=tracking,
     )
@@ -37,4 +39,5 @@ def calibrated_evaluation(root: Path) -> dict:
     features = embeddings.features("sum")
     scores = cosine_scores(features[[index[k] for k in pairs.left]], features[[index[k] for k in pairs.right]])
     return {"cfg": cfg, "summary": summary, "export": exported, "pairs": pairs, "scores": scores,
-            "tracking": tracking, "package": str(root / "package")}
+            "tracking": tracking, "package": str(root / "package"),
+            "kind_scores": root / "eval" / "lfw-serve" / "pair_scores.npz"}

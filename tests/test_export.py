@@ -104,3 +104,22 @@ def test_export_refuses_an_evaluation_of_other_weights(calibrated, tmp_path):
     with pytest.raises(PackageError, match="would not hold for these weights"):
         export_package(str(checkpoint), tmp_path / "pkg", eval_run=calibrated["summary"]["run_id"],
                        tracking=calibrated["tracking"])
+
+
+def test_masked_comparisons_get_thresholds_of_their_own(calibrated):
+    """The evaluation's masked variant (masked on the photo, aligned by detection) calibrates the
+    masked-unmasked and masked-masked thresholds: each is the FAR quantile of that kind's impostor scores,
+    and the model card lists them with their set."""
+    from mfr_ray.evaluation.comparison_kinds import KINDS, MASKED_MASKED, KindScores
+
+    package = load_package(calibrated["package"])
+    scores = KindScores.load(calibrated["kind_scores"])
+    assert set(calibrated["export"].kinds) == set(KINDS)
+    for kind in KINDS:
+        pooled, same = scores.pooled(kind)
+        point = package.operating_point(0.1, kind)
+        assert point.threshold == pytest.approx(far_threshold(pooled[~same], 0.1), abs=1e-6), kind
+        assert point.n_impostor == int((~same).sum()) and kind.split("-")[0] in point.calibration_set
+    np.testing.assert_allclose(scores.pooled("unmasked-unmasked")[0], calibrated["scores"], atol=1e-5)
+    assert "| masked-masked | 0.1 |" in (Path(calibrated["package"]) / MODEL_CARD).read_text()
+    assert package.operating_point(0.1, MASKED_MASKED).calibration_set.startswith("masked-masked pairs of N95")

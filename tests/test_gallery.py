@@ -8,13 +8,15 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from mfr_ray.config.common import TrackingConfig
-from mfr_ray.serve.gallery import GALLERY_JSON, TEMPLATES_DIR, Gallery, enrol
+from mfr_ray.serve.enrolment import enrol
+from mfr_ray.serve.gallery import GALLERY_JSON, TEMPLATES_DIR, Gallery
 from mfr_ray.serve.package import PackageError, export_package, load_package
 from mfr_ray.serve.recognise import MATCH, NO_DECISION, UNKNOWN, identify
 
@@ -133,3 +135,54 @@ def test_enrol_from_and_into_s3(calibrated, lfw_dir, s3_server, ray_local):
     assert identify(package, gallery, lfw_image(lfw_dir, B, 5).read_bytes(), far=0.1).identity == B
     assert gallery.remove(B) == 2
     assert Gallery(f"{bucket}/gallery", storage).identities() == [A]
+
+
+@pytest.fixture(scope="module")
+def casia_package(tmp_path_factory, shared):
+    out = tmp_path_factory.mktemp("synthetic") / "package"
+    export_package(str(shared / "weights" / "mobilefacenet_casia.ckpt"), out, tracking=TrackingConfig(enabled=False))
+    return load_package(out)
+
+
+def test_synthetic_mask_templates_are_extra_rows_of_the_photo(casia_package, lfw_dir, tmp_path):
+    """K masked copies of an enrolment photo: drawn the same way every time (seeded by the photo), judged
+    masked by the presence classifier, stored as `synthetic:<type>` rows beside the one `photo` row of the
+    file, found by a masked probe, and removed with the identity."""
+    from mfr_ray.serve.gallery import _utc_now, rows_of
+    from mfr_ray.serve.synthetic import SyntheticMasks
+
+    photo = lfw_image(lfw_dir, A, 1).read_bytes()
+    cfg = SyntheticMasks(count=3)
+    (first,), (again,) = casia_package.embed_images([photo], synthetic=cfg), casia_package.embed_images([photo], synthetic=cfg)
+    assert first.ok and len(first.synthetic) >= 2 and first.mask_probability < 0.5
+    for a, b in zip(first.synthetic, again.synthetic, strict=True):
+        assert a.kind == b.kind and a.kind.startswith("synthetic:") and np.allclose(a.embedding, b.embedding)
+        assert a.mask_probability > 0.5 and abs(np.linalg.norm(a.embedding) - 1) < 1e-4
+    rows = rows_of(A, f"{A}/{A}_0001.jpg", first, _utc_now())
+    assert rows[0]["template_kind"] == "photo" and len({r["template_id"] for r in rows}) == len(rows)
+    gallery = Gallery.create_or_open(str(tmp_path / "g"), casia_package)
+    gallery.add_rows(rows + rows_of(B, f"{B}/{B}_0001.jpg", casia_package.embed_images(
+        [lfw_image(lfw_dir, B, 1).read_bytes()], synthetic=cfg)[0], _utc_now()))
+    assert gallery.source_keys() == {f"{A}/{A}_0001.jpg", f"{B}/{B}_0001.jpg"}  # files, not templates
+    masked_probe = casia_package.embed_images([lfw_image(lfw_dir, A, 2).read_bytes()], synthetic=cfg)[0].synthetic[0]
+    best = gallery.search_identities(masked_probe.embedding, 1)[0]
+    assert best.identity == A
+    assert gallery.remove(A) == len(rows) and A not in Gallery(str(tmp_path / "g")).identities()
+
+
+def test_a_gallery_written_before_template_kinds_still_loads(tmp_path):
+    """Parts without `template_kind` / `mask_probability` read as photo templates."""
+    import json
+
+    import pyarrow as pa
+
+    old = pa.table({"identity": ["X"], "template_id": ["t1"], "embedding": [[1.0, 0.0]], "source_key": ["X/1.jpg"],
+                    "enrolled_at": pa.array([0], pa.timestamp("ms", tz="UTC")), "status": ["ok"], "reason": [""],
+                    "align_method": ["mtcnn"]})
+    (tmp_path / TEMPLATES_DIR).mkdir()
+    pq.write_table(old, tmp_path / TEMPLATES_DIR / "part-old.parquet")
+    (tmp_path / GALLERY_JSON).write_text(json.dumps({"format": "mfr-ray/gallery/1", "package_id": "p",
+                                                     "embedding_size": 2, "parts": ["part-old.parquet"]}))
+    gallery = Gallery(str(tmp_path))
+    assert gallery.table.column("template_kind").to_pylist() == ["photo"]
+    assert gallery.search_identities(np.array([1.0, 0.0], np.float32), 1)[0].template_kind == "photo"

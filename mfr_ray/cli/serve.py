@@ -33,7 +33,13 @@ def _package_or_exit(uri: str):
 
 
 def _describe_images(images) -> str:
-    return ", ".join(f"{i.status} ({i.align_method})" for i in images)
+    return ", ".join(f"{i.status} ({i.align_method}" + (f", mask p={i.mask_probability:.2f}"
+                                                         if i.mask_probability is not None else "") + ")"
+                     for i in images)
+
+
+def _kind(result) -> str:
+    return f"{result.comparison_kind} pairs" + ("" if result.kind_calibrated else " (not calibrated: strictest used)")
 
 
 def _answer(decide, as_json: bool, describe) -> None:
@@ -90,6 +96,12 @@ def register(app: typer.Typer) -> None:
             flag = "" if p.resolvable else f"  NOT RESOLVABLE ({p.n_impostor} impostor pairs < 1/FAR)"
             typer.echo(f"  FAR {p.far_target:g}: threshold {p.threshold:.4f}  measured FAR {p.far:.5f}  "
                        f"TPR {p.tpr * 100:.2f}%  ({p.n_impostor} impostor pairs){flag}")
+        for kind, entry in list(result.kinds.items())[1:]:
+            typer.echo(f"  {kind} ({', '.join(entry['variants'])}): " + ", ".join(
+                f"FAR {p['far_target']:g} threshold {p['threshold']:.4f}" for p in entry["operating_points"]))
+        if result.operating_points and len(result.kinds) <= 1:
+            typer.echo("  masked comparisons not calibrated (the evaluation had no masked variants): a masked face "
+                       "is judged by the strictest threshold")
         if not result.operating_points:
             typer.echo("  no thresholds (no --eval-run): verify/identify need a calibrated package")
         if result.run_id:
@@ -104,14 +116,18 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", help="Gallery folder or s3:// prefix (created if missing)."),
         actors: int = typer.Option(1, "--actors", min=1, help="Ray Data actors, each holding the package."),
         batch_size: int = typer.Option(16, "--batch-size", min=1),
+        synthetic_masks: int = typer.Option(0, "--synthetic-masks", min=0, max=16, help="Also enrol this many "
+                                            "masked copies of each photo (seeded) as synthetic:<type> templates."),
     ) -> None:
         """Embed new <identity>/<image> files into a Parquet gallery; every file a row with a status."""
         from mfr_ray.serve.audit import AuditLog, default_audit_path
-        from mfr_ray.serve.gallery import enrol as run_enrol
+        from mfr_ray.serve.enrolment import enrol as run_enrol
         from mfr_ray.serve.package import PackageError
+        from mfr_ray.serve.synthetic import SyntheticMasks
 
         try:
-            summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size)
+            summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size,
+                                synthetic=SyntheticMasks(count=synthetic_masks))
         except PackageError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
@@ -158,7 +174,8 @@ def register(app: typer.Typer) -> None:
         a, b = _read_image(image_a), _read_image(image_b)
         _answer(lambda: run_verify(model, a, b, far), as_json, lambda result: (
             f"{result.decision}: score {result.score:.4f} vs threshold {result.threshold:.4f} at "
-            f"FAR {far:g}{'' if result.far_resolvable else ' (FAR not resolvable by the calibration set)'}"
+            f"FAR {far:g} for {_kind(result)}"
+            f"{'' if result.far_resolvable else ' (FAR not resolvable by the calibration set)'}"
             f"; alignment {_describe_images(result.images)}"))
 
     @app.command("identify")
@@ -184,7 +201,7 @@ def register(app: typer.Typer) -> None:
 
         def describe(result) -> str:
             head = result.identity if result.identity else f"unknown ({result.reason})"
-            lines = [(f"{head}: threshold {result.threshold:.4f} at FAR {far:g}; alignment "
+            lines = [(f"{head}: threshold {result.threshold:.4f} at FAR {far:g} for {_kind(result)}; alignment "
                       f"{result.image.status} ({result.image.align_method})")]
             return "\n".join(lines + [f"  {c.score:.4f}  {c.identity}  ({c.source_key})" for c in result.candidates])
 
@@ -216,6 +233,8 @@ def register(app: typer.Typer) -> None:
                                       "<gallery>/audit.jsonl for a local gallery."),
         gallery_poll_s: float = typer.Option(2.0, "--gallery-poll-s", help="How stale an answer may be after "
                                              "`mfr unenrol` / `mfr enrol` change the gallery outside the service."),
+        synthetic_masks: int = typer.Option(0, "--synthetic-masks", min=0, max=16, help="Masked copies of each "
+                                            "/enrol photo stored as synthetic:<type> templates."),
     ) -> None:
         """The Ray Serve application: /verify, /identify, /enrol, /healthz."""
         from mfr_ray.config.base import ConfigError
@@ -229,7 +248,7 @@ def register(app: typer.Typer) -> None:
             run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
                 num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads,
                 enrol_key_file=enrol_key_file, tls=tls, behind_tls_proxy=behind_tls_proxy, audit_log=audit_log,
-                gallery_poll_s=gallery_poll_s)
+                gallery_poll_s=gallery_poll_s, synthetic_masks={"count": synthetic_masks})
         except (ConfigError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None

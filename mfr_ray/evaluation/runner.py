@@ -289,11 +289,26 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
         summary[name] = result.section
         metrics |= result.metrics
     data[primary].embeddings.save(output_dir / "embeddings.npz")
+    _save_kind_scores(cfg, pairs, data, primary, output_dir)
     summary["seconds"] = round(time.time() - started, 1)
     write_summary_json(output_dir / "summary.json", summary)
     (output_dir / "report.md").write_text(markdown_report(summary))
     summary["metrics"] = metrics
     return summary
+
+
+def _save_kind_scores(cfg: EvaluateConfig, pairs: PairList, data: dict[str, VariantData], primary: str,
+                      output_dir: Path) -> None:
+    """`pair_scores.npz`: bare, masked-bare and masked-masked pair scores with the protocol a package scores
+    with (what `mfr export` calibrates a threshold per kind of comparison on)."""
+    from mfr_ray.evaluation.comparison_kinds import PAIR_SCORES_FILE, kind_scores, plain_protocol
+
+    protocol = plain_protocol(cfg.protocols)
+    if protocol is None:
+        return
+    variants = [v for v in data if not v.endswith(UPPER_SUFFIX)]
+    features = {v: data[v].embeddings.features(protocol.feature) for v in variants}
+    kind_scores(features, data[primary].embeddings.keys, pairs, primary).save(output_dir / PAIR_SCORES_FILE)
 
 
 def _alignment_summary(data: dict[str, VariantData]) -> str:

@@ -55,6 +55,7 @@ from mfr_ray.serve.parsing import (
     parse_json_object,
     parse_k,
 )
+from mfr_ray.serve.synthetic import SyntheticMasks
 
 _logger = logging.getLogger("mfr_ray.serve")
 
@@ -132,6 +133,8 @@ class ServeConfig(StrictModel):
                                   "changes made outside the service (mfr unenrol, mfr enrol): answers are at "
                                   "most this stale")
     package_id: str | None = Field(None, description="set by build_app: the package every replica must load")
+    synthetic_masks: SyntheticMasks = Field(default_factory=SyntheticMasks, description="masked copies of each "
+                                            "/enrol photo stored as synthetic:<type> templates")
     far: float = Field(1e-3, gt=0, lt=1, description="default FAR of decisions (one of the package's)")
     top_k: int = Field(5, ge=1)
     num_replicas: int = Field(1, ge=1, description="Embedder replicas when autoscaling is off")
@@ -158,15 +161,19 @@ class ServeConfig(StrictModel):
 
 def _embed_result(wire: dict):
     from mfr_ray.serve.package import EmbedResult
+    from mfr_ray.serve.synthetic import SyntheticTemplate
 
-    return EmbedResult(wire["status"], wire["reason"], wire["embedding"], wire["align_method"])
+    synthetic = [SyntheticTemplate(t["kind"], t["embedding"], t["mask_probability"]) for t in wire.get("synthetic", [])]
+    return EmbedResult(wire["status"], wire["reason"], wire["embedding"], wire["align_method"],
+                       wire.get("mask_probability"), synthetic)
 
 
 def _wire(result) -> dict:
     """An EmbedResult as plain data for the trip between replicas."""
     emb = None if result.embedding is None else np.asarray(result.embedding, dtype=np.float32)
     return {"status": result.status, "reason": result.reason, "embedding": emb,
-            "align_method": result.align_method}
+            "align_method": result.align_method, "mask_probability": result.mask_probability,
+            "synthetic": [dataclasses.asdict(t) for t in result.synthetic]}
 
 
 def keep_replica_server_on_loopback() -> None:
@@ -196,11 +203,14 @@ class Embedder:
     """The package's network, loaded once per replica. Batched: concurrent requests share a forward pass;
     unbatched: one image at a time. The forward pass runs off the event loop so the next batch can gather."""
 
-    def __init__(self, package: str, package_id: str, batching: dict, max_pixels: int, torch_threads: int = 1):
+    def __init__(self, package: str, package_id: str, batching: dict, max_pixels: int, torch_threads: int = 1,
+                 synthetic: dict | None = None):
         from mfr_ray.serve.package import load_package
+        from mfr_ray.serve.synthetic import SyntheticMasks
 
         keep_replica_server_on_loopback()
         self.package = load_package(package, num_threads=torch_threads, expect_id=package_id)
+        self.synthetic = SyntheticMasks.model_validate(synthetic or {})
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
         self._one_at_a_time = asyncio.Lock()
@@ -210,6 +220,12 @@ class Embedder:
 
     def _embed(self, images: list[bytes]) -> list[dict]:
         return [_wire(r) for r in self.package.embed_images(images, max_pixels=self.max_pixels)]
+
+    async def embed_enrolment(self, image: bytes) -> dict:
+        """An enrolment photo: its embedding and those of its synthetic-mask copies (unbatched: rare)."""
+        async with self._one_at_a_time:
+            results = await asyncio.to_thread(self.package.embed_images, [image], self.max_pixels, self.synthetic)
+        return _wire(results[0])
 
     async def embed(self, image: bytes) -> dict:
         if self.batching.enabled:
@@ -270,18 +286,18 @@ class GalleryKeeper:
         return row
 
     def _enrol(self, identity: str, source_key: str, wire: dict) -> dict:
-        from mfr_ray.serve.gallery import _utc_now, result_row, template_id
+        from mfr_ray.serve.gallery import _utc_now, rows_of, template_id
 
         fields = ("template_id", "identity", "source_key", "status", "reason", "align_method")
         with self._enrolling:
             tid = template_id(identity, source_key)
             if tid in set(self.gallery.templates().column("template_id").to_pylist()):
                 return {"template_id": tid, "identity": identity, "source_key": source_key, "status": "ok",
-                        "reason": "already enrolled", "align_method": wire["align_method"], "stored": False}
-            row = result_row(identity, source_key, wire["status"], wire["reason"], wire["align_method"],
-                             wire["embedding"], _utc_now())
-            self.gallery.add_rows([row])
-        return {k: row[k] for k in fields} | {"stored": True}
+                        "reason": "already enrolled", "align_method": wire["align_method"], "stored": False,
+                        "synthetic_templates": 0}
+            rows = rows_of(identity, source_key, _embed_result(wire), _utc_now())
+            self.gallery.add_rows(rows)  # the photo and its synthetic templates: one part, all or nothing
+        return {k: rows[0][k] for k in fields} | {"stored": True, "synthetic_templates": len(rows) - 1}
 
     def _compact(self) -> None:
         with self._compacting:
@@ -464,8 +480,8 @@ class Frontend:
     async def _verify(self, request: Request) -> dict:
         from mfr_ray.serve.recognise import verify_decision
 
-        _, _, far, point, (a, b) = await self._faces(request, ("a", "b"))
-        return dataclasses.asdict(verify_decision(self.package, point, far, a, b))
+        _, _, far, _, (a, b) = await self._faces(request, ("a", "b"))
+        return dataclasses.asdict(verify_decision(self.package, far, a, b))
 
     @http_app.post("/identify")
     async def identify(self, request: Request):
@@ -474,12 +490,12 @@ class Frontend:
     async def _identify(self, request: Request) -> dict:
         from mfr_ray.serve.recognise import Candidate, identify_decision
 
-        key_id, k, far, point, (probe,) = await self._faces(request, ("image",), k=True)
+        key_id, k, far, _, (probe,) = await self._faces(request, ("image",), k=True)
         matches = await self.keeper.search_identities.remote(probe.embedding, k)
         candidates = [Candidate(**m) for m in matches]  # gallery.Match fields, by name
-        result = identify_decision(point, far, probe, candidates)
+        result = identify_decision(self.package, far, probe, candidates)
         self.audit.record("identify", key_id=key_id, client=self._client(request), decision=result.decision,
-                          identity=result.identity, score=result.score, far=far)
+                          identity=result.identity, score=result.score, far=far, kind=result.comparison_kind)
         return dataclasses.asdict(result)
 
     @http_app.post("/enrol")
@@ -496,10 +512,11 @@ class Frontend:
         identity = parse_identity(params.get("identity") if header is None else urllib.parse.unquote(header))
         data = images["image"]
         source_key = f"{identity}/{API_SOURCE_PREFIX}{hashlib.sha256(data).hexdigest()[:16]}"
-        (result,) = await self._embed([data])
+        result = _embed_result(await self.embedder.embed_enrolment.remote(data)) if data else \
+            (await self._embed([data]))[0]
         row = await self.keeper.enrol.remote(identity, source_key, _wire(result))
         if "error" in row:
-            raise RequestError(503, row["error"], row["reason"], {"Retry-After": f"{round(row['retry_after_s'])}"})
+            raise RequestError(503, row["error"], row["reason"], {"Retry-After": f"{max(1, round(row['retry_after_s']))}"})
         self.audit.record("enrol", key_id=key_id, client=self._client(request), identity=identity,
                           decision=row["status"], template_id=row["template_id"], stored=row["stored"])
         self._refuse_images([result], ("image",))  # the failed row is stored all the same
@@ -521,7 +538,8 @@ def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None, enrol_diges
     embedder = Embedder.options(
         ray_actor_options={"num_cpus": cfg.embedder_num_cpus},
         max_ongoing_requests=max(16, 2 * cfg.batching.max_batch_size), **replicas,
-    ).bind(cfg.package, cfg.package_id, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads)
+    ).bind(cfg.package, cfg.package_id, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads,
+           cfg.synthetic_masks.model_dump())
     keeper = GalleryKeeper.bind(cfg.package, cfg.package_id, cfg.gallery, cfg.gallery_poll_s)
     settings = cfg.model_dump(mode="json", exclude={"ray"})
     return Frontend.options(num_replicas=cfg.frontend_replicas).bind(embedder, keeper, settings, key_digest,

@@ -16,30 +16,29 @@ enrolment leaves the gallery as it was.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from mfr_ray.config.common import RayConfig, StorageConfig
-from mfr_ray.data.index import identity_of
+from mfr_ray.config.common import StorageConfig
 from mfr_ray.data.layout import DatasetLayout, output_lock
-from mfr_ray.serve.package import ModelPackage, PackageError, load_package
+from mfr_ray.serve.package import ModelPackage, PackageError
+from mfr_ray.serve.synthetic import PHOTO
 
 GALLERY_FORMAT = "mfr-ray/gallery/1"
 GALLERY_JSON = "gallery.json"
 TEMPLATES_DIR = "templates"
-MAX_FILE_BYTES = 64 * 2**20
-UNLABELLED_REASON = "not inside an <identity>/ folder: the folder name is the identity"
 
 
 def gallery_schema() -> pa.Schema:
     """Rows of a gallery part. `embedding` is a plain list (null for failed rows; every `ok` row has the
-    manifest's embedding_size values): Parquet does not read back null fixed-size lists."""
+    manifest's embedding_size values): Parquet does not read back null fixed-size lists. `template_kind`
+    is `photo` (the enrolled file itself: one row per file, whatever its status) or `synthetic:<type>` (a
+    masked copy of an `ok` photo); galleries written before it read as `photo`."""
     return pa.schema([
         ("identity", pa.string()),
         ("template_id", pa.string()),
@@ -49,7 +48,24 @@ def gallery_schema() -> pa.Schema:
         ("status", pa.string()),
         ("reason", pa.string()),
         ("align_method", pa.string()),
+        ("template_kind", pa.string()),
+        ("mask_probability", pa.float32()),
     ])
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A part in today's schema: columns a part written by an older version lacks are added (template
+    kind `photo`, no mask probability)."""
+    schema = gallery_schema()
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        elif f.name == "template_kind":
+            columns.append(pa.array([PHOTO] * table.num_rows, f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def template_id(identity: str, source_key: str) -> str:
@@ -63,6 +79,7 @@ class Match:
     template_id: str
     source_key: str
     score: float
+    template_kind: str = PHOTO
 
 
 def build_index(embeddings: np.ndarray):
@@ -175,7 +192,8 @@ class Gallery:
         return manifest
 
     def _load(self, manifest: dict) -> GalleryState:
-        parts = [self.layout.read_table(self.layout.path(TEMPLATES_DIR, name)) for name in manifest.get("parts", [])]
+        parts = [conform(self.layout.read_table(self.layout.path(TEMPLATES_DIR, name)))
+                 for name in manifest.get("parts", [])]
         return GalleryState.of(manifest, pa.concat_tables(parts) if parts else gallery_schema().empty_table())
 
     def refresh(self) -> None:
@@ -202,7 +220,11 @@ class Gallery:
         return self.state.templates
 
     def source_keys(self) -> set[str]:
-        return set(self.table.column("source_key").to_pylist())
+        """The files enrolled (their `photo` rows; synthetic templates are derived from them)."""
+        import pyarrow.compute as pc
+
+        photos = self.table.filter(pc.equal(self.table.column("template_kind"), PHOTO))
+        return set(photos.column("source_key").to_pylist())
 
     # -- writing ---------------------------------------------------------------------------------------
     def _lock(self):
@@ -258,8 +280,8 @@ class Gallery:
         self.check_package(package)
         results = package.embed_images([data for _, data in images])
         now = _utc_now()
-        rows = [result_row(identity, key, result.status, result.reason, result.align_method, result.embedding, now)
-                for (key, _), result in zip(images, results, strict=True)]
+        rows = [row for (key, _), result in zip(images, results, strict=True)
+                for row in rows_of(identity, key, result, now)]
         self.add_rows(rows)
         return rows
 
@@ -271,7 +293,7 @@ class Gallery:
             self.refresh()
             kept_parts, removed, dropped = [], 0, []
             for name in self._manifest()["parts"]:
-                part = self.layout.read_table(self.layout.path(TEMPLATES_DIR, name))
+                part = conform(self.layout.read_table(self.layout.path(TEMPLATES_DIR, name)))
                 hit = pc.equal(part.column("identity"), identity)
                 count = pc.sum(hit).as_py() or 0
                 if not count:
@@ -305,8 +327,9 @@ class Gallery:
         names = templates.column("identity").to_pylist()
         tids = templates.column("template_id").to_pylist()
         keys = templates.column("source_key").to_pylist()
-        return [[Match(names[i], tids[i], keys[i], float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
-                for row_s, row_i in zip(scores, ids, strict=True)]
+        kinds = templates.column("template_kind").to_pylist()
+        return [[Match(names[i], tids[i], keys[i], float(s), kinds[i]) for s, i in zip(row_s, row_i, strict=True)
+                 if i >= 0] for row_s, row_i in zip(scores, ids, strict=True)]
 
     def search_identities(self, query: np.ndarray, k: int) -> list[Match]:
         """The k best identities for one query, each with its best template (templates per identity vary,
@@ -327,140 +350,22 @@ def _utc_now():
 
 
 def result_row(identity: str, source_key: str, status: str, reason: str, align_method: str,
-               embedding: np.ndarray | None, enrolled_at) -> dict:
+               embedding: np.ndarray | None, enrolled_at, template_kind: str = PHOTO,
+               mask_probability: float | None = None) -> dict:
+    """One gallery row; a synthetic template's id is the photo's key with its kind and number appended."""
     return {"identity": identity, "template_id": template_id(identity, source_key),
             "embedding": None if embedding is None or status != "ok" else np.asarray(embedding, np.float32).tolist(),
             "source_key": source_key, "enrolled_at": enrolled_at, "status": status, "reason": reason,
-            "align_method": align_method}
+            "align_method": align_method, "template_kind": template_kind,
+            "mask_probability": None if mask_probability is None else float(mask_probability)}
 
 
-class EnrolEmbedder:
-    """Ray Data batch UDF (one per actor, like preparation's ShardProcessor): read -> decode -> align ->
-    embed the files of a batch with the package's own path; every file leaves a status."""
-
-    def __init__(self, package_uri: str, root: str, storage: StorageConfig | None, num_threads: int = 1):
-        from mfr_ray.storage import join_uri
-
-        self.package = load_package(package_uri, storage, num_threads=num_threads)
-        self.root = root
-        self.storage = storage
-        self.join = join_uri
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mfr_ray.storage import StorageError, read_bytes
-
-        keys = [str(k) for k in batch["source_key"]]
-        n = len(keys)
-        status, reason, method = ["ok"] * n, [""] * n, ["none"] * n
-        embedding = np.zeros((n, self.package.embedding_size), dtype=np.float32)
-        data, slots = [], []
-        for i, key in enumerate(keys):
-            try:
-                data.append(read_bytes(self.join(self.root, key), self.storage))
-                slots.append(i)
-            except StorageError as exc:
-                status[i], reason[i] = "decode_error", str(exc)
-        for i, result in zip(slots, self.package.embed_images(data), strict=True):
-            status[i], reason[i], method[i] = result.status, result.reason, result.align_method
-            if result.ok:
-                embedding[i] = result.embedding
-        return {"source_key": np.array(keys), "status": np.array(status), "reason": np.array(reason),
-                "align_method": np.array(method), "embedding": embedding}
-
-
-def _embed_on_actors(items: list[dict], package_uri: str, root: str, storage: StorageConfig | None,
-                     embedding_size: int, num_actors: int, batch_size: int):
-    """EnrolEmbedder batches over a bounded actor pool; an image that kills its actor is a `crashed` row."""
-    from mfr_ray.imageio import Status
-    from mfr_ray.pools import run_on_actors
-
-    def crashed(item: dict, reason: str) -> dict[str, np.ndarray]:
-        return {"source_key": np.array([item["source_key"]]), "status": np.array([Status.CRASHED]),
-                "reason": np.array([reason]), "align_method": np.array(["none"]),
-                "embedding": np.zeros((1, embedding_size), dtype=np.float32)}
-
-    return run_on_actors(items, EnrolEmbedder, constructor_kwargs={"package_uri": str(package_uri), "root": str(root),
-                         "storage": storage}, key="source_key", batch_size=batch_size, num_actors=num_actors,
-                         on_crash=crashed, num_cpus=1)
-
-
-@dataclass
-class EnrolSummary:
-    gallery: str
-    files: int
-    already_enrolled: int
-    rows_written: int
-    status_counts: dict[str, int]
-    identities_added: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    def table(self) -> str:
-        lines = [(f"enrolled into {self.gallery}: {self.files} files listed, {self.already_enrolled} already "
-                 f"enrolled (skipped), {self.rows_written} rows written in {self.elapsed_s:.1f} s "
-                 f"({self.rows_written / self.elapsed_s if self.elapsed_s else 0:.2f} images/s)"),
-                 f"{'status':<14} {'rows':>6}"]
-        lines += [f"{s:<14} {n:>6}" for s, n in sorted(self.status_counts.items())]
-        lines.append(f"check: files {self.files} = rows written {self.rows_written} + already enrolled "
-                     f"{self.already_enrolled}: "
-                     f"{'OK' if self.files == self.rows_written + self.already_enrolled else 'MISMATCH'}")
-        lines.append(f"identities with new rows: {len(self.identities_added)}")
-        return "\n".join(lines)
-
-
-def enrol(
-    package_uri: str,
-    root_or_uri: str,
-    out: str,
-    storage: StorageConfig | None = None,
-    num_actors: int = 1,
-    batch_size: int = 16,
-    ray: RayConfig | None = None,
-    progress: bool = True,
-) -> EnrolSummary:
-    """Enrol every file of `<root>/<identity>/<image>` (local or s3://) not yet in gallery `out`, with
-    Ray Data actors each holding the package, as preparation does; prints the summary table."""
-    from tqdm import tqdm
-
-    from mfr_ray.raycluster import init_ray
-    from mfr_ray.storage import iter_files
-
-    started = time.perf_counter()
-    package = load_package(package_uri, storage)
-    gallery = Gallery.create_or_open(out, package, storage, package_uri=str(package_uri))
-    known = gallery.source_keys()
-    now = _utc_now()
-    rows, items, files, already = [], [], 0, 0
-    for key, size in iter_files(root_or_uri, storage):
-        files += 1
-        if key in known:
-            already += 1
-            continue
-        identity = identity_of(key)
-        if identity is None:
-            rows.append(result_row("", key, "unsupported", UNLABELLED_REASON, "none", None, now))
-        elif size > MAX_FILE_BYTES:
-            rows.append(result_row(identity, key, "too_large", f"file of {size} bytes exceeds {MAX_FILE_BYTES}; "
-                                   "not read", "none", None, now))
-        else:
-            items.append({"source_key": key, "identity": identity})
-    if items:
-        init_ray(ray or RayConfig())
-        identity_of_key = {item["source_key"]: item["identity"] for item in items}
-        with tqdm(total=len(items), unit="img", desc="enrol", disable=not progress, file=sys.stderr) as bar:
-            for part in _embed_on_actors(items, package_uri, root_or_uri, storage, package.embedding_size,
-                                         num_actors, batch_size):
-                for key, status, reason, method, emb in zip(part["source_key"], part["status"], part["reason"],
-                                                            part["align_method"], part["embedding"], strict=True):
-                    rows.append(result_row(identity_of_key[str(key)], str(key), str(status), str(reason),
-                                           str(method), emb, now))
-                bar.update(len(part["source_key"]))
-    gallery.add_rows(rows)
-    summary = EnrolSummary(
-        gallery=str(out), files=files, already_enrolled=already, rows_written=len(rows),
-        status_counts=dict(Counter(r["status"] for r in rows)),
-        identities_added=sorted({r["identity"] for r in rows if r["status"] == "ok"}),
-        elapsed_s=time.perf_counter() - started,
-    )
-    if progress:
-        print(summary.table(), flush=True)
-    return summary
+def rows_of(identity: str, source_key: str, result, enrolled_at) -> list[dict]:
+    """The rows of one enrolled file: its own (`photo`, whatever its status) and, for an `ok` face, one
+    per synthetic-mask template (ids stable: the photo's key + `#kind#n`)."""
+    rows = [result_row(identity, source_key, result.status, result.reason, result.align_method, result.embedding,
+                       enrolled_at, PHOTO, result.mask_probability)]
+    if result.status == "ok":
+        rows += [result_row(identity, f"{source_key}#{t.kind}#{n}", "ok", "", result.align_method, t.embedding,
+                            enrolled_at, t.kind, t.mask_probability) for n, t in enumerate(result.synthetic)]
+    return rows

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class EmbedResult:
     reason: str
     embedding: np.ndarray | None
     align_method: str
+    mask_probability: float | None = None  # the aligned face is masked (or its lower half covered)
+    synthetic: list = field(default_factory=list)  # SyntheticTemplates of an enrolment photo
 
     @property
     def ok(self) -> bool:
@@ -93,6 +95,8 @@ class ModelPackage:
         self.num_threads = num_threads
         self._aligner = None
         self._embedder = None
+        self._presence = None
+        self._masker = None
 
     # -- what the package says -------------------------------------------------------------------------
     @property
@@ -113,13 +117,41 @@ class ModelPackage:
     def operating_points(self) -> list[OperatingPoint]:
         return [OperatingPoint(**p) for p in self.spec.get("calibration", {}).get("operating_points", [])]
 
-    def operating_point(self, far: float) -> OperatingPoint:
-        """The calibrated point at `far` (one of the exported FARs), or a PackageError naming them."""
-        for point in self.operating_points:
+    def operating_point(self, far: float, kind: str = "unmasked-unmasked") -> OperatingPoint:
+        """The calibrated point at `far` (one of the exported FARs) for comparisons of `kind`, or a
+        PackageError naming what the package has."""
+        points = self.kind_points(kind)
+        for point in points:
             if math.isclose(point.far_target, far, rel_tol=1e-6):
                 return point
-        known = ", ".join(f"{p.far_target:g}" for p in self.operating_points) or "none (exported without --eval-run)"
-        raise PackageError(f"no threshold calibrated at FAR={far:g}; this package has: {known}")
+        known = ", ".join(f"{p.far_target:g}" for p in points) or "none (exported without --eval-run)"
+        raise PackageError(f"no threshold calibrated at FAR={far:g} for {kind} comparisons; this package has: "
+                           f"{known}")
+
+    def kind_points(self, kind: str) -> list[OperatingPoint]:
+        """Operating points of one kind of comparison; bare pairs fall back to the package's main list
+        (packages made before kinds existed); an uncalibrated kind has none."""
+        calibration = self.spec.get("calibration", {})
+        found = calibration.get("kinds", {}).get(kind, {}).get("operating_points")
+        if found is None and kind == "unmasked-unmasked":
+            found = calibration.get("operating_points", [])
+        return [OperatingPoint(**p) for p in found or []]
+
+    def decision_point(self, far: float, kinds: set[str]) -> tuple[OperatingPoint, str, bool]:
+        """The threshold a decision uses when the comparison may be of any of `kinds` (several when the
+        mask classifier is unsure): the strictest of their calibrated points. A kind without its own
+        calibration takes the strictest point of every kind calibrated, flagged False: never a lower
+        false-accept promise than measured. Returns (point, kind it came from, all kinds calibrated)."""
+        from mfr_ray.evaluation.comparison_kinds import KINDS
+
+        calibrated = {k: self.operating_point(far, k) for k in KINDS if self.kind_points(k)}
+        if not calibrated:
+            self.operating_point(far)  # raises, naming the FARs
+        chosen = {k: calibrated[k] for k in kinds if k in calibrated}
+        complete = len(chosen) == len(kinds)
+        pool = chosen if complete else calibrated
+        kind = max(pool, key=lambda k: pool[k].threshold)
+        return pool[kind], kind, complete
 
     def threshold(self, far: float) -> float:
         """Similarity threshold at `far`: accept a pair when score >= threshold."""
@@ -151,11 +183,13 @@ class ModelPackage:
             align["num_threads"] = self.num_threads
         return align
 
-    def embed_images(self, images: list[bytes], max_pixels: int | None = None) -> list[EmbedResult]:
+    def embed_images(self, images: list[bytes], max_pixels: int | None = None,
+                     synthetic=None) -> list[EmbedResult]:
         """Embed encoded images (JPEG/PNG/... bytes) in one batch, through preparation's and evaluation's
         read -> decode -> align path; every input gets a result, bad input a status and a reason (never an
         exception, never a guessed box). `max_pixels` (a service's limit) refuses larger images from their
-        header, before decoding; the alignment config's own limit applies either way."""
+        header, before decoding; the alignment config's own limit applies either way. `synthetic`
+        (`synthetic.SyntheticMasks`, enrolment) adds masked copies of each face as extra templates."""
         from mfr_ray.data.process import read_decode_align
 
         def read(key: str) -> tuple[bytes | None, str, str]:
@@ -173,10 +207,37 @@ class ModelPackage:
                 result.status, result.reason = Status.NO_FACE, f"no face found: {result.reason or 'no detector'}"
         faces = [i for i, crop in enumerate(found) if crop.aligned is not None and crop.status == Status.OK]
         if faces:
-            features = self.embed_crops(np.stack([found[i].aligned.crop for i in faces]))
-            for i, feature in zip(faces, features, strict=True):
-                results[i].embedding = feature
+            crops = np.stack([found[i].aligned.crop for i in faces])
+            features, masked = self.embed_crops(crops), self.mask_presence().probability(crops)
+            for i, feature, probability in zip(faces, features, masked, strict=True):
+                results[i].embedding, results[i].mask_probability = feature, float(probability)
+            if synthetic is not None and synthetic.count:
+                for i, crop in zip(faces, crops, strict=True):
+                    results[i].synthetic = self.synthetic_templates(crop, images[i], synthetic)
         return results
+
+    def synthetic_templates(self, crop: np.ndarray, data: bytes, cfg) -> list:
+        """The masked copies of one aligned enrolment crop, embedded (`synthetic.SyntheticTemplate`s)."""
+        from mfr_ray.serve.synthetic import SYNTHETIC_PREFIX, SyntheticMasker, SyntheticTemplate, photo_key
+
+        if self._masker is None or self._masker.cfg != cfg:
+            self._masker = SyntheticMasker(cfg)
+        copies = self._masker.copies(crop, photo_key(data))
+        if not copies:
+            return []
+        masked = np.stack([image for _, image in copies])
+        features, probability = self.embed_crops(masked), self.mask_presence().probability(masked)
+        return [SyntheticTemplate(SYNTHETIC_PREFIX + kind, feature, float(p))
+                for (kind, _), feature, p in zip(copies, features, probability, strict=True)]
+
+    def mask_presence(self):
+        """The package's mask-presence classifier (the shipped one for packages made before they had one)."""
+        from mfr_ray.masking.presence import PRESENCE_FILE, MaskPresence
+
+        if self._presence is None:
+            packaged = self.folder / PRESENCE_FILE.name
+            self._presence = MaskPresence.load(packaged if packaged.is_file() else PRESENCE_FILE)
+        return self._presence
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """Aligned uint8 (n, H, W, 3) RGB crops -> (n, embedding_size) L2-normalised float32 features."""
@@ -302,6 +363,7 @@ class ExportResult:
     operating_points: list[OperatingPoint]
     run_id: str | None = None
     model_version: str | None = None
+    kinds: dict = field(default_factory=dict)  # package.json's calibration.kinds
 
 
 def _parse_param(raw: str) -> Any:
@@ -343,13 +405,27 @@ class _Calibration:
     protocol: Any  # ProtocolSpec
     variant: str
     summary: dict
+    kinds: Any = None  # comparison_kinds.KindScores, for evaluations that wrote pair_scores.npz
+
+
+def _download(eval_run: str, tracking_uri: str, folder: str, name: str) -> Path | None:
+    """One artifact of the evaluation run, or None when the run has none by that name."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path=name,
+                                                        tracking_uri=tracking_uri, dst_path=folder))
+    except (MlflowException, OSError):
+        return None
 
 
 def _evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
-    """The evaluation's pair scores, recomputed exactly as it did from its logged embeddings and config."""
-    import mlflow
+    """The evaluation's pair scores, recomputed exactly as it did from its logged embeddings and config,
+    and its scores per kind of comparison where it logged them."""
     from mlflow import MlflowClient
 
+    from mfr_ray.evaluation.comparison_kinds import PAIR_SCORES_FILE, KindScores, plain_protocol
     from mfr_ray.evaluation.embed import EmbeddingSet
     from mfr_ray.evaluation.runner import load_pairs
     from mfr_ray.evaluation.verification import cosine_scores
@@ -358,16 +434,15 @@ def _evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
     if run.data.tags.get("mfr.stage") != "evaluate":
         raise PackageError(f"run {eval_run} is not an evaluation run (tag mfr.stage={run.data.tags.get('mfr.stage')!r})")
     cfg = evaluation_config_from_params(run.data.params)
-    protocol = next((p for p in cfg.protocols if not p.subtract_train_mean), None)
+    protocol = plain_protocol(cfg.protocols)
     if protocol is None:
         raise PackageError(f"evaluation {eval_run}: every protocol subtracts a training-fold mean, which a "
                            "service cannot reproduce per pair; evaluate with a plain protocol (feature sum/single)")
     with tempfile.TemporaryDirectory(prefix="mfr-eval-") as folder:
-        paths = {name: mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path=name,
-                                                           tracking_uri=tracking_uri, dst_path=folder)
-                 for name in (EVAL_ARTIFACT_EMBEDDINGS, EVAL_ARTIFACT_SUMMARY)}
-        embeddings = EmbeddingSet.load(Path(paths[EVAL_ARTIFACT_EMBEDDINGS]))
-        summary = json.loads(Path(paths[EVAL_ARTIFACT_SUMMARY]).read_text())
+        embeddings = EmbeddingSet.load(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_EMBEDDINGS))
+        summary = json.loads(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_SUMMARY).read_text())
+        kinds_file = _download(eval_run, tracking_uri, folder, PAIR_SCORES_FILE)
+        kinds = KindScores.load(kinds_file) if kinds_file else None
     pairs = load_pairs(cfg)
     index = {k: i for i, k in enumerate(embeddings.keys)}
     pair_keys = pairs.keys()
@@ -377,7 +452,7 @@ def _evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
                            f"(e.g. {missing[0]}); the pair list changed since it ran")
     features = embeddings.features(protocol.feature)
     scores = cosine_scores(features[[index[k] for k in pairs.left]], features[[index[k] for k in pairs.right]])
-    return _Calibration(cfg, eval_run, scores, pairs.same, protocol, cfg.primary_variant(), summary)
+    return _Calibration(cfg, eval_run, scores, pairs.same, protocol, cfg.primary_variant(), summary, kinds)
 
 
 def calibrate(scores: np.ndarray, same: np.ndarray, fars, calibration_set: str) -> list[OperatingPoint]:
@@ -396,6 +471,33 @@ def calibrate(scores: np.ndarray, same: np.ndarray, fars, calibration_set: str) 
             resolvable=bool(len(impostor) and 1.0 / len(impostor) <= target), calibration_set=calibration_set,
         ))
     return points
+
+
+def calibration_spec(calibration: _Calibration, fars) -> tuple[list[OperatingPoint], dict]:
+    """The bare pairs' operating points and `package.json`'s calibration section: those points, and one
+    list per kind of comparison the evaluation scored (masked-unmasked, masked-masked: its masked variants
+    pooled), each naming the set it was measured on."""
+    from mfr_ray.evaluation.comparison_kinds import KINDS, UNMASKED_UNMASKED
+
+    n = len(calibration.same)
+    where = f"evaluation run {calibration.run_id}"
+    points = calibrate(calibration.scores, calibration.same, fars, f"{Path(calibration.config.pairs.path).name} "
+                       f"({calibration.variant}, {n} pairs, {where})")
+    kinds = {UNMASKED_UNMASKED: {"variants": [calibration.variant], "operating_points": [asdict(p) for p in points]}}
+    for kind in KINDS[1:]:
+        pooled = calibration.kinds.pooled(kind) if calibration.kinds is not None else None
+        if pooled is not None:
+            variants = calibration.kinds.variants(kind)
+            kind_points = calibrate(*pooled, fars, f"{kind} pairs of {', '.join(variants)} ({len(pooled[1])} "
+                                    f"pairs, {where})")
+            kinds[kind] = {"variants": variants, "operating_points": [asdict(p) for p in kind_points]}
+    return points, {
+        "eval_run": calibration.run_id, "evaluation": calibration.summary.get("name"),
+        "pairs_file": calibration.config.pairs.path, "variant": calibration.variant,
+        "protocol": calibration.protocol.name, "n_pairs": n,
+        "score": "cosine similarity of L2-normalised features; accept when score >= threshold",
+        "operating_points": [asdict(p) for p in points], "kinds": kinds,
+    }
 
 
 @dataclass
@@ -449,8 +551,22 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _copy_presence(out: Path) -> None:
+    """The mask-presence classifier goes into the package: the thresholds it chooses were exported with it."""
+    import shutil
+
+    from mfr_ray.masking.presence import PRESENCE_FILE
+
+    shutil.copyfile(PRESENCE_FILE, out / PRESENCE_FILE.name)
+
+
 def _package_id(folder: Path, preprocessing: dict) -> str:
+    """Weights, the mask-presence classifier (it picks thresholds) and preprocessing."""
+    from mfr_ray.masking.presence import PRESENCE_FILE
+
     digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes())
+    if (folder / PRESENCE_FILE.name).is_file():
+        digest.update((folder / PRESENCE_FILE.name).read_bytes())
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -495,6 +611,7 @@ def export_package(
         align, flip, feature, bf16 = AlignConfig().model_dump(mode="json"), True, "sum", False
     out = Path(out).expanduser()
     save_model_files(model, backbone, kwargs, out)
+    _copy_presence(out)
     preprocessing = {
         "align": align,
         "crop": align["crop"],
@@ -518,23 +635,10 @@ def export_package(
         "package_id": _package_id(out, preprocessing),
     }
     if calibration is not None:
-        n = len(calibration.same)
-        set_name = (f"{Path(calibration.config.pairs.path).name} ({calibration.variant}, {n} pairs, "
-                    f"evaluation run {calibration.run_id})")
-        points = calibrate(calibration.scores, calibration.same, fars, set_name)
-        spec["calibration"] = {
-            "eval_run": calibration.run_id,
-            "evaluation": calibration.summary.get("name"),
-            "pairs_file": calibration.config.pairs.path,
-            "variant": calibration.variant,
-            "protocol": calibration.protocol.name,
-            "n_pairs": n,
-            "score": "cosine similarity of L2-normalised features; accept when score >= threshold",
-            "operating_points": [asdict(p) for p in points],
-        }
+        points, spec["calibration"] = calibration_spec(calibration, fars)
     (out / PACKAGE_JSON).write_text(json.dumps(spec, indent=2, sort_keys=True))
     (out / MODEL_CARD).write_text(model_card(spec))
-    result = ExportResult(str(out), points)
+    result = ExportResult(str(out), points, kinds=spec.get("calibration", {}).get("kinds", {}))
     if tracking.enabled:
         result.run_id, result.model_version = _log_package(out, spec, tracking, register_name)
     return result
@@ -573,6 +677,25 @@ def _log_package(out: Path, spec: dict, tracking: TrackingConfig, register_name:
         return run.info.run_id, version
 
 
+def _kinds_card(kinds: dict) -> list[str]:
+    """The model card's thresholds per kind of comparison, each with the set it was measured on."""
+    if len(kinds) <= 1:
+        return ["", ("Only bare pairs were calibrated: a masked face is judged by the strictest threshold above "
+                     "and answers say `kind_calibrated: false`. Export from an evaluation with masked variants "
+                     "aligned as deployed to calibrate masked-unmasked and masked-masked comparisons.")]
+    lines = ["", "### Per kind of comparison", "",
+             ("The service judges each face masked or bare (the packaged mask-presence classifier: masked at "
+              "p >= 0.7, bare at p <= 0.3, else unsure) and uses the threshold of the comparison's kind; "
+              "unsure, the stricter of the kinds it could be."), "",
+             "| kind | FAR target | threshold | FAR measured | TPR measured | impostor pairs | resolvable | set |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, entry in kinds.items():
+        for p in entry["operating_points"]:
+            lines.append(f"| {kind} | {p['far_target']:g} | {p['threshold']:.4f} | {p['far']:.5f} | {p['tpr']:.4f} "
+                         f"| {p['n_impostor']} | {'yes' if p['resolvable'] else '**no**'} | {p['calibration_set']} |")
+    return lines
+
+
 def model_card(spec: dict) -> str:
     """The package's MODEL_CARD.md: what it is, how it sees a face, where its thresholds hold."""
     pre = spec["preprocessing"]
@@ -597,6 +720,7 @@ def model_card(spec: dict) -> str:
     for p in calibration["operating_points"]:
         lines.append(f"| {p['far_target']:g} | {p['threshold']:.4f} | {p['far']:.5f} | {p['tpr']:.4f} | "
                      f"{p['false_accepts']} | {p['n_impostor']} | {'yes' if p['resolvable'] else '**no**'} |")
+    lines += _kinds_card(calibration.get("kinds", {}))
     lines += ["", ("Thresholds and rates are measured on the same pairs (in-sample); the evaluation report has "
               "the held-out k-fold figures. A FAR marked **no** is below 1 / impostor pairs: the set cannot "
               "show that FAR, only that no impostor got through; calibrate on a larger set before relying on it."),
