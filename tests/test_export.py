@@ -75,6 +75,26 @@ def test_package_is_logged_and_registered_in_mlflow(calibrated):
     assert package.package_id == load_package(calibrated["package"]).package_id
 
 
+def test_a_service_pins_its_package_and_replicas_refuse_another(calibrated):
+    """`models:/NAME@ALIAS` is resolved once to the version it names at start; a replica that finds another
+    package behind the URI (an alias moved, an S3 package overwritten) refuses to start."""
+    from mfr_ray.serve.package import pin_package_uri
+
+    tracking_uri = calibrated["tracking"].tracking_uri
+    client = mlflow.MlflowClient(tracking_uri)
+    version = calibrated["export"].model_version
+    client.set_registered_model_alias("lfw-serve-package", "prod", version)
+    pinned = pin_package_uri("models:/lfw-serve-package@prod", tracking_uri)
+    assert pinned == f"models:/lfw-serve-package/{version}"
+    assert pin_package_uri(calibrated["package"]) == calibrated["package"]
+    expected = load_package(calibrated["package"]).package_id
+    assert load_package(pinned, tracking_uri=tracking_uri, expect_id=expected).package_id == expected
+    with pytest.raises(PackageError, match="redeploy"):
+        load_package(calibrated["package"], expect_id="0" * 16)
+    with pytest.raises(PackageError, match="cannot resolve the alias"):
+        pin_package_uri("models:/lfw-serve-package@nowhere", tracking_uri)
+
+
 def test_verify_on_lfw_pairs_matches_the_evaluation(calibrated):
     """The same LFW pairs through the package: scores within 1e-4 of the evaluation's, and each decision is
     the one the exported threshold predicts from the evaluation's score."""

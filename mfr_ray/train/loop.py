@@ -188,8 +188,10 @@ class EpochBar:
 # DDP settings, both exact for this model: gradients live in the all-reduce buckets (no copy in and out
 # of them every step), and no broadcast of the BatchNorm statistics from rank 0 before every forward
 # (training-mode BatchNorm normalises with the batch's own statistics, and rank 0, whose running statistics
-# the checkpoint and validation use, never receives any).
-DDP_KWARGS = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+# the checkpoint and validation use, never receives any). `forward_sync_buffers` is torch 2.14's name for
+# the per-forward sync (`broadcast_buffers` is deprecated); it still syncs once at init, when every rank
+# holds the same statistics (from the checkpoint, or BatchNorm's fixed initial values).
+DDP_KWARGS = {"gradient_as_bucket_view": True, "forward_sync_buffers": False}
 WORKER_INPUTS = "inputs"  # the key of Ray Train's train_loop_config that holds the WorkerInputs
 
 
