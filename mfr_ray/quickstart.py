@@ -23,7 +23,7 @@ from mfr_ray.storage import join_uri, write_bytes
 if TYPE_CHECKING:
     from mfr_ray.models.spec import ModelSpec
 
-STAGES = ("prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher", "evaluate")
+STAGES = ("prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher", "evaluate", "calibrate")
 CHECKPOINT = "CASIA checkpoint (untouched)"
 NOMASK, MASK, TEACHER = "no-mask network", "mask network", "frozen-teacher network"
 TRAINED = {"train_nomask": NOMASK, "train_mask": MASK, "train_teacher": TEACHER}
@@ -50,6 +50,9 @@ class QuickstartConfig(StrictModel):
     train_mask: StageConfig = StageConfig(config="configs/train_mobilefacenet_distill.yaml")
     train_teacher: StageConfig = StageConfig(config="configs/train_mobilefacenet_teacher.yaml")
     evaluate: StageConfig = StageConfig(config="configs/eval_lfw_sm.yaml")
+    calibrate: StageConfig = Field(StageConfig(config="configs/eval_lfw_calibrate.yaml"), description="the "
+                                   "evaluation the served package's thresholds come from (masked photos aligned "
+                                   "as deployed)")
     quick: bool = Field(False, description="a few identities and one epoch (the test-suite variant)")
     quick_overrides: dict[str, list[str]] = Field(default_factory=dict, description="stage -> overrides for quick")
     headline_variant: str = "mixed"
@@ -115,36 +118,57 @@ def format_table(rows: list[dict], far_metric: str) -> str:
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Run every stage in order on the embedded default (or wherever the stage configs point)."""
-    import mlflow
-
-    from mfr_ray.data import run_prepare
-    from mfr_ray.evaluation.runner import evaluate, load_pairs
-    from mfr_ray.models.spec import MODEL_FILE
-    from mfr_ray.tracking import start_run
-    from mfr_ray.train import run_training
+    from mfr_ray.evaluation.runner import load_pairs
 
     root = join_uri(cfg.output_root, "quick") if cfg.quick else cfg.output_root
     timings: dict[str, float] = {}
-    train_data = join_uri(root, "datasets", "celeba299")
-    eval_data = join_uri(root, "datasets", "lfw-sm")
     eval_cfg = cfg.stage("evaluate")
     check_headline_metric(cfg.headline_metric, eval_cfg.far_targets)
-    eval_variants = list(eval_cfg.sources)
-    keys = "\n".join(load_pairs(eval_cfg).keys()).encode()
-    pair_keys = join_uri(root, f"lfw_pair_keys-{hashlib.sha256(keys).hexdigest()[:12]}.txt")  # content in the name:
-    write_bytes(pair_keys, keys)  # the prepared set's fingerprint then changes with the pair list
+    train_data, eval_data = _prepare(cfg, root, "\n".join(load_pairs(eval_cfg).keys()).encode(), timings)
+    models = _train(cfg, root, train_data, eval_cfg.model, timings)
+    summaries: dict[str, dict] = {}
+    for label, (model, parent) in models.items():
+        stage_cfg = cfg.stage(
+            "evaluate", *[f"sources.{v}.uri={eval_data}" for v in eval_cfg.sources],
+            f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-eval-{label.split()[0].lower()}",
+        )
+        stage_cfg.model, stage_cfg.parent_run_id = model, parent
+        summaries[label] = _timed(timings, f"evaluate {label}", evaluate_stage, stage_cfg)
+    rows = comparison_rows(summaries, cfg.headline_metric)
+    served = best_network(rows, cfg.headline_variant, cfg.headline_metric)
+    package = _timed(timings, "package", serve_package, cfg, root, *models[served])
+    return _log_outcome(cfg, root, rows, timings) | {"package": package, "served": served}
+
+
+def evaluate_stage(stage_cfg):
+    from mfr_ray.evaluation.runner import evaluate
+
+    return evaluate(stage_cfg)
+
+
+def _prepare(cfg: QuickstartConfig, root: str, pair_keys: bytes, timings: dict) -> tuple[str, str]:
+    """The training pairs and the LFW-SM variants; returns their URIs."""
+    from mfr_ray.data import run_prepare
+
+    train_data, eval_data = join_uri(root, "datasets", "celeba299"), join_uri(root, "datasets", "lfw-sm")
+    keys_uri = join_uri(root, f"lfw_pair_keys-{hashlib.sha256(pair_keys).hexdigest()[:12]}.txt")  # content in the
+    write_bytes(keys_uri, pair_keys)  # name: the prepared set's fingerprint then changes with the pair list
     for stage, extra in (
         ("prepare_train", [f"output.uri={train_data}"]),
-        ("prepare_eval", [f"output.uri={eval_data}", f"index.include={pair_keys}"]),
+        ("prepare_eval", [f"output.uri={eval_data}", f"index.include={keys_uri}"]),
     ):
         summary = _timed(timings, stage, run_prepare, cfg.stage(stage, *extra))
         if not summary.complete:
             raise RuntimeError(f"{stage} did not finish: {summary.problems}")
+    return train_data, eval_data
 
-    # each evaluation gets the model its training run describes, with that run's weights, nested under it
-    models: dict[str, tuple[ModelSpec, str | None]] = {
-        CHECKPOINT: (eval_cfg.model.model_copy(update={"label": CHECKPOINT}), None)
-    }
+
+def _train(cfg: QuickstartConfig, root: str, train_data: str, checkpoint, timings: dict) -> dict:
+    """label -> (the model its training run describes, with that run's weights; the run id to nest under)."""
+    from mfr_ray.models.spec import MODEL_FILE
+    from mfr_ray.train import run_training
+
+    models: dict[str, tuple[ModelSpec, str | None]] = {CHECKPOINT: (checkpoint.model_copy(update={"label": CHECKPOINT}), None)}
     for stage, label in TRAINED.items():
         train_cfg = cfg.stage(
             stage, f"data.uri={train_data}", f"checkpoint.storage_path={join_uri(root, 'train')}",
@@ -153,20 +177,40 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         outcome = _timed(timings, stage, run_training, train_cfg, run_name=f"{cfg.name}-{stage}")
         weights = join_uri(outcome.result.checkpoint.path, MODEL_FILE)
         models[label] = (train_cfg.model.trained(weights, label), outcome.mlflow_run_id)
+    return models
 
-    summaries: dict[str, dict] = {}
-    for label, (model, parent) in models.items():
-        stage_cfg = cfg.stage(
-            "evaluate", *[f"sources.{v}.uri={eval_data}" for v in eval_variants],
-            f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-eval-{label.split()[0].lower()}",
-        )
-        stage_cfg.model, stage_cfg.parent_run_id = model, parent
-        summaries[label] = _timed(timings, f"evaluate {label}", evaluate, stage_cfg)
 
-    far_metric = cfg.headline_metric
-    rows = comparison_rows(summaries, far_metric)
-    table = format_table(rows, far_metric)
-    headline = headline_figures(rows, cfg.headline_variant, far_metric)
+def best_network(rows: list[dict], variant: str, far_metric: str, max_unmasked_loss: float = 0.005) -> str:
+    """The network to serve: the best masked figure among those that keep unmasked accuracy within
+    `max_unmasked_loss` of the untouched checkpoint (the checkpoint itself if none does)."""
+    cell = {(r["model"], r["variant"]): r for r in rows}
+    floor = cell[(CHECKPOINT, "unmasked")]["accuracy"] - max_unmasked_loss
+    kept = [m for m in dict.fromkeys(r["model"] for r in rows) if cell[(m, "unmasked")]["accuracy"] >= floor]
+    return max(kept, key=lambda m: cell[(m, variant)][far_metric])
+
+
+def serve_package(cfg: QuickstartConfig, root: str, model, parent: str | None) -> str:
+    """Calibrate the served network on bare and masked photos aligned as deployed (the calibrate stage) and
+    export it as a ready-to-serve package with a threshold per kind of comparison."""
+    from mfr_ray.serve.package import export_package
+
+    calib = cfg.stage("calibrate", f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-calibrate")
+    calib.model, calib.parent_run_id = model, parent
+    summary = evaluate_stage(calib)
+    out = join_uri(root, "package")
+    tracking = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment)
+    export_package(summary["run_id"], out, fars=tuple(calib.far_targets), tracking=tracking)
+    return out
+
+
+def _log_outcome(cfg: QuickstartConfig, root: str, rows: list[dict], timings: dict) -> dict:
+    """The comparison table and headline, in MLflow and beside the outputs."""
+    import mlflow
+
+    from mfr_ray.tracking import start_run
+
+    table = format_table(rows, cfg.headline_metric)
+    headline = headline_figures(rows, cfg.headline_variant, cfg.headline_metric)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -211,3 +255,8 @@ def print_outcome(cfg: QuickstartConfig, outcome: dict) -> None:
     print("headline: " + ", ".join(f"{k}={v:+.2f} points" for k, v in outcome["headline"].items()))
     print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in outcome["timings"].items()))
     print(f"MLflow: run {outcome['run_id']} in {redact_uri(resolve_tracking_uri(cfg.tracking))}; browse with `mfr ui`")
+    package = outcome["package"]
+    print(f"served network: {outcome['served']}, packaged in {package} (thresholds per kind of comparison: "
+          f"{package}/MODEL_CARD.md). Enrol a folder of <person>/<photo> files, serve it, identify a photo:")
+    print(f"  mfr enrol {package} PEOPLE_DIR --out galleries/site\n  mfr serve {package} --gallery galleries/site\n"
+          "  curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/identify")

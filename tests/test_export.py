@@ -91,6 +91,16 @@ def test_a_service_pins_its_package_and_replicas_refuse_another(calibrated):
     assert load_package(pinned, tracking_uri=tracking_uri, expect_id=expected).package_id == expected
     with pytest.raises(PackageError, match="redeploy"):
         load_package(calibrated["package"], expect_id="0" * 16)
+    import shutil
+
+    tampered = Path(calibrated["package"]).parent / "tampered"
+    shutil.copytree(calibrated["package"], tampered)
+    state = torch.load(tampered / "weights.pt", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3  # other weights under the same package.json
+    torch.save(state, tampered / "weights.pt")
+    with pytest.raises(PackageError, match="redeploy"):
+        load_package(tampered, expect_id=expected)
     with pytest.raises(PackageError, match="cannot resolve the alias"):
         pin_package_uri("models:/lfw-serve-package@nowhere", tracking_uri)
 

@@ -66,8 +66,13 @@ def test_quick_quickstart_runs_every_stage(tmp_path):
         assert headline[f"unmasked_accuracy_change{suffix}"] == pytest.approx(change, abs=1e-6)
         assert f"tpr_at_far0.1pct_gain_mixed{suffix}={gain:+.2f} points" in run.stdout
 
+    # the served network is packaged with thresholds per kind of comparison, and the commands are printed
+    package = json.loads((root / "package" / "package.json").read_text())
+    assert set(package["calibration"]["kinds"]) == {"unmasked-unmasked", "masked-unmasked", "masked-masked"}
+    assert f"mfr serve {root / 'package'} --gallery" in run.stdout and "served network: " in run.stdout
+
     timings = json.loads(Path(client.download_artifacts(run_id, "timings.json", str(tmp_path))).read_text())
-    assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher"} <= set(timings)
+    assert {"prepare_train", "prepare_eval", "train_nomask", "train_mask", "train_teacher", "package"} <= set(timings)
     assert sum(k.startswith("evaluate ") for k in timings) == len(MODELS)
 
     # The stages logged into the same experiment: the two datasets, the three trainings (with their

@@ -114,6 +114,7 @@ def service(ray_local, calibrated_package, tmp_path_factory):
         far=FAR,
         embedder_num_cpus=0,
         gallery_poll_s=POLL_S,
+        disclose_candidates=True,  # the tests compare candidate lists; the default hides them (test below)
         limits=LimitsConfig(max_body_bytes=2 * 2**20, max_pixels=1_000_000, rate_per_s=RATE, burst=BURST),
     )
     start(cfg)
@@ -473,4 +474,6 @@ def test_over_the_rate_a_client_gets_429_with_retry_after(service):
             break
     assert codes[-1] == 429 and set(codes[:-1]) == {200} and len(codes) >= BURST // 2, codes
     assert retry is not None and int(retry) >= 1
+    keyed = requests.get(f"{service.url}/healthz", headers={"X-API-Key": service.key}, timeout=30)
+    assert keyed.status_code == 200 and "package_id" in keyed.json()  # key holders have their own bucket
     time.sleep(BURST / RATE)

@@ -147,10 +147,10 @@ def test_plain_http_beyond_loopback_is_refused():
 
     cfg = ServeConfig(package="p", gallery="g", host="0.0.0.0")
     with pytest.raises(ConfigError, match="plain HTTP"):
-        cfg.check_transport("0.0.0.0")
-    cfg.check_transport("127.0.0.1")
-    ServeConfig(package="p", gallery="g", behind_tls_proxy=True).check_transport("10.0.0.5")
-    ServeConfig(package="p", gallery="g", tls={"certfile": "c", "keyfile": "k"}).check_transport("0.0.0.0")
+        cfg.check_transport("0.0.0.0", tls=False)
+    cfg.check_transport("127.0.0.1", tls=False)
+    cfg.check_transport("0.0.0.0", tls=True)  # the proxy itself serves HTTPS
+    ServeConfig(package="p", gallery="g", behind_tls_proxy=True).check_transport("10.0.0.5", tls=False)
 
 
 def test_app_builder_without_a_host_requires_a_key(monkeypatch):
@@ -239,18 +239,54 @@ def test_audit_lines_hold_decisions_and_no_biometrics(tmp_path):
     assert oct(os.stat(tmp_path / "audit.jsonl").st_mode & 0o777) == "0o600"
 
 
-def test_a_single_writer_takes_over_the_lock_its_dead_predecessor_left(tmp_path):
-    """The gallery keeper restarted after a crash mid-write: its lock (same writer name, another process)
-    is taken over at once; a lock of another writer (an `mfr unenrol` running now) is not."""
+def test_a_held_lease_is_renewed_and_a_writer_that_lost_its_lock_commits_nothing(tmp_path):
+    """A long write keeps its lock (the lease is renewed while held); a writer whose lock was taken over
+    (forced here) fails its fencing check and its commit changes nothing; a lock file left unreadable by a
+    creator that died is taken over once a minute old, not before."""
     from mfr_ray.config.common import StorageConfig
-    from mfr_ray.data.layout import LOCK_JSON, DatasetLayout, OutputLocked, output_lock
+    from mfr_ray.data.layout import LOCK_JSON, DatasetLayout, OutputLocked, holds_lock, output_lock
+    from mfr_ray.serve.gallery import Gallery
 
-    layout = DatasetLayout(str(tmp_path), StorageConfig())
-    left = {"host": "other-node", "pid": 4242, "run_id": "crashed", "since": time.time(), "since_utc": "now",
-            "expires": time.time() + 300, "writer": "keeper"}
-    (tmp_path / LOCK_JSON).write_text(json.dumps(left))
-    with output_lock(layout, lease_s=300, writer="keeper") as owner:
-        assert owner["writer"] == "keeper"
-    (tmp_path / LOCK_JSON).write_text(json.dumps(dict(left, writer="cli")))
-    with pytest.raises(OutputLocked), output_lock(layout, lease_s=300, writer="keeper"):
+    layout = DatasetLayout(str(tmp_path / "g"), StorageConfig())
+    with output_lock(layout, lease_s=0.6) as owner:
+        time.sleep(1.5)  # more than twice the lease: only renewal keeps it
+        with pytest.raises(OutputLocked), output_lock(layout, lease_s=0.6):
+            pass
+        assert holds_lock(layout, owner)
+    gallery = Gallery.create_or_open(str(tmp_path / "g"), _fake_package())
+    with gallery._lock() as owner, output_lock(gallery.layout, force=True):  # another writer takes over
+        assert not holds_lock(gallery.layout, owner)
+        with pytest.raises(OutputLocked, match="lost its lock"):
+            gallery._commit(gallery.manifest, ["part-x.parquet"], owner)
+    assert Gallery(str(tmp_path / "g")).manifest["parts"] == []
+    (tmp_path / "g" / LOCK_JSON).write_text('{"host": "half')
+    with pytest.raises(OutputLocked), output_lock(layout, lease_s=5):
         pass
+    os.utime(tmp_path / "g" / LOCK_JSON, (time.time() - 120, time.time() - 120))
+    with output_lock(layout, lease_s=5) as owner:
+        assert holds_lock(layout, owner)
+
+
+def test_identify_answers_disclose_no_other_enrolled_people_by_default():
+    from mfr_ray.serve.app import disclosed
+    from mfr_ray.serve.recognise import Candidate, IdentifyResult, ImageReport
+
+    image = ImageReport("ok", "", "mtcnn", 0.1)
+    others = [Candidate("Alice", 0.31, "t1", "Alice/1.jpg"), Candidate("Bob", 0.2, "t2", "Bob/1.jpg")]
+    unknown = IdentifyResult("unknown", None, 0.31, 0.4, 1e-3, True, image, others, "best score 0.31 < 0.40")
+    hidden = disclosed(unknown, candidates=False)
+    assert hidden["candidates"] == [] and hidden["score"] is None and "Alice" not in json.dumps(hidden)
+    match = IdentifyResult("match", "Alice", 0.61, 0.4, 1e-3, True, image, others[:1] + others[1:])
+    shown = disclosed(match, candidates=False)
+    assert shown["identity"] == "Alice" and shown["score"] == 0.61 and "Bob" not in json.dumps(shown)
+    assert disclosed(unknown, candidates=True)["candidates"][0]["identity"] == "Alice"  # the operator's choice
+
+
+def test_the_rate_table_stays_bounded():
+    from mfr_ray.serve.auth import RateLimiter
+
+    limiter = RateLimiter(1.0, 1)
+    limiter.MAX_CLIENTS = 100
+    for i in range(1000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter._buckets) <= 100

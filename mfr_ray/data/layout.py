@@ -227,84 +227,126 @@ def _holder_is_dead(holder: dict) -> bool:
     return False
 
 
+UNREADABLE_LOCK_GRACE_S = 60.0  # a lock file nobody could parse for this long was left by a creator that died
+
+
 def _read_lock(layout: DatasetLayout) -> dict | None:
     try:
         return layout.read_json(layout.path(LOCK_JSON))
-    except ValueError:  # half-written by an owner that died while creating it
-        return {"host": "unknown", "pid": None, "run_id": "unreadable lock file", "since_utc": "unknown"}
+    except ValueError:  # half-written by an owner that died while creating it: expires a minute after
+        try:
+            mtime = layout.fs.get_file_info(layout.path(LOCK_JSON)).mtime.timestamp()
+        except (OSError, AttributeError):
+            mtime = time.time()
+        return {"host": "unknown", "pid": None, "run_id": "unreadable lock file", "since_utc": "unknown",
+                "expires": mtime + UNREADABLE_LOCK_GRACE_S}
+
+
+def holds_lock(layout: DatasetLayout, owner: dict) -> bool:
+    """Whether `owner` (what output_lock yielded) still holds the lock: the fencing check a writer makes
+    before its commit point, so a writer whose lease was taken over never commits over the new holder."""
+    holder = _read_lock(layout)
+    return holder is not None and holder.get("run_id") == owner["run_id"]
+
+
+def _refusal(layout: DatasetLayout, holder: dict) -> OutputLocked:
+    expires = holder.get("expires")
+    if isinstance(expires, int | float):
+        then = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+        return OutputLocked(f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} "
+                            f"since {holder.get('since_utc')}; its lease ends at {then} unless renewed (a writer "
+                            "that died stops renewing it): retry then", retry_after_s=max(1.0, expires - time.time()))
+    return OutputLocked(
+        f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} (run "
+        f"{holder.get('run_id')}) since {holder.get('since_utc')}; if that run is dead, delete "
+        f"{layout.uri}/{LOCK_JSON} or rerun with output.force_unlock=true"
+    )
+
+
+def _create_lock(layout: DatasetLayout, owner: dict) -> bool:
+    """Write the lock; False when another writer created it first (local: O_EXCL; S3: read back)."""
+    path = layout.path(LOCK_JSON)
+    if layout.local:
+        os.makedirs(layout.root, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, json.dumps(owner, indent=1, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+    layout.write_json(path, owner)
+    time.sleep(1.0)  # let a concurrent writer's object land before reading back
+    if not holds_lock(layout, owner):
+        raise _refusal(layout, _read_lock(layout) or {})
+    return True
+
+
+class _LeaseRenewer:
+    """Moves the lock's expiry on every third of its lease while the owner still holds it, so a long write
+    (a removal rewriting many parts, a compaction) is never taken over mid-way; a dead writer stops."""
+
+    def __init__(self, layout: DatasetLayout, owner: dict, lease_s: float):
+        import threading
+
+        self.layout, self.owner, self.lease_s = layout, owner, lease_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="lock-lease")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.lease_s / 3):
+            try:
+                if not holds_lock(self.layout, self.owner):
+                    return
+                self.owner["expires"] = time.time() + self.lease_s
+                self.layout.write_json(self.layout.path(LOCK_JSON), self.owner, durable=False)
+            except (OSError, StorageUnavailable):  # the next round tries again; the lease covers the gap
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 @contextmanager
-def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | None = None,
-                writer: str | None = None) -> Iterator[dict]:
+def output_lock(layout: DatasetLayout, force: bool = False, lease_s: float | None = None) -> Iterator[dict]:
     """Hold `<out>/_lock.json` while a run writes the output, so a second run into the same output fails
     at once instead of deleting the first one's staging and index. Local: created with O_EXCL. S3 has no
     conditional write through pyarrow: written, then read back after a pause (the later writer wins and
     the other one sees a foreign run id). A lock left by a dead process of this host is taken over, and so
-    is one whose lease expired (`lease_s`: short writes such as a gallery's, so a writer that died on
-    another host or on S3 does not lock the output for ever); `force` takes over any lock. Released on the
-    way out, failure included. A `writer` name marks a single writer (a service's gallery keeper): a lock
-    another process left under the same name is its dead predecessor's and is taken over at once."""
-    owner = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "run_id": uuid.uuid4().hex,
-        "since": time.time(),
-        "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    is one whose lease expired (`lease_s`: renewed while held, so a writer that died on another host or on
+    S3 does not lock the output for ever); `force` takes over any lock. Writers check `holds_lock` before
+    their commit point. Released on the way out, failure included."""
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": uuid.uuid4().hex, "since": time.time(),
+             "since_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if lease_s is not None:
         owner["expires"] = owner["since"] + lease_s
-    if writer is not None:
-        owner["writer"] = writer
-    path = layout.path(LOCK_JSON)
-    data = json.dumps(owner, indent=1, sort_keys=True).encode()
-
-    def refuse(holder: dict) -> OutputLocked:
-        expires = holder.get("expires")
-        if isinstance(expires, int | float):
-            then = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
-            return OutputLocked(f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} "
-                                f"since {holder.get('since_utc')}; its lease ends at {then}, when a writer "
-                                "that died is taken over: retry then", retry_after_s=max(1.0, expires - time.time()))
-        return OutputLocked(
-            f"output {layout.uri} is locked by {holder.get('host')} pid {holder.get('pid')} (run "
-            f"{holder.get('run_id')}) since {holder.get('since_utc')}; if that run is dead, delete "
-            f"{layout.uri}/{LOCK_JSON} or rerun with output.force_unlock=true"
-        )
-
     for _ in range(3):  # a lock that vanished or was taken over is tried again
         holder = _read_lock(layout)
         if holder is not None:
-            predecessor = writer is not None and holder.get("writer") == writer and holder.get("pid") != owner["pid"]
-            if not (force or predecessor or _holder_is_dead(holder) or _lease_expired(holder)):
-                raise refuse(holder)
-            layout.delete_file(path)
-        if layout.local:
-            os.makedirs(layout.root, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                continue
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not (force or _holder_is_dead(holder) or _lease_expired(holder)):
+                raise _refusal(layout, holder)
+            layout.delete_file(layout.path(LOCK_JSON))
+        if _create_lock(layout, owner):
             break
-        layout.write_json(path, owner)
-        time.sleep(1.0)  # let a concurrent writer's object land before reading back
-        holder = _read_lock(layout)
-        if holder is None or holder.get("run_id") != owner["run_id"]:
-            raise refuse(holder or {})
-        break
     else:
-        raise refuse(_read_lock(layout) or {})
+        raise _refusal(layout, _read_lock(layout) or {})
+    renewer = _LeaseRenewer(layout, owner, lease_s) if lease_s is not None else None
     try:
         yield owner
     finally:
-        try:
-            holder = _read_lock(layout)
-            if holder is not None and holder.get("run_id") == owner["run_id"]:
-                layout.delete_file(path)
-        except StorageUnavailable as exc:  # never hide the run's own outcome; a rerun here takes it over
-            print(f"warning: could not release {path}: {exc}", file=sys.stderr, flush=True)
+        if renewer is not None:
+            renewer.close()
+        _release(layout, owner)
+
+
+def _release(layout: DatasetLayout, owner: dict) -> None:
+    try:
+        if holds_lock(layout, owner):
+            layout.delete_file(layout.path(LOCK_JSON))
+    except StorageUnavailable as exc:  # never hide the run's own outcome; a rerun here takes it over
+        print(f"warning: could not release {layout.path(LOCK_JSON)}: {exc}", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import urllib.parse
@@ -65,7 +66,6 @@ IMAGE_STATUS_CODES = {"too_large": 413, "unsupported": 415, "decode_error": 422,
 API_SOURCE_PREFIX = "api-"
 IDENTITY_HEADER = "x-identity"
 RETRY_AFTER_S = 2  # what a 503 asks a client to wait while a replica restarts
-KEEPER_WRITER = "mfr-serve-gallery-keeper"  # the lock name of the one writer a service runs
 
 
 class BatchingConfig(StrictModel):
@@ -96,7 +96,8 @@ class LimitsConfig(StrictModel):
     from its header), `k`, and a token-bucket rate per client address and frontend replica."""
 
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="request body, base64 included")
-    max_pixels: int = Field(40_000_000, ge=10_000)
+    max_pixels: int = Field(16_000_000, ge=10_000, description="a camera frame is a few megapixels; each decoded "
+                            "pixel costs about 3 bytes per copy, and decoding makes several")
     max_k: int = Field(50, ge=1)
     rate_per_s: float = Field(50.0, gt=0, description="sustained requests/s per client address, per API key "
                               "and per frontend replica")
@@ -133,9 +134,14 @@ class ServeConfig(StrictModel):
                                   "changes made outside the service (mfr unenrol, mfr enrol): answers are at "
                                   "most this stale")
     package_id: str | None = Field(None, description="set by build_app: the package every replica must load")
+    disclose_candidates: bool = Field(False, description="/identify answers list the top-k identities with their "
+                                      "scores and template sources (an operator's console); off, a caller "
+                                      "learns the match and nothing about who else is enrolled")
     synthetic_masks: SyntheticMasks = Field(default_factory=SyntheticMasks, description="masked copies of each "
                                             "/enrol photo stored as synthetic:<type> templates")
     far: float = Field(1e-3, gt=0, lt=1, description="default FAR of decisions (one of the package's)")
+    allowed_fars: list[float] | None = Field(None, description="the FARs a request may ask for (the operator's "
+                                             "floor: a caller cannot pick a looser one); None: every calibrated FAR")
     top_k: int = Field(5, ge=1)
     num_replicas: int = Field(1, ge=1, description="Embedder replicas when autoscaling is off")
     autoscaling: AutoscalingConfig | None = None
@@ -151,10 +157,10 @@ class ServeConfig(StrictModel):
 
         return default_audit_path(self.gallery) if self.audit_log == "default" else self.audit_log
 
-    def check_transport(self, host: str) -> None:
-        """A bind beyond loopback carries biometric data: refuse plain HTTP unless TLS is configured or the
+    def check_transport(self, host: str, tls: bool) -> None:
+        """A bind beyond loopback carries biometric data: refuse plain HTTP unless the proxy has TLS or the
         operator says a TLS-terminating proxy is in front."""
-        if not is_loopback(host) and self.tls is None and not self.behind_tls_proxy:
+        if not is_loopback(host) and not tls and not self.behind_tls_proxy:
             raise ConfigError(f"serving on {host} over plain HTTP: configure tls (certfile, keyfile) or, when a "
                               "TLS-terminating proxy is in front, behind_tls_proxy=true (docs/deploy.md)")
 
@@ -253,8 +259,7 @@ class GalleryKeeper:
 
         keep_replica_server_on_loopback()
         self.package = load_package(package, expect_id=package_id)
-        # the service's single writer: a lock its crashed predecessor left is taken over at start
-        self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package, writer=KEEPER_WRITER)
+        self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package)
         self._enrolling = threading.Lock()
         self._compacting = threading.Lock()
         threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="gallery-poll").start()
@@ -279,22 +284,28 @@ class GalleryKeeper:
 
         try:
             row = await asyncio.to_thread(self._enrol, identity, source_key, wire)
-        except OutputLocked as exc:
-            return {"error": "gallery_locked", "reason": str(exc), "retry_after_s": exc.retry_after_s or 5.0}
+        except OutputLocked as exc:  # the details (host, pid, storage path) stay in this replica's log
+            _logger.warning("enrolment refused: %s", exc)
+            wait = exc.retry_after_s or 5.0
+            return {"error": "gallery_locked", "reason": f"another writer is changing the gallery; its lease "
+                    f"ends within {wait:.0f} s: retry then", "retry_after_s": wait}
         if len(self.gallery.manifest.get("parts", [])) > self.MAX_PARTS and not self._compacting.locked():
             threading.Thread(target=self._compact, daemon=True, name="gallery-compact").start()
         return row
 
     def _enrol(self, identity: str, source_key: str, wire: dict) -> dict:
+        import pyarrow.compute as pc
+
         from mfr_ray.serve.gallery import _utc_now, rows_of, template_id
 
         fields = ("template_id", "identity", "source_key", "status", "reason", "align_method")
         with self._enrolling:
             tid = template_id(identity, source_key)
-            if tid in set(self.gallery.templates().column("template_id").to_pylist()):
-                return {"template_id": tid, "identity": identity, "source_key": source_key, "status": "ok",
-                        "reason": "already enrolled", "align_method": wire["align_method"], "stored": False,
-                        "synthetic_templates": 0}
+            known = self.gallery.table.filter(pc.equal(self.gallery.table.column("template_id"), tid))
+            if known.num_rows:  # an image already enrolled, or already refused, is not stored twice
+                row = known.to_pylist()[0]
+                return {k: row[k] for k in fields} | {"stored": False, "synthetic_templates": 0,
+                                                      "reason": row["reason"] or "already enrolled"}
             rows = rows_of(identity, source_key, _embed_result(wire), _utc_now())
             self.gallery.add_rows(rows)  # the photo and its synthetic templates: one part, all or nothing
         return {k: rows[0][k] for k in fields} | {"stored": True, "synthetic_templates": len(rows) - 1}
@@ -324,6 +335,18 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 
     return (ray_errors.RayActorError, ray_errors.ActorUnavailableError, serve_errors.BackPressureError,
             serve_errors.DeploymentUnavailableError)
+
+
+def disclosed(result, candidates: bool) -> dict:
+    """An identify answer as a caller may see it: without candidates (who else is enrolled, their scores
+    and template sources) and without the best score of a probe nobody matched, unless the operator asks."""
+    out = dataclasses.asdict(result)
+    if not candidates:
+        out["candidates"] = []
+        if result.decision != "match":
+            out["score"] = None
+            out["reason"] = "no enrolled identity reaches the threshold" if result.candidates else out["reason"]
+    return out
 
 
 async def answer(work) -> JSONResponse:
@@ -367,7 +390,8 @@ class Frontend:
     # -- request plumbing ------------------------------------------------------------------------------
     def _client(self, request: Request) -> str:
         peer = request.client.host if request.client else None
-        return client_address(peer, request.headers.get("x-forwarded-for"), self.cfg.limits.trusted_proxies)
+        forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None  # every header line, in order
+        return client_address(peer, forwarded, self.cfg.limits.trusted_proxies)
 
     def _limit(self, bucket: str) -> None:
         allowed, retry_after = self.limiter.allow(bucket)
@@ -376,23 +400,31 @@ class Frontend:
                                f"in {retry_after:.2f} s", {"Retry-After": f"{max(1, round(retry_after))}"})
 
     async def _guard(self, request: Request, open_route: bool = False, enrol: bool = False) -> str | None:
-        """Rate limit (per client address, then per key), then auth. Returns the key id of an authorised
-        caller ("none" where no key is configured), None for an unauthorised one on an open route."""
-        self._limit(f"ip:{self._client(request)}")
+        """Auth, then the rate limit of what the caller is: its API key's bucket when it presents the right
+        key, else its address's (callers without a key drain only that one, never the key holders'). Returns
+        the key id of an authorised caller ("none" where no key is configured), None for an unauthorised one
+        on an open route; refusals are audited."""
         digest = self.enrol_digest if enrol else self.key_digest
         if enrol and digest is None:
+            self._refused(request, "enrolment_off")
             raise RequestError(403, "enrolment_off", "enrolment over HTTP is off: start the service with an "
                                "enrolment key (--enrol-key-file), or enrol with `mfr enrol`")
         if digest is None:
+            self._limit(f"ip:{self._client(request)}")
             return "none"
-        presented = presented_key(request.headers)
-        if digest.matches(presented):
+        if digest.matches(presented_key(request.headers)):
             self._limit(f"key:{digest.key_id}")
             return digest.key_id
+        self._limit(f"anonymous:{self._client(request)}")
         if open_route:
             return None
+        self._refused(request, "unauthorized")
         raise RequestError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer KEY` "
                            "or `X-API-Key: KEY`", {"WWW-Authenticate": "Bearer"})
+
+    def _refused(self, request: Request, why: str) -> None:
+        self.audit.record("refused", key_id=None, client=self._client(request), route=request.url.path,
+                          decision=why)
 
     async def _body(self, request: Request) -> bytes:
         limit = self.cfg.limits.max_body_bytes
@@ -424,6 +456,9 @@ class Frontend:
         from mfr_ray.serve.package import PackageError
 
         far = parse_far(params.get("far", self.cfg.far))
+        allowed = self.cfg.allowed_fars
+        if allowed is not None and far != self.cfg.far and not any(math.isclose(far, a) for a in allowed):
+            raise RequestError(400, "far_not_allowed", f"this service decides at FAR {', '.join(map(str, allowed))}")
         try:
             return far, self.package.operating_point(far)
         except PackageError as err:
@@ -496,7 +531,7 @@ class Frontend:
         result = identify_decision(self.package, far, probe, candidates)
         self.audit.record("identify", key_id=key_id, client=self._client(request), decision=result.decision,
                           identity=result.identity, score=result.score, far=far, kind=result.comparison_kind)
-        return dataclasses.asdict(result)
+        return disclosed(result, self.cfg.disclose_candidates)
 
     @http_app.post("/enrol")
     async def enrol(self, request: Request):
@@ -509,6 +544,8 @@ class Frontend:
         if "identity" in request.query_params:
             raise RequestError(400, "bad_identity", "send the identity in the JSON body or the X-Identity "
                                "header (percent-encoded UTF-8), not the query string: URLs land in access logs")
+        if header is not None and "identity" in params:
+            raise RequestError(400, "bad_identity", "send the identity once: in the JSON body or X-Identity")
         identity = parse_identity(params.get("identity") if header is None else urllib.parse.unquote(header))
         data = images["image"]
         source_key = f"{identity}/{API_SOURCE_PREFIX}{hashlib.sha256(data).hexdigest()[:16]}"
@@ -546,44 +583,52 @@ def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None, enrol_diges
                                                                      enrol_digest)
 
 
-def _auth(cfg: ServeConfig, host: str) -> tuple[KeyDigest | None, KeyDigest | None]:
-    """(identification key, enrolment key) digests for a proxy bound to `host`; refuses plain HTTP beyond
-    loopback (`check_transport`) and a missing key there."""
-    cfg.check_transport(host)
+def _auth(cfg: ServeConfig, host: str, tls: bool) -> tuple[KeyDigest | None, KeyDigest | None]:
+    """(identification key, enrolment key) digests for a proxy bound to `host` (with TLS or not), read
+    once (a key from the environment leaves it when read); refuses plain HTTP beyond loopback and a missing
+    key there."""
+    cfg.check_transport(host, tls)
     key_digest = resolve_auth(host, cfg.api_key_file)
     return key_digest, load_enrol_digest(cfg.enrol_key_file, key_digest)
 
 
-def app_builder(args: dict):
-    """Serve's application builder (`import_path: mfr_ray.serve.app:app_builder` in a Serve config or a
-    KubeRay RayService): `args` are ServeConfig fields. Without `args.host` the proxy is taken to listen
-    beyond loopback (a Serve config's http_options are not visible here), so the API key is required (from
-    $MFR_SERVE_API_KEY_FILE, e.g. a mounted secret)."""
-    host = args.get("host", "0.0.0.0")
-    cfg = ServeConfig.model_validate(args | {"host": host})
-    return build_app(cfg, *_auth(cfg, host))
-
-
-def _proxy_host(default: str) -> str:
-    """The host Serve's HTTP proxy really binds: on a cluster where Serve already runs, that of its
-    controller, whatever this command asked for."""
+def _proxy(default_host: str, default_tls: bool) -> tuple[str, bool]:
+    """(host, TLS on) of Serve's HTTP proxy as it really runs: on a cluster where Serve already runs, or in
+    a Serve config's build task, its controller's http_options, whatever this process asked for."""
     try:
         from ray.serve.context import _get_global_client
 
-        return _get_global_client().http_config.host or default
+        http = _get_global_client(raise_if_no_controller_running=True).http_config
+        return http.host or default_host, bool(http.ssl_certfile)
     except Exception:  # noqa: BLE001 - no controller reachable: what was asked is what binds
-        return default
+        return default_host, default_tls
+
+
+def app_builder(args: dict):
+    """Serve's application builder (`import_path: mfr_ray.serve.app:app_builder` in a Serve config or a
+    KubeRay RayService): `args` are ServeConfig fields. The proxy's real http_options decide (where the
+    controller is reachable); else `args.host`, and without it the proxy is taken to listen beyond loopback,
+    so the API key is required (from $MFR_SERVE_API_KEY_FILE, e.g. a mounted secret). TLS must be set in the
+    Serve config's http_options (`args.tls` cannot configure a proxy that already runs)."""
+    host, tls = _proxy(args.get("host", "0.0.0.0"), False)
+    cfg = ServeConfig.model_validate(args | {"host": host})
+    return build_app(cfg, *_auth(cfg, host, tls))
 
 
 def start(cfg: ServeConfig, route_prefix: str = "/"):
     """Start (or update) the application on this machine's Ray (`init_ray`: local on loopback unless
-    configured) with Serve's HTTP proxy on cfg.host:cfg.port; returns the Frontend handle."""
-    _auth(cfg, cfg.host)  # refuse before anything starts
+    configured) with Serve's HTTP proxy on cfg.host:cfg.port. Refuses before anything starts when the
+    configuration asks for an insecure bind, and again when a Serve already running binds beyond what was
+    asked. Returns (the Frontend handle, the key digests)."""
+    digests = _auth(cfg, cfg.host, cfg.tls is not None)
     init_ray(cfg.ray)
     tls = {"ssl_certfile": cfg.tls.certfile, "ssl_keyfile": cfg.tls.keyfile} if cfg.tls else {}
     serve.start(http_options={"host": cfg.host, "port": cfg.port, **tls})
-    digests = _auth(cfg, _proxy_host(cfg.host))
-    return serve.run(build_app(cfg, *digests), name=APP_NAME, route_prefix=route_prefix)
+    host, tls_on = _proxy(cfg.host, cfg.tls is not None)
+    cfg.check_transport(host, tls_on)
+    if digests[0] is None and not is_loopback(host):
+        raise ConfigError(f"Serve's proxy already listens on {host}, beyond loopback: give an API key")
+    return serve.run(build_app(cfg, *digests), name=APP_NAME, route_prefix=route_prefix), digests
 
 
 def run(package: str, gallery: str, host: str = LOOPBACK, port: int = 8000, blocking: bool = True, **options):
@@ -591,8 +636,7 @@ def run(package: str, gallery: str, host: str = LOOPBACK, port: int = 8000, bloc
     down. `options` are further ServeConfig fields (batching={...}, num_replicas=2, api_key_file=...)."""
     fields = {"package": package, "gallery": gallery, "host": host, "port": port, **options}
     cfg = ServeConfig.model_validate(fields)
-    start(cfg)
-    key_digest, enrol_digest = _auth(cfg, _proxy_host(cfg.host))
+    _, (key_digest, enrol_digest) = start(cfg)
     auth = "API key required" if key_digest else "no auth (loopback only)"
     enrol = "/enrol with its own key" if enrol_digest else "/enrol off (no enrolment key)"
     scheme = "https" if cfg.tls else "http"

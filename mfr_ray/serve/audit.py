@@ -27,17 +27,30 @@ def default_audit_path(gallery: str) -> str | None:
     return None if is_s3(gallery) else str(Path(gallery).expanduser() / AUDIT_FILE)
 
 
+def _audit_logger() -> logging.Logger:
+    """The `mfr_ray.audit` logger, at INFO with its own handler on stderr (a replica's log file): Ray does not
+    configure the root logger, whose default level would drop these lines."""
+    if not _logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s mfr_ray.audit %(message)s"))
+        _logger.addHandler(handler)
+        _logger.setLevel(logging.INFO)
+        _logger.propagate = False
+    return _logger
+
+
 class AuditLog:
     """Appends events; one `write` per line (O_APPEND), so lines from several processes never interleave."""
 
     def __init__(self, path: str | None):
         self.path = path
         self._lock = threading.Lock()
+        self._logger = _audit_logger()
 
     def record(self, action: str, **fields: Any) -> dict:
         event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, **fields}
         line = json.dumps(event, ensure_ascii=False, sort_keys=True, default=str)
-        _logger.info(line)
+        self._logger.info(line)
         if self.path:
             with self._lock:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,15 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._last_sweep = time.monotonic()
 
+    MAX_CLIENTS = 50_000  # buckets kept at most: a flood of new addresses cannot grow the table without end
+
+    def _sweep(self, now: float) -> None:
+        """Forget idle clients; past MAX_CLIENTS, the least recently seen half too."""
+        kept = {c: (t, s) for c, (t, s) in self._buckets.items() if now - s < 60}
+        if len(kept) > self.MAX_CLIENTS:
+            kept = dict(sorted(kept.items(), key=lambda item: item[1][1])[len(kept) // 2:])
+        self._buckets, self._last_sweep = kept, now
+
     def allow(self, client: str) -> tuple[bool, float]:
         """(allowed, seconds until the next request would be allowed)."""
         now = time.monotonic()
@@ -144,7 +153,6 @@ class RateLimiter:
             if allowed:
                 tokens -= 1.0
             self._buckets[client] = (tokens, now)
-            if now - self._last_sweep > 60:
-                self._buckets = {c: (t, s) for c, (t, s) in self._buckets.items() if now - s < 60}
-                self._last_sweep = now
+            if now - self._last_sweep > 60 or len(self._buckets) > self.MAX_CLIENTS:
+                self._sweep(now)
         return allowed, 0.0 if allowed else (1.0 - tokens) / self.rate

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.data.layout import DatasetLayout, output_lock
+from mfr_ray.data.layout import DatasetLayout, OutputLocked, holds_lock, output_lock
 from mfr_ray.serve.package import ModelPackage, PackageError
 from mfr_ray.serve.synthetic import PHOTO
 
@@ -123,15 +123,12 @@ class Gallery:
     Writers (`add_rows`, `remove`, `compact`) serialise on a thread lock here and `_lock.json` (a lease)
     across processes; `refresh_if_changed` is the cheap poll a long-lived reader runs."""
 
-    LOCK_LEASE_S = 300.0  # a writer's `_lock.json` older than this is taken over (its holder died)
+    LOCK_LEASE_S = 30.0  # a writer renews its `_lock.json` while it writes; one not renewed for this long died
 
-    def __init__(self, uri: str, storage: StorageConfig | None = None, writer: str | None = None):
-        """`writer` names a single writer (the service's gallery keeper): a lock left by a dead process of
-        the same name is taken over at once instead of after the lease."""
+    def __init__(self, uri: str, storage: StorageConfig | None = None):
         import threading
 
         self.uri = str(uri)
-        self.writer = writer
         self.storage = storage or StorageConfig()
         self.layout = DatasetLayout(self.uri, self.storage)
         self._writing = threading.RLock()
@@ -141,10 +138,10 @@ class Gallery:
     # -- creation and reading --------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, uri: str, package: ModelPackage, storage: StorageConfig | None = None,
-                       package_uri: str | None = None, writer: str | None = None) -> Gallery:
+                       package_uri: str | None = None) -> Gallery:
         """Open the gallery at `uri`, creating it for `package` if there is none; a gallery made with
         another package (other weights or preprocessing) is refused."""
-        gallery = cls(uri, storage, writer)
+        gallery = cls(uri, storage)
         if not gallery.manifest:
             with gallery._writing, gallery._lock():
                 gallery.refresh()
@@ -228,10 +225,14 @@ class Gallery:
 
     # -- writing ---------------------------------------------------------------------------------------
     def _lock(self):
-        return output_lock(self.layout, lease_s=self.LOCK_LEASE_S, writer=self.writer)
+        return output_lock(self.layout, lease_s=self.LOCK_LEASE_S)
 
-    def _commit(self, manifest: dict, parts: list[str]) -> dict:
-        """Write gallery.json naming `parts` (the commit point), with the version counter moved on."""
+    def _commit(self, manifest: dict, parts: list[str], owner: dict) -> dict:
+        """Write gallery.json naming `parts` (the commit point), with the version counter moved on; only
+        while `owner` still holds the lock (fencing: a writer whose lease was taken over commits nothing)."""
+        if not holds_lock(self.layout, owner):
+            raise OutputLocked(f"gallery {self.uri}: this writer lost its lock before committing; nothing changed",
+                               retry_after_s=1.0)
         manifest = dict(manifest, parts=parts, version=int(manifest.get("version", 0)) + 1,
                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.layout.write_json(self.layout.path(GALLERY_JSON), manifest)
@@ -251,25 +252,25 @@ class Gallery:
             raise PackageError(f"embeddings of size {sorted(sizes)} do not fit gallery {self.uri} "
                                f"(size {self.embedding_size})")
         table = pa.Table.from_pylist(rows, schema=gallery_schema())
-        with self._writing, self._lock():
+        with self._writing, self._lock() as owner:
             self.refresh_if_changed()
             name = self._new_part_name()
             self.layout.write_table(self.layout.path(TEMPLATES_DIR, name), table)
-            manifest = self._commit(self.manifest, list(self.manifest["parts"]) + [name])
+            manifest = self._commit(self.manifest, list(self.manifest["parts"]) + [name], owner)
             self.state = GalleryState.of(manifest, pa.concat_tables([self.table, table]))
         return len(rows)
 
     def compact(self, max_parts: int = 32) -> bool:
         """Merge the parts into one when there are more than `max_parts` (each enrolment adds one); the
         rows and their order stay. True when it merged."""
-        with self._writing, self._lock():
+        with self._writing, self._lock() as owner:
             self.refresh_if_changed()
             old = list(self._manifest()["parts"])
             if len(old) <= max_parts:
                 return False
             name = self._new_part_name()
             self.layout.write_table(self.layout.path(TEMPLATES_DIR, name), self.table)
-            self.state = GalleryState.of(self._commit(self.manifest, [name]), self.table)
+            self.state = GalleryState.of(self._commit(self.manifest, [name], owner), self.table)
             for part in old:
                 self.layout.delete_file(self.layout.path(TEMPLATES_DIR, part))
         return True
@@ -289,7 +290,7 @@ class Gallery:
         """Delete every row of `identity` (templates and failed rows); returns how many went."""
         import pyarrow.compute as pc
 
-        with self._writing, self._lock():
+        with self._writing, self._lock() as owner:
             self.refresh()
             kept_parts, removed, dropped = [], 0, []
             for name in self._manifest()["parts"]:
@@ -307,7 +308,7 @@ class Gallery:
                     self.layout.write_table(self.layout.path(TEMPLATES_DIR, new_name), rest)
                     kept_parts.append(new_name)
             if removed:
-                self._commit(self.manifest, kept_parts)
+                self._commit(self.manifest, kept_parts, owner)
                 for name in dropped:
                     self.layout.delete_file(self.layout.path(TEMPLATES_DIR, name))
             self.refresh()

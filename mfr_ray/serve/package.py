@@ -350,9 +350,12 @@ def load_package(
     spec = json.loads(spec_path.read_text())
     if spec.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{spec_path}: format {spec.get('format')!r} is not {PACKAGE_FORMAT!r}")
-    if expect_id is not None and spec.get("package_id") != expect_id:
-        raise PackageError(f"{path_or_uri} is now package {spec.get('package_id')}, not {expect_id} that this "
-                           "service was started with: redeploy the service to change its model")
+    if expect_id is not None:
+        actual = _package_id(folder, spec.get("preprocessing", {}))
+        if actual != spec.get("package_id") or actual != expect_id:
+            raise PackageError(f"{path_or_uri} holds package {actual} (its package.json says "
+                               f"{spec.get('package_id')}), not {expect_id} that this service was started with: "
+                               "redeploy the service to change its model")
     return ModelPackage(folder, spec, num_threads)
 
 
