@@ -63,7 +63,10 @@ def test_secrets_redacted_in_flat_params(tmp_path):
     assert "hunter2-very-secret" not in repr(cfg) and "hunter2-very-secret" not in str(flat)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("quickstart/*.yaml")]),
+    ids=lambda p: str(p.relative_to(CONFIG_DIR)),
+)
 def test_every_shipped_config_validates(path):
     data = read_config(path)  # `kind` may come from the file's base (configs/base/)
     assert data.get("kind") in CONFIG_KINDS, f"{path.name}: kind {data.get('kind')!r} is not registered"

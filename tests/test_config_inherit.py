@@ -102,3 +102,47 @@ def test_config_show_origin(chain, tmp_path):
     assert lines["schedule.batch_size"] == "command line" and lines["optim.lr"] == "(code default)"
     plain = CliRunner().invoke(app, ["config", "show", str(chain)])
     assert yaml.safe_load(plain.output)["data"]["val_identities"] == 7
+
+
+def test_quickstart_stage_overrides_still_work_with_a_one_line_notice(tmp_path, capsys):
+    """The quickstart's per-stage `overrides:` (earlier spelling) still apply, with one deprecation line;
+    the shipped quickstart points at files that say the same with `base:` (configs/quickstart/)."""
+    from mfr_ray.config.base import _NOTICES
+    from mfr_ray.quickstart import QuickstartConfig
+
+    _NOTICES.clear()
+    old = put(tmp_path / "q.yaml", {"kind": "quickstart", "train_nomask": {
+        "config": "configs/train_nomask.yaml", "overrides": ["schedule.epochs=2", "registered_model_name=null"]}})
+    cfg = load_config(old, expected=QuickstartConfig)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deprecated: a quickstart stage's `overrides:`")
+    shipped = load_config("configs/quickstart.yaml", expected=QuickstartConfig)
+    assert not capsys.readouterr().err
+    assert cfg.stage("train_nomask") == shipped.stage("train_nomask")
+
+
+def test_tune_base_config_with_base_replaces_base_overrides(tmp_path, capsys):
+    """Tune's `base_overrides:` (earlier spelling) still works, with one deprecation line; a base_config file
+    that starts from the training config with `base:` expands to the same trials' config, and a search
+    started with one spelling resumes with the other (the digest of the expanded base decides)."""
+    from mfr_ray.config.base import _NOTICES
+    from mfr_ray.paths import PROJECT_ROOT
+    from mfr_ray.tune import TuneConfig
+    from mfr_ray.tune.search import base_train_dict, changed_search_keys, search_params, trial_train_config
+
+    _NOTICES.clear()
+    space = {"loss.beta": {"type": "loguniform", "low": 0.1, "high": 10.0}}
+    old = TuneConfig(base_config=str(PROJECT_ROOT / "configs/train_mobilefacenet_distill.yaml"),
+                     base_overrides=["schedule.epochs=4", "registered_model_name=null"], search_space=space)
+    assert capsys.readouterr().err.startswith("deprecated: tune `base_overrides:`")
+    trial = put(tmp_path / "trial.yaml", {"base": str(PROJECT_ROOT / "configs/train_mobilefacenet_distill.yaml"),
+                                          "schedule": {"epochs": 4}, "registered_model_name": None})
+    new = TuneConfig(base_config=str(trial), search_space=space)
+    assert not capsys.readouterr().err
+    assert base_train_dict(old) == base_train_dict(new) | {"kind": "train"}
+    old_params = search_params(old, trial_train_config(base_train_dict(old), {}))
+    new_params = search_params(new, trial_train_config(base_train_dict(new), {}))
+    assert changed_search_keys(old_params, new_params) == []
+    longer = TuneConfig(base_config=str(trial), base_overrides=["schedule.epochs=5"], search_space=space)
+    assert [c.split(":")[0] for c in changed_search_keys(
+        old_params, search_params(longer, trial_train_config(base_train_dict(longer), {})))] == ["base_config.sha256"]

@@ -25,6 +25,7 @@ from mfr_ray.tune.config import SearchDimension, TuneConfig
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
 BASE_DIGEST_PARAM = "base_config.sha256"
+BASE_SPELLING_PARAMS = ("base_config", "base_overrides")
 # Params that may differ when a search resumes: where it runs and the resume switch itself.
 RESUME_FREE_PREFIXES = ("ray.", "resume")
 
@@ -151,6 +152,10 @@ def changed_search_keys(started: dict[str, str], now: dict[str, str]) -> list[st
     old, new = relevant(started), relevant(now)
     if BASE_DIGEST_PARAM not in old:  # a search started before the digest was recorded
         new.pop(BASE_DIGEST_PARAM, None)
+    else:  # the digest is of the training config the base expands to; its spelling (a file with `base:`
+        for spelling in BASE_SPELLING_PARAMS:  # or base_overrides) may change
+            old.pop(spelling, None)
+            new.pop(spelling, None)
     return [
         f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
         for key in sorted(old.keys() | new.keys())
