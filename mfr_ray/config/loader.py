@@ -8,6 +8,7 @@ import every stage.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import typing
 from pathlib import Path
@@ -191,7 +192,7 @@ def _chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
             return chain[::-1]
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{path}: base: must name one YAML file (relative to {path.name})")
-        base_path = path.parent / base
+        base_path = Path(os.path.normpath(path.parent / base))  # configs/quickstart/../x.yaml -> configs/x.yaml
         if not base_path.is_file():
             raise ConfigError(f"{path}: base {base!r} not found ({base_path})")
         path = base_path
