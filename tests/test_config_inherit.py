@@ -146,3 +146,15 @@ def test_tune_base_config_with_base_replaces_base_overrides(tmp_path, capsys):
     longer = TuneConfig(base_config=str(trial), base_overrides=["schedule.epochs=5"], search_space=space)
     assert [c.split(":")[0] for c in changed_search_keys(
         old_params, search_params(longer, trial_train_config(base_train_dict(longer), {})))] == ["base_config.sha256"]
+
+
+def test_tune_base_error_names_the_file_of_the_chain(tmp_path):
+    """A bad value in a tune base_config's chain is reported with the file that set it."""
+    from mfr_ray.tune import TuneConfig
+    from mfr_ray.tune.search import base_train_dict
+
+    put(tmp_path / "train.yaml", {"kind": "train", "name": "t", "schedule": {"epochs": "many"}})
+    trial = put(tmp_path / "trial.yaml", {"base": "train.yaml", "schedule": {"batch_size": 8}})
+    cfg = TuneConfig(base_config=str(trial), search_space={"loss.beta": {"type": "choice", "values": [1.0]}})
+    with pytest.raises(ConfigError, match=r"schedule\.epochs: .*'many'.*\[set in .*train\.yaml\]"):
+        base_train_dict(cfg)

@@ -247,7 +247,8 @@ OVERRIDE_ORIGIN = "command line"
 
 
 def read_config_with_origins(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), expected: type[BaseModel] | None = None
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), expected: type[BaseModel] | None = None,
+    overrides_origin: str = OVERRIDE_ORIGIN,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The merged data of config file `path` (its `base:` chain resolved, its `kind` included) with the
     overrides applied, and the origin of every key that was set: `{"data.uri": "configs/train_x.yaml",
@@ -272,7 +273,7 @@ def read_config_with_origins(
         name = ".".join(key)
         for stale in [k for k in origins if k.startswith(f"{name}.")]:
             del origins[stale]
-        origins[name] = OVERRIDE_ORIGIN
+        origins[name] = overrides_origin
     return data, origins
 
 
