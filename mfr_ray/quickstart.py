@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mfr_ray.config import StrictModel, load_config
+from mfr_ray.config.base import deprecation_notice
 from mfr_ray.config.common import TrackingConfig
 from mfr_ray.evaluation.metric_names import VerificationMetricName, metric_key, verification_metrics
 from mfr_ray.storage import join_uri, write_bytes
@@ -37,8 +38,21 @@ HEADLINE_PAIRS = (
 
 
 class StageConfig(StrictModel):
+    """A stage's config file. Its own settings belong in a small file that starts from the shipped one with
+    `base:` (configs/quickstart/train_*.yaml); `overrides` (key=value, the earlier spelling) still work."""
+
     config: str
     overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("overrides")
+    @classmethod
+    def _deprecated(cls, value: list[str]) -> list[str]:
+        if value:
+            deprecation_notice(
+                "a quickstart stage's `overrides:` - write a file with `base: <the stage's config>` and the "
+                "values instead (configs/quickstart/train_nomask.yaml)"
+            )
+        return value
 
 
 class QuickstartConfig(StrictModel):

@@ -28,6 +28,7 @@ class Registry(Generic[T]):
         self._modules = modules
         self._entries: dict[str, T] = {}
         self._loaded = False
+        self._loading = False
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: `@REGISTRY.register("name")` above a class or function."""
@@ -44,13 +45,27 @@ class Registry(Generic[T]):
         self._entries[name] = entry
 
     def _load(self) -> None:
-        if self._loaded:
+        """Import the registry's modules; it counts as loaded only once every one imported. A module that
+        fails raises (naming it) on this and on every later lookup, never a silently partial registry."""
+        if self._loaded or self._loading:  # _loading: a module looking a name up while the registry loads
             return
-        self._loaded = True
-        for module_name in self._modules:
-            module = importlib.import_module(module_name)
-            for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
-                importlib.import_module(f"{module_name}.{info.name}")
+        self._loading = True
+        try:
+            for module_name in self._modules:
+                current = module_name
+                try:
+                    module = importlib.import_module(module_name)
+                    for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+                        current = f"{module_name}.{info.name}"
+                        importlib.import_module(current)
+                except Exception as exc:
+                    raise ImportError(
+                        f"{self.kind} registry: module {current} failed to import ({type(exc).__name__}: {exc})",
+                        name=current,
+                    ) from exc
+            self._loaded = True
+        finally:
+            self._loading = False
 
     def names(self) -> list[str]:
         self._load()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfr_ray.config import CONFIG_KINDS, ConfigError, flatten_config, load_config
+from mfr_ray.config import CONFIG_KINDS, ConfigError, flatten_config, load_config, read_config
 from mfr_ray.config.common import DoctorConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -63,11 +63,26 @@ def test_secrets_redacted_in_flat_params(tmp_path):
     assert "hunter2-very-secret" not in repr(cfg) and "hunter2-very-secret" not in str(flat)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("quickstart/*.yaml")]),
+    ids=lambda p: str(p.relative_to(CONFIG_DIR)),
+)
 def test_every_shipped_config_validates(path):
-    data = yaml.safe_load(path.read_text())
+    data = read_config(path)  # `kind` may come from the file's base (configs/base/)
     assert data.get("kind") in CONFIG_KINDS, f"{path.name}: kind {data.get('kind')!r} is not registered"
     load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "base").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_base_is_partial_and_inherited(path):
+    """configs/base/ holds partial configs (no `name`: never run alone, out of the configs/*.yaml glob); each
+    names its kind and is the base of some shipped config."""
+    data = yaml.safe_load(path.read_text())
+    assert "name" not in data
+    assert read_config(path).get("kind") in CONFIG_KINDS
+    users = [p for p in [*CONFIG_DIR.glob("*.yaml"), *CONFIG_DIR.glob("base/*.yaml")]
+             if (p.parent / str(yaml.safe_load(p.read_text()).get("base"))).resolve() == path.resolve()]
+    assert users, f"{path.name} is nobody's base"
 
 
 def test_secret_of_the_wrong_type_is_never_echoed(tmp_path):

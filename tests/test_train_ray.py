@@ -71,6 +71,44 @@ def assert_checkpoint_loads(result) -> None:
     assert {"model", "optimizer", "scaler", "epoch", "step"} <= set(state)
 
 
+def assert_weights_moved(cfg: TrainConfig, result) -> None:
+    """The optimiser stepped: backbone weights differ from the checkpoint the run started from (a run
+    whose optimiser never stepped has the same loss ranges)."""
+    start = cfg.model.load(cfg.storage).state_dict()
+    with result.checkpoint.as_directory() as folder:
+        final = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)
+    assert set(final) == set(start)
+    moved = [k for k, v in final.items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert any(k.endswith("weight") for k in moved), "no weight moved"
+    if cfg.model.batchnorm == "frozen":  # the statistics stay the checkpoint's
+        assert not [k for k in moved if k.endswith(("running_mean", "running_var"))]
+
+
+def assert_validated_on_held_out_identities(cfg: TrainConfig, result, logged_held_out: str) -> None:
+    """The reported validation metrics are the held-out identities': those identities are out of every
+    training row, and TPR/accuracy are what the final weights give on their masked/unmasked pairs."""
+    import ast
+
+    import numpy as np
+
+    from mfr_ray.train.data import label_count, training_dataset, validation_identities, validation_set
+    from mfr_ray.train.loop import VAL_ACCURACY, VAL_TPR_AT_FAR, validate
+
+    held_out = validation_identities(label_count(cfg.data, cfg.storage), cfg.data.val_identities, cfg.data.seed)
+    assert len(held_out) == cfg.data.val_identities and ast.literal_eval(logged_held_out) == held_out
+    train_ds, _ = training_dataset(cfg.data, cfg.storage, held_out, use_masked=cfg.loss.use_masked)
+    trained = {int(row["identity_id"]) for row in train_ds.select_columns(["identity_id"]).iter_rows()}
+    assert trained and not trained & set(held_out)
+    validation = validation_set(cfg.data, cfg.storage, held_out, (112, 96))
+    assert set(np.unique(validation.identity).tolist()) == set(held_out)
+    backbone = create_backbone(cfg.model.backbone)
+    with result.checkpoint.as_directory() as folder:
+        backbone.load_state_dict(torch.load(os.path.join(folder, MODEL_FILE), weights_only=True))
+    again = validate(backbone, validation, cfg.val_far, cfg.data.val_folds, torch.device("cpu"))
+    assert again[VAL_TPR_AT_FAR] == pytest.approx(result.metrics[VAL_TPR_AT_FAR], abs=1e-6)
+    assert again[VAL_ACCURACY] == pytest.approx(result.metrics[VAL_ACCURACY], abs=1e-6)
+
+
 def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, tmp_tracking_uri):
     """The shipped config (ArcFace + cosine distillation with dynamic balancing, fine-tuning the CASIA
     checkpoint): rank 0 logs params, per-step loss terms, throughput and validation; the final model is
@@ -116,6 +154,8 @@ def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, t
     registered = load_registered_model(f"models:/mfr-train-test/{outcome.model_version}", tmp_tracking_uri)
     assert registered(torch.zeros(1, 3, 112, 96)).shape == (1, 128)
     assert_checkpoint_loads(outcome.result)
+    assert_weights_moved(cfg, outcome.result)
+    assert_validated_on_held_out_identities(cfg, outcome.result, run.data.params["derived.held_out_identities"])
 
 
 @pytest.mark.parametrize(
@@ -157,6 +197,8 @@ def test_two_workers_other_losses(tiny_prepared, tmp_path, loss):
     assert all(math.isfinite(metrics[k]) for k in expected | {"loss_total"})
     assert 0.0 <= metrics["val_tpr_at_far"] <= 1.0
     assert_checkpoint_loads(outcome.result)
+    if cfg.model.checkpoint:  # from scratch there is no starting point to compare with
+        assert_weights_moved(cfg, outcome.result)
 
 
 def test_ingest_cpu_shortfall_counts_the_configured_ingest_and_masking_cpus():

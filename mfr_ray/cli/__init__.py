@@ -56,7 +56,8 @@ def main() -> None:
 
 def job_arguments(argv: list[str]) -> list[str]:
     """The `mfr COMMAND` arguments of a job's command line: a leading `--config FILE` (the jobs' earlier
-    spelling, still in RayJob manifests) names the config argument."""
+    spelling, kept for users' own scripts and `ray job submit` lines; the shipped manifests in `cluster/`
+    pass the config positionally) names the config argument."""
     return argv[1:] if argv[:1] == ["--config"] else argv
 
 

@@ -8,7 +8,9 @@ from mfr_ray.config.loader import (
     dump_config,
     flatten_config,
     load_config,
+    origin_of,
     read_config,
+    read_config_with_origins,
     set_dotted,
     validate_config,
 )
@@ -22,7 +24,9 @@ __all__ = [
     "dump_config",
     "flatten_config",
     "load_config",
+    "origin_of",
     "read_config",
+    "read_config_with_origins",
     "set_dotted",
     "validate_config",
 ]

@@ -22,3 +22,14 @@ class StrictModel(BaseModel):
 
 # A config path that may start with `${shared}` (the shared datasets/weights folder); expanded on load.
 SharedPath = Annotated[str, AfterValidator(expand_shared)]
+
+_NOTICES: set[str] = set()
+
+
+def deprecation_notice(message: str) -> None:
+    """One line on stderr, once per process, for a config key that still works but has a newer spelling."""
+    import sys
+
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"deprecated: {message}", file=sys.stderr, flush=True)

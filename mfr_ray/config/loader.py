@@ -8,6 +8,7 @@ import every stage.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import typing
 from pathlib import Path
@@ -135,28 +136,32 @@ def _error_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str,
     return ".".join(parts) or "<root>", followed and any(_holds_secret(f.annotation) for f in fields)
 
 
-def _format_errors(exc: ValidationError, source: str, model: type[BaseModel]) -> str:
-    """One line per error naming the key; the input is shown only when it is a plain value of a field
-    that is not a secret (no dicts or lists: a section's input would hold its secrets)."""
+def _format_errors(
+    exc: ValidationError, source: str, model: type[BaseModel], origins: dict[str, str] | None = None
+) -> str:
+    """One line per error naming the key (and the base file or command line that set it, when that is not
+    `source`); the input is shown only when it is a plain value of a field that is not a secret (no dicts or
+    lists: a section's input would hold its secrets)."""
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
         key, secret = _error_key(model, err["loc"])
+        found = origin_of(origins or {}, key)
+        where = f" [set in {found}]" if found and found != source else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{where}")
             continue
         if err["type"] == "union_tag_invalid":
             ctx = err["ctx"]
-            lines.append(f"  {key}.kind: unknown kind {ctx['tag']!r}; known: {ctx['expected_tags']}")
+            lines.append(f"  {key}.kind: unknown kind {ctx['tag']!r}; known: {ctx['expected_tags']}{where}")
             continue
         shown = err.get("input")
         hidden = isinstance(shown, dict | list | tuple | BaseModel) or secret
-        lines.append(f"  {key}: {err['msg']}{'' if hidden else f' (got {redact_uri(repr(shown))})'}")
+        got = "" if hidden else f" (got {redact_uri(repr(shown))})"
+        lines.append(f"  {key}: {err['msg']}{got}{where}")
     return "\n".join(lines)
 
 
-def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The plain data of config file `path` (its `kind` included) with the overrides applied."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -168,13 +173,133 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return apply_overrides(data, overrides)
+    return data
+
+
+def _chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The files `path` inherits from, root base first, each with its own data (`base:` taken out)."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: list[Path] = []
+    while True:
+        if path.resolve() in seen:
+            names = " -> ".join(str(p) for p, _ in chain) + f" -> {path}"
+            raise ConfigError(f"config base cycle: {names}")
+        seen.append(path.resolve())
+        data = _read_yaml(path)
+        base = data.pop("base", None)
+        chain.append((path, data))
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base: must name one YAML file (relative to {path.name})")
+        base_path = Path(os.path.normpath(path.parent / base))  # configs/quickstart/../x.yaml -> configs/x.yaml
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base {base!r} not found ({base_path})")
+        path = base_path
+
+
+def _sections(models: list[type[BaseModel]], key: str, old: Any, new: Any) -> tuple[list[type[BaseModel]], bool]:
+    """The model(s) of section `key` when a file gives it the mapping `new` (empty: not a section, the value is
+    replaced whole), and whether `new` merges into `old` key by key. A mapping-valued field (`masking.mix`,
+    `head_kwargs`, `sources`) is no section; a tagged-union section (`loss:`) whose `kind` changes is
+    replaced."""
+    if not isinstance(new, dict):
+        return [], False
+    found: list[type[BaseModel]] = []
+    for field in [m.model_fields[key] for m in models if key in m.model_fields]:
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (dict, list, tuple, set):
+            continue
+        found += _models_in(annotation)
+    merges = isinstance(old, dict)
+    if len(found) > 1:  # a tagged union: merge only within the same kind
+        kind = new.get("kind", old.get("kind") if merges else None)
+        merges = merges and old.get("kind") == kind
+        member = _union_member(found, kind) if isinstance(kind, str) else None
+        found = [member] if member is not None else found
+    return found, merges and bool(found)
+
+
+def _merge(
+    base: dict[str, Any], over: dict[str, Any], models: list[type[BaseModel]], source: str,
+    origins: dict[str, str], prefix: str = "",
+) -> dict[str, Any]:
+    """`over` merged into `base` section by section; `origins[dotted key] = source` for every value `over`
+    set (per key inside a section, whole for any other value)."""
+    merged = dict(base)
+    for key, value in over.items():
+        name = f"{prefix}{key}"
+        sections, merges = _sections(models, key, base.get(key), value)
+        if not merges:
+            for stale in [k for k in origins if k == name or k.startswith(f"{name}.")]:
+                del origins[stale]
+        if sections:
+            merged[key] = _merge(base[key] if merges else {}, value, sections, source, origins, f"{name}.")
+            if not value:
+                origins[name] = source
+            continue
+        merged[key] = value
+        origins[name] = source
+    return merged
+
+
+OVERRIDE_ORIGIN = "command line"
+
+
+def read_config_with_origins(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), expected: type[BaseModel] | None = None,
+    overrides_origin: str = OVERRIDE_ORIGIN,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged data of config file `path` (its `base:` chain resolved, its `kind` included) with the
+    overrides applied, and the origin of every key that was set: `{"data.uri": "configs/train_x.yaml",
+    "optim": "configs/base/train.yaml", "schedule.epochs": "command line"}` (a section's origin covers the
+    keys below it that no later file set). A key's origin is the last file of the chain that set it."""
+    chain = _chain(Path(path))
+    kinds = [(p, d["kind"]) for p, d in chain if "kind" in d]
+    if len({k for _, k in kinds}) > 1:
+        named = ", ".join(f"{p} is kind {k!r}" for p, k in kinds)
+        raise ConfigError(f"{path}: its base chain mixes kinds ({named})")
+    kind = kinds[-1][1] if kinds else None
+    model = expected
+    if model is None and isinstance(kind, str) and kind in CONFIG_KINDS:
+        model = config_class(kind)
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for file, own in chain:
+        data = _merge(data, own, [model] if model else [], str(file), origins)
+    for item in overrides:
+        key, value = _parse_override(item)
+        set_dotted(data, ".".join(key), value)
+        name = ".".join(key)
+        for stale in [k for k in origins if k.startswith(f"{name}.")]:
+            del origins[stale]
+        origins[name] = overrides_origin
+    return data, origins
+
+
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain data of config file `path` (its `base:` chain merged, its `kind` included) with the
+    overrides applied."""
+    return read_config_with_origins(path, overrides)[0]
+
+
+def origin_of(origins: dict[str, str], key: str) -> str | None:
+    """The file (or `command line`) that set dotted `key`, or the section above it; None: a code default."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = origins.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return None
 
 
 def validate_config(
-    data: dict[str, Any], source: str | Path, expected: type[BaseModel] | None = None
+    data: dict[str, Any], source: str | Path, expected: type[BaseModel] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> BaseModel:
-    """Validate config data read from `source` against the model its `kind` names (or `expected`)."""
+    """Validate config data read from `source` against the model its `kind` names (or `expected`); with
+    `origins` (`read_config_with_origins`), an error names the base file (or the command line) that set the
+    bad key when that is not `source` itself."""
     data = dict(data)
     kind = data.pop("kind", None)
     if expected is None:
@@ -189,7 +314,7 @@ def validate_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(source), model)) from None
+        raise ConfigError(_format_errors(exc, str(source), model, origins or {})) from None
 
 
 def load_config(
@@ -197,8 +322,10 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     expected: type[BaseModel] | None = None,
 ) -> BaseModel:
-    """Read `path`, apply overrides, and validate against the model its `kind` names (or `expected`)."""
-    return validate_config(read_config(path, overrides), path, expected)
+    """Read `path` (and its `base:` chain), apply overrides, and validate against the model its `kind` names
+    (or `expected`)."""
+    data, origins = read_config_with_origins(path, overrides, expected)
+    return validate_config(data, path, expected, origins)
 
 
 def _plain(value: Any) -> Any:

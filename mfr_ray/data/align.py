@@ -176,11 +176,6 @@ def warp_with(image: np.ndarray, matrix: np.ndarray, crop: str) -> np.ndarray:
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
-def warp_to_template(image: np.ndarray, landmarks: np.ndarray, crop: str, weights: np.ndarray | None = None):
-    """Crop `image` so that its 5 `landmarks` land on the template of `crop`."""
-    return warp_with(image, template_matrix(landmarks, crop, weights), crop)
-
-
 def residual_similarity(matrix: np.ndarray, reference: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, float, float]:
     """How crop `matrix` differs from crop `reference` (both frame -> crop), as the crop-space similarity
     `matrix o reference^-1`: the shift it gives the crop point `centre` (px, x and y), its relative scale

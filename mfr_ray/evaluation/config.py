@@ -41,7 +41,7 @@ class PairsConfig(StrictModel):
 class ProtocolSpec(StrictModel):
     """How pair scores are made from embeddings.
     - feature: "single" image only, "sum" image + mirror (then L2-normalised), "concat" [image, mirror];
-    - subtract_train_mean: subtract the mean feature of the 9 training folds before normalising
+    - subtract_train_mean: subtract the mean feature of the training folds (k-1 of k) before normalising
       (the SphereFace / Xiaoccer MobileFaceNet LFW protocol: concat + mean subtraction)."""
 
     name: str = Field("ours", pattern=r"^[A-Za-z0-9_-]+$")

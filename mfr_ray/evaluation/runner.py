@@ -170,7 +170,13 @@ def _verification_row(protocol, variant, result, scores, pairs, far_targets):
 
 
 def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
-    per_fold = int((~pairs.same[pairs.fold == 0]).sum())
+    """A note per FAR target a test fold is too small to reach; the threshold's folds are counted, not
+    assumed (LFW has 10, `pairs.limit_folds` / `n_folds` can leave 2: one training fold)."""
+    folds = np.unique(pairs.fold)
+    per_fold = int((~pairs.same[pairs.fold == folds[0]]).sum())
+    n_train = len(folds) - 1
+    train_impostors = int((~pairs.same[pairs.fold != folds[0]]).sum())
+    training_folds = f"{n_train} training fold{'' if n_train == 1 else 's'}"
     notes = []
     for target in far_targets:
         allowed = target * per_fold
@@ -178,8 +184,8 @@ def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
             notes.append(
                 f"FAR={target:g} with {per_fold} impostor pairs per test fold is {allowed:.2f} false accepts: "
                 f"a test fold can only reach FAR 0 or >= {1 / per_fold:.4f}, so the per-fold 'FAR reached' is "
-                f"coarse and the threshold is set on the 9 training folds ({9 * per_fold} impostors, "
-                f"{int(target * 9 * per_fold + 1e-9)} false accepts allowed)."
+                f"coarse and the threshold is set on the {training_folds} ({train_impostors} impostors, "
+                f"{int(target * train_impostors + 1e-9)} false accepts allowed)."
             )
     return notes
 

@@ -116,9 +116,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> FaceTrainModel:
     if objective.needs_head:
         head = create_head(cfg.model.head, backbone.embedding_size, num_classes, **cfg.model.head_kwargs)
     teacher = None
-    if objective.needs_teacher:
-        if cfg.model.checkpoint is None:
-            raise ValueError("loss.teacher frozen needs model.checkpoint: the teacher is that checkpoint")
+    if objective.needs_teacher:  # TrainConfig refuses a frozen teacher without model.checkpoint
         teacher = FrozenTeacher(cfg.model.load(cfg.storage), objective.feature_layer)
     return FaceTrainModel(backbone, head, objective.feature_layer, teacher)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mfr_ray.config import StrictModel
+from mfr_ray.config.base import deprecation_notice
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.evaluation.metric_names import VAL_TPR_AT_FAR, TrainingMetricName
 
@@ -43,7 +44,10 @@ class SchedulerConfig(StrictModel):
 class TuneConfig(StrictModel):
     name: str = "mfr-tune"
     base_config: str = Field(..., description="train YAML (kind: train) every trial starts from")
-    base_overrides: list[str] = Field(default_factory=list, description="key=value applied to the base first")
+    base_overrides: list[str] = Field(
+        default_factory=list,
+        description="key=value applied to the base first (deprecated: a base_config file with `base:` says it)",
+    )
     search_space: dict[str, SearchDimension] = Field(..., min_length=1, description="dotted train-config key -> range")
     searcher: Literal["grid", "random", "optuna", "hyperopt"] = "random"
     num_samples: int = Field(8, ge=1, description="samples drawn (grid: repeats of the full grid)")
@@ -61,3 +65,13 @@ class TuneConfig(StrictModel):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("base_overrides")
+    @classmethod
+    def _deprecated(cls, value: list[str]) -> list[str]:
+        if value:
+            deprecation_notice(
+                "tune `base_overrides:` - point base_config at a file with `base: <train config>` and the values "
+                "instead (configs/tune/trial_small.yaml)"
+            )
+        return value

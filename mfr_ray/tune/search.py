@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from mfr_ray.config import dump_config, flatten_config, set_dotted
-from mfr_ray.config.loader import REDACTED, read_config, validate_config
+from mfr_ray.config.loader import REDACTED, read_config_with_origins, validate_config
 from mfr_ray.evaluation.metric_names import VAL_ACCURACY
 from mfr_ray.raycluster import init_ray
 from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, redact, write_bytes
@@ -25,6 +25,7 @@ from mfr_ray.tune.config import SearchDimension, TuneConfig
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
 BASE_DIGEST_PARAM = "base_config.sha256"
+BASE_SPELLING_PARAMS = ("base_config", "base_overrides")
 # Params that may differ when a search resumes: where it runs and the resume switch itself.
 RESUME_FREE_PREFIXES = ("ray.", "resume")
 
@@ -51,10 +52,10 @@ def base_train_dict(cfg: TuneConfig) -> dict[str, Any]:
     its sampled keys on), read and checked as `load_config` does: a bad base fails by key and file."""
     from mfr_ray.train import TrainConfig
 
-    data = read_config(cfg.base_config, cfg.base_overrides)
+    data, origins = read_config_with_origins(cfg.base_config, cfg.base_overrides, overrides_origin="base_overrides")
     if data.get("kind") != "train":
         raise ValueError(f"{cfg.base_config}: base_config must be a train config (kind: train)")
-    validate_config(data, cfg.base_config, expected=TrainConfig)
+    validate_config(data, cfg.base_config, expected=TrainConfig, origins=origins)  # names the file of its chain
     return data
 
 
@@ -151,6 +152,10 @@ def changed_search_keys(started: dict[str, str], now: dict[str, str]) -> list[st
     old, new = relevant(started), relevant(now)
     if BASE_DIGEST_PARAM not in old:  # a search started before the digest was recorded
         new.pop(BASE_DIGEST_PARAM, None)
+    else:  # the digest is of the training config the base expands to; its spelling (a file with `base:`
+        for spelling in BASE_SPELLING_PARAMS:  # or base_overrides) may change
+            old.pop(spelling, None)
+            new.pop(spelling, None)
     return [
         f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
         for key in sorted(old.keys() | new.keys())
