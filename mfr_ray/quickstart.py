@@ -64,7 +64,7 @@ class QuickstartConfig(StrictModel):
     train_mask: StageConfig = StageConfig(config="configs/train_mobilefacenet_distill.yaml")
     train_teacher: StageConfig = StageConfig(config="configs/train_mobilefacenet_teacher.yaml")
     evaluate: StageConfig = StageConfig(config="configs/eval_lfw_sm.yaml")
-    calibrate: StageConfig = Field(StageConfig(config="configs/eval_lfw_calibrate.yaml"), description="the "
+    calibrate: StageConfig = Field(StageConfig(config="configs/quickstart/calibrate.yaml"), description="the "
                                    "evaluation the served package's thresholds come from (masked photos aligned "
                                    "as deployed)")
     quick: bool = Field(False, description="a few identities and one epoch (the test-suite variant)")
