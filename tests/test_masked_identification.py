@@ -110,7 +110,7 @@ def test_thresholds_are_the_calibration_quantile_by_hand(in_process):
     package = load_package(package_for(ckpt, cache))
     gallery_files = sorted(str(p) for p in (cache / f"gallery-photos-{SETTINGS.key()}").rglob("*.jpg"))
     gallery = np.stack([r.embedding for r in embed_files(package, gallery_files, cache, 1)])
-    calib = [Probe(CALIBRATION, "", s, k) for s, k in summary["calibration_probes"]]
+    calib = [Probe(CALIBRATION, i, s, k) for i, s, k in summary["calibration_probes"]]
     files = [probe_file(cache, SETTINGS, p) for p in calib]
     best = [float((gallery @ r.embedding).max()) for r in embed_files(package, [f for f in files if f], cache, 1)
             if r.ok]

@@ -39,6 +39,12 @@ MASK_FAILED = "mask_failed"
 _STATE: dict = {}
 
 
+def _log(message: str) -> None:
+    import sys
+
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def held_out_masking(seed: int):
     """The N95 with the held-out styles only (chin left out, valve): never drawn in training."""
     from mfr_ray.masking.config import MaskingConfig, MaskStyleConfig
@@ -165,6 +171,7 @@ def make_masked_photos(plan: Plan, cache: Path, settings: BenchSettings, workers
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     todo = [(p.source, p.kind, str(_masked_path(folder, p))) for p in plan.probes
             if p.masked and p.source not in manifest]
+    _log(f"{len(plan.probes)} probes; drawing {len(todo)} masked photos not in the cache")
     for (source, _, _), drawn in zip(todo, map_chunks(_photo_chunk, todo, workers, seed=settings.seed), strict=True):
         manifest[source] = drawn
     if todo:
@@ -199,15 +206,16 @@ def embed_files(package, files: list[str], cache: Path, workers: int) -> list[Em
     known: dict[str, tuple[str, np.ndarray]] = {}
     if path.is_file():
         saved = np.load(path)
-        known = {str(f): (str(s), e) for f, s, e in zip(saved["file"], saved["status"], saved["embedding"], strict=True)}
+        known = {str(f): (str(s), e) for f, s, e in zip(saved["files"], saved["status"], saved["embedding"], strict=True)}
     todo = sorted({f for f in files if f not in known})
+    _log(f"embedding {len(todo)} of {len(files)} photos (the rest cached)")
     rows = map_chunks(_embed_chunk, todo, workers, package_folder=str(package.folder))
     for file, (status, _, emb) in zip(todo, rows, strict=True):
         known[file] = (status, emb if status == "ok" else np.zeros(package.embedding_size, np.float32))
     if todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         names = sorted(known)
-        np.savez(path.with_suffix(".tmp.npz"), file=np.array(names), status=np.array([known[f][0] for f in names]),
+        np.savez(path.with_suffix(".tmp.npz"), files=np.array(names), status=np.array([known[f][0] for f in names]),
                  embedding=np.stack([known[f][1] for f in names]).astype(np.float32))
         path.with_suffix(".tmp.npz").replace(path)
     return [EmbedResult(known[f][0], "", known[f][1] if known[f][0] == "ok" else None, "") for f in files]
@@ -234,6 +242,7 @@ def enrol_gallery(package, plan: Plan, cache: Path, settings: BenchSettings, wor
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     out = cache / "galleries" / f"{package.package_id}-{settings.key()}"
+    _log(f"enrolling {len(plan.gallery)} people into {out}")
     enrol(str(package.folder), str(root), str(out), num_actors=workers, ray=RayConfig(), progress=False)
     return Gallery(str(out))
 
@@ -279,7 +288,7 @@ def run_package(source: str, plan: Plan, cache: Path, settings: BenchSettings, w
     elapsed = time.perf_counter() - started
     return summary | {"source": source, "package_id": package.package_id, "http": http, "elapsed_s": elapsed,
                       "enrol_s": enrolled_s, "images": len(plan.gallery) + len(plan.probes),
-                      "service_agreement": agreement, "calibration_probes": [(p.source, p.kind) for p in calib]}
+                      "service_agreement": agreement, "calibration_probes": [(p.identity, p.source, p.kind) for p in calib]}
 
 
 def run_benchmark(sources: list[str], lfw_root: str, celeba_root: str, cache: str | Path, settings: BenchSettings,

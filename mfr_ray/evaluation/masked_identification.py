@@ -5,7 +5,7 @@ LFW people with at least two photos enrol one unmasked photo each (`mfr enrol`'s
 with settings training never used: half an N95 with the held-out styles (chin left out, valve; the
 project's held-out type, `data.exclude_mask_types: [N95]`), half a random lower-face occluder of
 `data.occluders` placed on the full frame. People with a single photo are probes of people never
-enrolled. Every probe is detected and aligned on the (masked) photo by `ModelPackage.embed_images` (or
+enrolled (each once, unmasked or masked, half each). Every probe is detected and aligned on the (masked) photo by `ModelPackage.embed_images` (or
 the `/identify` route of a running service), searched with `Gallery.search_identities` and decided by the
 service's rule (`recognise.identify_decision`).
 
@@ -83,12 +83,19 @@ def _photos(root: Path) -> dict[str, list[str]]:
             for d in sorted(root.iterdir()) if d.is_dir()}
 
 
+def _either(group: str, identity: str, source: str) -> Probe:
+    """A never-enrolled person's one probe, unmasked or masked (half each, a stable choice per photo)."""
+    masked = int(hashlib.sha1(Path(source).name.encode()).hexdigest(), 16) // 2 % 2
+    return Probe(group, identity, source, masked_kind(source) if masked else UNMASKED)
+
+
 def _both(group: str, identity: str, sources: Iterable[str]) -> list[Probe]:
     return [Probe(group, identity, s, kind) for s in sources for kind in (UNMASKED, masked_kind(s))]
 
 
 def plan_benchmark(lfw_root: str | Path, celeba_root: str | Path, settings: BenchSettings) -> Plan:
-    """The gallery (first photo of each LFW person with >= 2) and the probes, each unmasked and masked.
+    """The gallery (first photo of each LFW person with >= 2) and the probes: enrolled people's and CelebA's
+    each unmasked and masked, single-photo people's unmasked or masked.
     With `settings.people`, that many enrolled people (a seeded sample) and the same share of the
     single-photo people."""
     people = _photos(Path(lfw_root))
@@ -103,7 +110,7 @@ def plan_benchmark(lfw_root: str | Path, celeba_root: str | Path, settings: Benc
     for name in multi:
         plan.probes += _both(ENROLLED, name, people[name][1 : 1 + settings.probes_per_person])
     for name in single:
-        plan.probes += _both(NEVER_ENROLLED, name, people[name][:1])
+        plan.probes.append(_either(NEVER_ENROLLED, name, people[name][0]))
     for name, files in _photos(Path(celeba_root)).items():
         plan.probes += _both(CALIBRATION, name, files[: settings.calibration_per_identity])
     return plan
