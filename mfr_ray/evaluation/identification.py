@@ -57,6 +57,12 @@ def closed_set_identification(
     return out | {"n_probes": len(split.probes), "n_gallery": len(split.gallery)}
 
 
+def fpir_threshold(top_non_mated: np.ndarray, target_fpir: float) -> float:
+    """Reject threshold at a per-search FPIR: the smallest similarity that at most floor(target * n) of the
+    non-mated probes' best gallery scores reach (the (1 - FPIR) quantile, ties never leaking through)."""
+    return far_threshold(top_non_mated, target_fpir)
+
+
 def split_known_unknown(labels: np.ndarray, unknown_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Identities with >= 2 images, sorted, split deterministically: every k-th one is unknown
     (not enrolled), so the unknown share is close to `unknown_fraction`."""
@@ -98,7 +104,7 @@ def open_set_identification(
     out: dict[str, float] = {"n_mated": len(mated), "n_non_mated": len(non_mated),
                              "n_enrolled": len(split.gallery)}
     for target in fpir_targets:
-        t = far_threshold(top_non, target)
+        t = fpir_threshold(top_non, target)
         tag = fpir_tag(target)
         out[f"threshold_at_{tag}"] = t
         out[f"fpir_at_{tag}"] = float((top_non >= t).mean())
