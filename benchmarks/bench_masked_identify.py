@@ -38,11 +38,14 @@ def main() -> None:
     parser.add_argument("--celeba", default=str(shared / "datasets" / "celeba299"))
     parser.add_argument("--cache", default="outputs/bench_masked_identify")
     parser.add_argument("--json", default=None, help="write the summaries here")
+    parser.add_argument("--synthetic-masks", type=int, default=0, help="enrol this many masked copies of each "
+                        "photo as extra templates (mfr enrol --synthetic-masks)")
     args = parser.parse_args()
     settings = BenchSettings(people=args.people, probes_per_person=args.probes_per_person,
                              calibration_per_identity=args.calibration_per_identity)
     started = time.perf_counter()
-    summaries = run_benchmark(args.source, args.lfw, args.celeba, args.cache, settings, args.workers, args.http)
+    summaries = run_benchmark(args.source, args.lfw, args.celeba, args.cache, settings, args.workers, args.http,
+                              args.synthetic_masks)
     elapsed = time.perf_counter() - started
     for summary in summaries:
         label = f"{summary['source']} ({'HTTP /identify' if summary['http'] else 'in process'})"

@@ -229,11 +229,14 @@ def embed_probes(package, probes: list[Probe], cache: Path, settings: BenchSetti
 
 
 # -- gallery ---------------------------------------------------------------------------------------------
-def enrol_gallery(package, plan: Plan, cache: Path, settings: BenchSettings, workers: int):
-    """The gallery of the plan's enrolled photos, made by `enrol` (`mfr enrol`) from an
-    `<identity>/<photo>` folder of copies; an existing gallery is reused (enrol skips enrolled files)."""
+def enrol_gallery(package, plan: Plan, cache: Path, settings: BenchSettings, workers: int, synthetic: int = 0):
+    """The gallery of the plan's enrolled photos, made by `enrol` (`mfr enrol`, with `synthetic` masked copies
+    of each photo as extra templates) from an `<identity>/<photo>` folder of copies; an existing gallery is
+    reused (enrol skips enrolled files)."""
     from mfr_ray.config.common import RayConfig
-    from mfr_ray.serve.gallery import Gallery, enrol
+    from mfr_ray.serve.enrolment import enrol
+    from mfr_ray.serve.gallery import Gallery
+    from mfr_ray.serve.synthetic import SyntheticMasks
 
     root = cache / f"gallery-photos-{settings.key()}"
     for identity, source in plan.gallery.items():
@@ -241,9 +244,10 @@ def enrol_gallery(package, plan: Plan, cache: Path, settings: BenchSettings, wor
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-    out = cache / "galleries" / f"{package.package_id}-{settings.key()}"
+    out = cache / "galleries" / f"{package.package_id}-{settings.key()}{f'-synthetic{synthetic}' if synthetic else ''}"
     _log(f"enrolling {len(plan.gallery)} people into {out}")
-    enrol(str(package.folder), str(root), str(out), num_actors=workers, ray=RayConfig(), progress=False)
+    enrol(str(package.folder), str(root), str(out), num_actors=workers, ray=RayConfig(), progress=False,
+          synthetic=SyntheticMasks(count=synthetic))
     return Gallery(str(out))
 
 
@@ -264,14 +268,14 @@ def package_for(source: str, cache: Path) -> str:
 
 # -- one package -----------------------------------------------------------------------------------------
 def run_package(source: str, plan: Plan, cache: Path, settings: BenchSettings, workers: int,
-                http: bool = False) -> dict:
+                http: bool = False, synthetic: int = 0) -> dict:
     """Enrol, calibrate on the calibration probes, answer every LFW probe (in process, or over HTTP from a
     service started on the calibrated package) and summarise."""
     from mfr_ray.serve.package import load_package
 
     started = time.perf_counter()
     package = load_package(package_for(source, cache))
-    gallery = enrol_gallery(package, plan, cache, settings, workers)
+    gallery = enrol_gallery(package, plan, cache, settings, workers, synthetic)
     enrolled_s = time.perf_counter() - started
     calib = [p for p in plan.probes if p.group == "calibration"]
     scored = [p for p in plan.probes if p.group != "calibration"]
@@ -292,13 +296,13 @@ def run_package(source: str, plan: Plan, cache: Path, settings: BenchSettings, w
 
 
 def run_benchmark(sources: list[str], lfw_root: str, celeba_root: str, cache: str | Path, settings: BenchSettings,
-                  workers: int = 2, http: bool = False) -> list[dict]:
+                  workers: int = 2, http: bool = False, synthetic: int = 0) -> list[dict]:
     """Every package or checkpoint of `sources` on the same probes (masked photos drawn once)."""
     cache = Path(cache)
     started = time.perf_counter()
     with worker_pool(workers):
         plan = make_masked_photos(plan_benchmark(lfw_root, celeba_root, settings), cache, settings, workers)
         photos_s = time.perf_counter() - started
-        return [run_package(s, plan, cache, settings, workers, http) | {"photos_s": photos_s} for s in sources]
+        return [run_package(s, plan, cache, settings, workers, http, synthetic) | {"photos_s": photos_s} for s in sources]
 
 

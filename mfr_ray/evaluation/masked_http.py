@@ -39,7 +39,7 @@ def start_service(package_folder: Path, gallery_uri: str, far: float, replicas: 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cfg = ServeConfig(package=str(package_folder), gallery=gallery_uri, port=port, far=far,
-                      num_replicas=replicas, embedder_num_cpus=0, audit_log=None,
+                      num_replicas=replicas, embedder_num_cpus=0, audit_log=None, disclose_candidates=True,
                       limits=LimitsConfig(rate_per_s=1e6, burst=10**6))
     start(cfg)
     return f"http://127.0.0.1:{cfg.port}"

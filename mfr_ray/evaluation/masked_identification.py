@@ -147,13 +147,17 @@ def fpir_operating_points(best_scores: np.ndarray, fpirs: Iterable[float], calib
 def decide(answer: Answer, threshold: float) -> str:
     """The service's open-set rule (`recognise.identify_decision`) as an outcome: match_right,
     match_wrong, unknown, or no_face (no usable face in the probe: no decision)."""
+    from dataclasses import asdict
+
+    from mfr_ray.serve.package import ModelPackage
     from mfr_ray.serve.recognise import MATCH, Candidate, identify_decision
 
-    point = OperatingPoint(0.0, threshold, 0.0, 0.0, 0, 0, 0, True, "")
+    point = OperatingPoint(0.5, threshold, 0.0, 0.0, 0, 0, 0, True, "")
+    package = ModelPackage("unused", {"calibration": {"operating_points": [asdict(point)]}})  # one threshold
     ok = answer.status == "ok"
     probe = EmbedResult(answer.status, "", np.zeros(1, np.float32) if ok else None, "")
     candidates = [Candidate(answer.top_identity, answer.top_score, "", "")] if ok and answer.top_identity else []
-    result = identify_decision(point, 0.0, probe, candidates)
+    result = identify_decision(package, 0.5, probe, candidates)
     if result.decision == MATCH:
         return "match_right" if result.identity == answer.probe.identity else "match_wrong"
     return "unknown" if ok else "no_face"
