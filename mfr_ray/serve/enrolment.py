@@ -60,7 +60,7 @@ def empty_batch(keys: list[str], count: int, size: int) -> dict[str, np.ndarray]
     return {"source_key": np.array(keys, dtype=object), "status": np.array(["ok"] * n, dtype=object),
             "reason": np.array([""] * n, dtype=object), "align_method": np.array(["none"] * n, dtype=object),
             "embedding": np.zeros((n, size), np.float32), "mask_probability": np.full(n, np.nan, np.float32),
-            "synthetic_kind": np.full((n, count), "", dtype=object),
+            "synthetic_kind": np.full((n, count), "", dtype="<U64"),  # fixed width: Arrow takes it as is
             "synthetic_embedding": np.zeros((n, count, size), np.float32),
             "synthetic_probability": np.zeros((n, count), np.float32)}
 
