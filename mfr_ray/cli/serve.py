@@ -12,6 +12,7 @@ DEFAULT_FAR = 1e-3
 FAR_HELP = "False accept rate of the decision: one of the FARs the package was exported with."
 # Exit status of verify/identify when no decision could be made (no face, unreadable image).
 NO_DECISION_EXIT = 3
+RUNTIME_HELP = "What runs the network: openvino | onnxruntime | torch (default: the package's choice)."
 
 
 def _read_image(path: Path) -> bytes:
@@ -22,12 +23,12 @@ def _read_image(path: Path) -> bytes:
         raise typer.Exit(2) from None
 
 
-def _package_or_exit(uri: str):
+def _package_or_exit(uri: str, runtime: str | None = None):
     from mfr_ray.serve.package import PackageError, load_package
 
     try:
-        return load_package(uri)
-    except PackageError as exc:
+        return load_package(uri).use_runtime(runtime)
+    except (PackageError, ValueError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -71,6 +72,8 @@ def register(app: typer.Typer) -> None:
                                           "of this MLflow model."),
         tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: env / ./mlflow.db)."),
         no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Write the folder only, log nothing."),
+        runtime: str = typer.Option(None, "--runtime", help="Runtime the package runs on: openvino | onnxruntime "
+                                    "| torch (default: the fastest measured, mfr_ray.runtime.DEFAULT_RUNTIME)."),
     ) -> None:
         """A model package: plain weights, preprocessing, thresholds at FARs, model card; logged to MLflow."""
         from mfr_ray.config.common import TrackingConfig
@@ -80,9 +83,9 @@ def register(app: typer.Typer) -> None:
             result = export_package(
                 source, out, eval_run=eval_run, fars=tuple(far or DEFAULT_FARS), backbone=backbone,
                 tracking=TrackingConfig(tracking_uri=tracking_uri, enabled=not no_mlflow),
-                register_name=register_name,
+                register_name=register_name, runtime=runtime,
             )
-        except PackageError as exc:
+        except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         typer.echo(f"package: {result.path}")
@@ -104,14 +107,15 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", help="Gallery folder or s3:// prefix (created if missing)."),
         actors: int = typer.Option(1, "--actors", min=1, help="Ray Data actors, each holding the package."),
         batch_size: int = typer.Option(16, "--batch-size", min=1),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Embed new <identity>/<image> files into a Parquet gallery; every file a row with a status."""
         from mfr_ray.serve.gallery import enrol as run_enrol
         from mfr_ray.serve.package import PackageError
 
         try:
-            summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size)
-        except PackageError as exc:
+            summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size, runtime=runtime)
+        except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         if summary.files != summary.rows_written + summary.already_enrolled:
@@ -142,11 +146,12 @@ def register(app: typer.Typer) -> None:
         package: str = typer.Option(..., "--package", help="Package folder or URI (mfr export)."),
         far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Same person? Decision at a FAR, score, threshold, alignment; exit 3 if an image has no face."""
         from mfr_ray.serve.recognise import verify as run_verify
 
-        model = _package_or_exit(package)
+        model = _package_or_exit(package, runtime)
         a, b = _read_image(image_a), _read_image(image_b)
         _answer(lambda: run_verify(model, a, b, far), as_json, lambda result: (
             f"{result.decision}: score {result.score:.4f} vs threshold {result.threshold:.4f} at "
@@ -161,6 +166,7 @@ def register(app: typer.Typer) -> None:
         far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
         k: int = typer.Option(5, "--k", min=1, help="Candidates to list."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Who is this? Best identity above the FAR's threshold, else unknown; exit 3 if no face."""
         from mfr_ray.serve.gallery import Gallery
@@ -171,7 +177,7 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"{gallery} is not a gallery (no gallery.json): make one with `mfr enrol`",
                         fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
-        model = _package_or_exit(package or opened.package_uri)
+        model = _package_or_exit(package or opened.package_uri, runtime)
         probe = _read_image(image)
 
         def describe(result) -> str:
@@ -198,6 +204,7 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
         batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=1, help="Threads of each embedder replica."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """The Ray Serve application: /verify, /identify, /enrol, /healthz."""
         from mfr_ray.serve.app import run
@@ -206,4 +213,5 @@ def register(app: typer.Typer) -> None:
                     "wait_timeout_s": batch_wait_ms / 1000}
         autoscaling = {"min_replicas": 1, "max_replicas": autoscale_max} if autoscale_max else None
         run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
-            num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads)
+            num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads,
+            runtime=runtime)

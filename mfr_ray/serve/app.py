@@ -33,6 +33,7 @@ from ray import serve
 from mfr_ray.config.base import StrictModel
 from mfr_ray.config.common import LOOPBACK, RayConfig
 from mfr_ray.raycluster import init_ray
+from mfr_ray.registry import RUNTIMES
 from mfr_ray.serve.auth import KeyDigest, RateLimiter, is_loopback, presented_key, resolve_auth
 
 APP_NAME = "mfr-recogniser"
@@ -91,6 +92,9 @@ class ServeConfig(StrictModel):
     frontend_replicas: int = Field(1, ge=1)
     embedder_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per Embedder replica")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of each Embedder replica")
+    runtime: RUNTIMES.name_type | None = Field(
+        None, description="what runs the network: openvino | onnxruntime | torch; None: the package's choice"
+    )
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
@@ -144,11 +148,12 @@ class Embedder:
     """The package's network, loaded once per replica. Batched: concurrent requests share a forward pass;
     unbatched: one image at a time. The forward pass runs off the event loop so the next batch can gather."""
 
-    def __init__(self, package: str, batching: dict, max_pixels: int, torch_threads: int = 1):
+    def __init__(self, package: str, batching: dict, max_pixels: int, torch_threads: int = 1,
+                 runtime: str | None = None):
         from mfr_ray.serve.package import load_package
 
         keep_replica_server_on_loopback()
-        self.package = load_package(package, num_threads=torch_threads)
+        self.package = load_package(package, num_threads=torch_threads).use_runtime(runtime)
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
         self._one_at_a_time = asyncio.Lock()
@@ -404,7 +409,7 @@ def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None):
     embedder = Embedder.options(
         ray_actor_options={"num_cpus": cfg.embedder_num_cpus},
         max_ongoing_requests=max(16, 2 * cfg.batching.max_batch_size), **replicas,
-    ).bind(cfg.package, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads)
+    ).bind(cfg.package, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads, cfg.runtime)
     keeper = GalleryKeeper.bind(cfg.package, cfg.gallery)
     settings = cfg.model_dump(mode="json", exclude={"ray"})
     return Frontend.options(num_replicas=cfg.frontend_replicas).bind(embedder, keeper, settings, key_digest)

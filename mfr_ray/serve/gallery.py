@@ -255,10 +255,11 @@ class EnrolEmbedder:
     """Ray Data batch UDF (one per actor, like preparation's ShardProcessor): read -> decode -> align ->
     embed the files of a batch with the package's own path; every file leaves a status."""
 
-    def __init__(self, package_uri: str, root: str, storage: StorageConfig | None, num_threads: int = 1):
+    def __init__(self, package_uri: str, root: str, storage: StorageConfig | None, num_threads: int = 1,
+                 runtime: str | None = None):
         from mfr_ray.storage import join_uri
 
-        self.package = load_package(package_uri, storage, num_threads=num_threads)
+        self.package = load_package(package_uri, storage, num_threads=num_threads).use_runtime(runtime)
         self.root = root
         self.storage = storage
         self.join = join_uri
@@ -317,16 +318,18 @@ def enrol(
     batch_size: int = 16,
     ray: RayConfig | None = None,
     progress: bool = True,
+    runtime: str | None = None,
 ) -> EnrolSummary:
     """Enrol every file of `<root>/<identity>/<image>` (local or s3://) not yet in gallery `out`, with
-    Ray Data actors each holding the package, as preparation does; prints the summary table."""
+    Ray Data actors each holding the package, as preparation does; prints the summary table. `runtime`
+    replaces the package's inference runtime."""
     from tqdm import tqdm
 
     from mfr_ray.raycluster import init_ray
     from mfr_ray.storage import iter_files
 
     started = time.perf_counter()
-    package = load_package(package_uri, storage)
+    package = load_package(package_uri, storage).use_runtime(runtime)  # an unknown runtime fails here, early
     gallery = Gallery.create_or_open(out, package, storage, package_uri=str(package_uri))
     known = gallery.source_keys()
     now = _utc_now()
@@ -351,7 +354,8 @@ def enrol(
         ds = ray_module.data.from_items(items, override_num_blocks=max(1, min(len(items), num_actors * 4)))
         ds = ds.map_batches(
             EnrolEmbedder,
-            fn_constructor_kwargs={"package_uri": str(package_uri), "root": str(root_or_uri), "storage": storage},
+            fn_constructor_kwargs={"package_uri": str(package_uri), "root": str(root_or_uri), "storage": storage,
+                                   "runtime": runtime},
             batch_size=batch_size, compute=ray_module.data.ActorPoolStrategy(size=num_actors), num_cpus=1,
         )
         ds.context.enable_progress_bars = False  # the bar below counts images
