@@ -117,7 +117,7 @@ class _Unexportable(nn.Module):
 @pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
 def test_a_backbone_that_cannot_export_runs_on_torch_with_a_warning(runtime, tmp_path):
     target = tmp_path / "net.onnx"
-    with pytest.warns(RuntimeWarning, match="embedding with torch instead"):
+    with pytest.warns(RuntimeWarning, match="with torch instead"):
         session = open_session(runtime, RuntimeModel(_Unexportable().eval(), target), num_threads=1)
     assert isinstance(session, TorchSession) and not target.exists()
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -176,3 +176,27 @@ def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, 
     assert sorted(p.name for p in old.iterdir()) == files
     with pytest.raises(ValueError, match="unknown inference runtime"):
         older.use_runtime("tensorrt")
+
+
+@pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
+def test_mtcnn_on_a_runtime_finds_the_same_landmarks(runtime, lfw_dir, onnx_cache):
+    """48 LFW images (every 100th person's first): the same detector method per image and MTCNN's five
+    landmarks within 0.5 px of the torch stages' (facenet-pytorch's weights, exported once)."""
+    import cv2
+
+    from mfr_ray.data.align import FaceAligner
+    from mfr_ray.data.config import AlignConfig
+    from mfr_ray.runtime.mtcnn import RuntimeStage
+
+    paths = sorted(lfw_dir.glob("*/*_0001.jpg"))[::100][:48]
+    images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    reference = FaceAligner(AlignConfig(runtime="torch", num_threads=1)).align_batch(images)
+    aligner = FaceAligner(AlignConfig(runtime=runtime, num_threads=1))
+    assert all(isinstance(getattr(aligner._mtcnn, s), RuntimeStage) for s in ("pnet", "rnet", "onet"))
+    got = aligner.align_batch(images)
+    assert [r.method for r in got] == [r.method for r in reference]
+    mtcnn = [i for i, r in enumerate(reference) if r.method == "mtcnn"]
+    assert len(mtcnn) >= 40
+    worst = max(float(np.abs(np.subtract(got[i].landmarks, reference[i].landmarks)).max()) for i in mtcnn)
+    print(f"MTCNN {runtime}: largest landmark difference to torch {worst:.2e} px over {len(mtcnn)} faces")
+    assert worst <= 0.5

@@ -38,44 +38,51 @@ def spec_onnx_file(model, storage=None) -> Path | None:
     return onnx_cache_file(model.fingerprint(storage)) if model.checkpoint else None
 
 
-def export_onnx(net, path: str | Path) -> Path:
-    """Export `net` (eval mode, batch axis dynamic) as one self-contained ONNX file at `path`, written
-    atomically so concurrent actors never read half a file; checked against torch before it is kept."""
+def export_onnx(net, path: str | Path, dynamic_hw: bool = False) -> Path:
+    """Export `net` (eval mode, batch axis dynamic, height and width too with `dynamic_hw`) as one
+    self-contained ONNX file at `path`, written atomically so concurrent actors never read half a file;
+    checked against torch before it is kept."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = net.input_size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    axes = {0: torch.export.Dim("batch", min=1)}
+    if dynamic_hw:
+        axes |= {2: torch.export.Dim("height", min=12), 3: torch.export.Dim("width", min=12)}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as folder:
         tmp = Path(folder) / path.name
         try:
             torch.onnx.export(
-                net.eval(), (example,), str(tmp), input_names=["input"], output_names=["embedding"],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=OPSET, dynamo=True,
+                net.eval(), (example,), str(tmp), input_names=["input"],
+                dynamic_shapes=(axes,), opset_version=OPSET, dynamo=True,
                 external_data=False, verbose=False, report=False,
             )
         except Exception as exc:  # any exporter failure means: this backbone stays in torch
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ExportError(f"{type(net).__name__} does not export to ONNX ({type(exc).__name__}: {reason})") from exc
-        _check_export(net, tmp)
+        _check_export(net, tmp, 5 if dynamic_hw else 0)
         tmp.replace(path)
     return path
 
 
-def _check_export(net, path: Path) -> None:
-    """Refuse an export whose embeddings differ from torch's on another input and batch size than the
-    traced one (an exporter bug, or a value baked in at tracing, must not go unseen)."""
+def _check_export(net, path: Path, grow: int) -> None:
+    """Refuse an export whose outputs differ from torch's on another input and batch size (and, `grow`
+    pixels larger, image size) than the traced one: an exporter bug, or a value baked in at tracing, must
+    not go unseen."""
     import onnxruntime as ort
     import torch
 
     height, width = net.input_size
-    x = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 3, height + grow, width + grow, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = net(x).numpy()
+        expected = net(x)
+    expected = [o.numpy() for o in (expected if isinstance(expected, tuple | list) else [expected])]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": x.numpy()})[0]
-    cosine = float(np.min(_cosines(expected, got)))
+    got = session.run(None, {"input": x.numpy()})
+    cosine = min(float(np.min(_cosines(e.reshape(len(e), -1), g.reshape(len(g), -1))))
+                 for e, g in zip(expected, got, strict=True))
     if not cosine >= MIN_EXPORT_COSINE:
         raise ExportError(f"{type(net).__name__}: ONNX export differs from torch (cosine {cosine:.6f})")
 

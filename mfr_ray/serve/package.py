@@ -177,6 +177,8 @@ class ModelPackage:
         """The evaluation's alignment config without the centre-box fallback: a service never guesses a face."""
         align = dict(self.preprocessing["align"])
         align["fallbacks"] = [f for f in align["fallbacks"] if f != CENTRE_FALLBACK]
+        if self._runtime:  # the serve/enrol choice runs the detector too
+            align["runtime"] = self._runtime
         if self.num_threads and not align.get("num_threads"):
             align["num_threads"] = self.num_threads
         return align
