@@ -176,6 +176,16 @@ def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, 
     assert sorted(p.name for p in old.iterdir()) == files
     with pytest.raises(ValueError, match="unknown inference runtime"):
         older.use_runtime("tensorrt")
+    assert older.use_runtime("onnxruntime").serving_align()["runtime"] == "onnxruntime"  # the detector too
+
+
+def test_serve_runtime_option_is_checked():
+    from mfr_ray.serve.app import ServeConfig
+
+    assert ServeConfig(package="p", gallery="g").runtime is None  # the package's choice
+    assert ServeConfig(package="p", gallery="g", runtime="torch").runtime == "torch"
+    with pytest.raises(ValueError, match="unknown inference runtime 'tensorrt'"):
+        ServeConfig(package="p", gallery="g", runtime="tensorrt")
 
 
 @pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
