@@ -7,8 +7,10 @@ pairs.
 Each runtime runs in its own process (so its peak memory is its own), holding the Embedder the evaluation
 and the packages use (uint8 crops in, preprocessing included). The rounds alternate: every round measures
 each (batch, threads) on every runtime in turn, so a neighbour's load falls on all of them alike. Prints
-the median images/s over the rounds (image + mirror count as one image with --flip), the ratio to torch,
-and each process's peak RSS. The ONNX export is made (and cached) before the workers start.
+the median images/s over the rounds (image + mirror count as one image with --flip), the ratio to torch
+of the medians and of the best rounds (the least disturbed on a shared machine), the process CPU time per
+image (all its threads, spinning included: less sensitive to a neighbour's load than wall time) and each
+process's peak RSS. The ONNX export is made (and cached) before the workers start.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _worker(conn, runtime: str, spec_json: str, flip: bool) -> None:
     """One runtime's process: an Embedder per thread count; answers ("measure", batch, threads, seconds)
-    with images/s, ("peak",) with its peak RSS in MiB."""
+    with (images/s, process CPU ms per image), ("peak",) with its peak RSS in MiB."""
     from mfr_ray.evaluation.embed import Embedder
     from mfr_ray.models.spec import ModelSpec
     from mfr_ray.threads import use_threads
@@ -48,11 +50,11 @@ def _worker(conn, runtime: str, spec_json: str, flip: bool) -> None:
         height, width = embedder.input_size
         crops = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
         embedder({"crop": crops})  # warm-up (OpenVINO compiles this batch shape)
-        done, start = 0, time.perf_counter()
+        done, start, cpu = 0, time.perf_counter(), time.process_time()
         while (elapsed := time.perf_counter() - start) < seconds:
             embedder({"crop": crops})
             done += batch
-        conn.send(done / elapsed)
+        conn.send((done / elapsed, (time.process_time() - cpu) * 1000 / done))
 
 
 def _export_once(spec) -> None:
@@ -64,8 +66,9 @@ def _export_once(spec) -> None:
         export_onnx(spec.load(), target)
 
 
-def _measure(args, spec) -> tuple[dict, dict]:
-    """Alternated rounds over runtime processes: {(runtime, batch, threads): [img/s]}, {runtime: MiB}."""
+def _measure(args, spec) -> tuple[dict, dict, dict]:
+    """Alternated rounds over runtime processes: {(runtime, batch, threads): [img/s]}, the same of CPU
+    ms/image, {runtime: MiB}."""
     context = mp.get_context("spawn")
     pipes = {}
     for runtime in args.runtimes:
@@ -73,33 +76,40 @@ def _measure(args, spec) -> tuple[dict, dict]:
         context.Process(target=_worker, args=(child, runtime, spec.model_dump_json(), args.flip), daemon=True).start()
         pipes[runtime] = parent
     rates: dict[tuple, list[float]] = {}
+    cpu: dict[tuple, list[float]] = {}
     for round_ in range(args.rounds):
         for batch in args.batches:
             for threads in args.threads:
                 for runtime in args.runtimes if round_ % 2 == 0 else reversed(args.runtimes):
                     pipes[runtime].send(("measure", batch, threads, args.seconds))
-                    rates.setdefault((runtime, batch, threads), []).append(pipes[runtime].recv())
+                    rate, cpu_ms = pipes[runtime].recv()
+                    rates.setdefault((runtime, batch, threads), []).append(rate)
+                    cpu.setdefault((runtime, batch, threads), []).append(cpu_ms)
     peaks = {}
     for runtime, pipe in pipes.items():
         pipe.send(("peak",))
         peaks[runtime] = pipe.recv()
         pipe.send(("stop",))
-    return rates, peaks
+    return rates, cpu, peaks
 
 
-def _report(args, rates: dict, peaks: dict) -> None:
+def _report(args, rates: dict, cpu: dict, peaks: dict) -> None:
     print(f"{args.backbone}, {args.rounds} alternated rounds of {args.seconds:g} s each, flip={args.flip}; "
           "median images/s (min-max), ratio to torch")
-    print(f"{'runtime':<12} {'batch':>5} {'threads':>7} {'img/s':>8} {'range':>15} {'x torch':>8}")
+    print(f"{'runtime':<12} {'batch':>5} {'threads':>7} {'img/s':>8} {'range':>11} {'x torch':>8} {'best x':>7} "
+          f"{'CPU ms/img':>10} {'x torch':>8}")
     for batch in args.batches:
         for threads in args.threads:
-            base = statistics.median(rates[("torch", batch, threads)]) if "torch" in args.runtimes else None
+            base = rates.get(("torch", batch, threads))
             for runtime in args.runtimes:
                 values = rates[(runtime, batch, threads)]
                 median = statistics.median(values)
-                ratio = f"{median / base:.2f}" if base else "-"
+                ratio = f"{median / statistics.median(base):.2f}" if base else "-"
+                best = f"{max(values) / max(base):.2f}" if base else "-"  # the least disturbed rounds
+                cpu_ms = statistics.median(cpu[(runtime, batch, threads)])
+                cpu_ratio = f"{statistics.median(cpu[('torch', batch, threads)]) / cpu_ms:.2f}" if base else "-"
                 print(f"{runtime:<12} {batch:>5} {threads:>7} {median:>8.1f} "
-                      f"{f'{min(values):.0f}-{max(values):.0f}':>15} {ratio:>8}")
+                      f"{f'{min(values):.0f}-{max(values):.0f}':>11} {ratio:>8} {best:>7} {cpu_ms:>10.2f} {cpu_ratio:>8}")
     print("peak RSS per runtime process: " + ", ".join(f"{r} {m:.0f} MiB" for r, m in peaks.items()))
 
 
@@ -131,8 +141,7 @@ def main() -> None:
 
     spec = ModelSpec(backbone=args.backbone, checkpoint=args.checkpoint or None)
     _export_once(spec)
-    rates, peaks = _measure(args, spec)
-    _report(args, rates, peaks)
+    _report(args, *_measure(args, spec))
     _protocol_speed()
 
 
