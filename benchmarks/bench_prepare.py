@@ -148,7 +148,7 @@ def detector_rounds(config: str, count: int, rounds: int) -> None:
 
     use_threads(1)
     align = load_config(config, ["output.uri=unused"]).align
-    aligner = FaceAligner(align)
+    aligner = FaceAligner(align.model_copy(update={"runtime": "torch"}))  # facenet's detect needs torch stages
     batches = [np.stack([read_image_file(f).image for f in chunk]) for chunk in
                (lfw_files(count, 5)[i : i + align.batch_size] for i in range(0, count, align.batch_size))]
     paths = {"facenet MTCNN.detect": lambda b: aligner._mtcnn.detect(b, landmarks=True),

@@ -1,5 +1,5 @@
 """The one registry every plug-in seam uses: backbones, heads, training objectives, mask types, fabric
-patterns, evaluation analyses and config kinds.
+patterns, evaluation analyses, config kinds and inference runtimes.
 
 An entry registers itself where it is defined (`@HEADS.register("arcface")`). Each registry knows which
 modules hold its entries and imports them on first lookup, so configs can validate a name lazily (without
@@ -118,3 +118,4 @@ MASK_TYPES: Registry = Registry("mask type", ("mfr_ray.masking.templates",))
 PATTERNS: Registry = Registry("pattern", ("mfr_ray.masking.patterns",))
 ANALYSES: Registry = Registry("analysis", ("mfr_ray.evaluation.analyses",))
 CONFIG_KINDS: Registry = Registry("config kind", ("mfr_ray.config.loader",))
+RUNTIMES: Registry = Registry("inference runtime", ("mfr_ray.runtime.sessions",))

@@ -79,11 +79,12 @@ def test_batch_equals_single(faces, aligner):
 
 
 def test_channels_last_mtcnn_matches_default_layout(faces):
-    """The aligner runs MTCNN channels-last for speed; it must find the same landmarks as the stock layout."""
+    """The aligner runs MTCNN channels-last for speed in torch; it must find the same landmarks as the stock
+    layout (the other runtimes: tests/test_runtime.py)."""
     import torch
 
-    fast = FaceAligner(AlignConfig(fallbacks=[]))
-    stock = FaceAligner(AlignConfig(fallbacks=[]))
+    fast = FaceAligner(AlignConfig(fallbacks=[], runtime="torch"))
+    stock = FaceAligner(AlignConfig(fallbacks=[], runtime="torch"))
     for net in (stock._mtcnn.pnet, stock._mtcnn.rnet, stock._mtcnn.onet):
         net.to(memory_format=torch.contiguous_format)
     assert fast._mtcnn.onet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -93,11 +94,13 @@ def test_channels_last_mtcnn_matches_default_layout(faces):
         assert np.abs(np.array(a.landmarks) - np.array(b.landmarks)).max() <= 0.05
 
 
-def test_batched_mtcnn_matches_facenet_detect(faces, aligner):
+def test_batched_mtcnn_matches_facenet_detect(faces):
     """The aligner's MTCNN resamples every candidate box at once (exact area pooling from integral
-    images); it must find what facenet-pytorch's per-box loop finds, boxes near the border included."""
+    images); it must find what facenet-pytorch's per-box loop finds, boxes near the border included (torch
+    stages, which facenet-pytorch's own `detect` needs)."""
     from mfr_ray.masking.quality import lfw_files
 
+    aligner = FaceAligner(AlignConfig(crop="112x96", runtime="torch"))
     frames = np.stack([cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in lfw_files(16, 5)])
     edge = np.stack([face[90:, 40:200] for face in faces])  # faces cut by the frame's top edge
     for stack in (frames, np.stack(faces), edge):

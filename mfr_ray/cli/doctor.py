@@ -65,6 +65,18 @@ def _facenet() -> str:
     return f"{data}: MTCNN weights present"
 
 
+def _runtime() -> str:
+    """The runtime every embedding outside training uses by default, and each runtime's library."""
+    from mfr_ray.runtime import DEFAULT_RUNTIME, runtime_versions
+
+    versions = runtime_versions()
+    if not versions[DEFAULT_RUNTIME][0].isdigit():
+        raise RuntimeError(f"default runtime {DEFAULT_RUNTIME}: {versions[DEFAULT_RUNTIME]}")
+    others = ", ".join(f"{name} {version}" for name, version in versions.items() if name != DEFAULT_RUNTIME)
+    return (f"{DEFAULT_RUNTIME} {versions[DEFAULT_RUNTIME]} in use by default (compute.runtime / --runtime); "
+            f"also {others}")
+
+
 def _opencv() -> str:
     import cv2
 
@@ -164,7 +176,7 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(None, "--config", help="A config whose storage/tracking sections to check."),
         services: bool = typer.Option(True, "--services/--no-services", help="Also start Ray, reach MLflow and S3."),
     ) -> None:
-        """Check torch, torchvision, dlib and its face models, MTCNN, Ray, MLflow and S3; print a table."""
+        """Check torch, the inference runtime, dlib and its face models, MTCNN, Ray, MLflow and S3; print a table."""
         from rich.console import Console
         from rich.table import Table
 
@@ -175,6 +187,7 @@ def register(app: typer.Typer) -> None:
             ("python", lambda: platform.python_version()),
             ("torch", _torch),
             ("torchvision", _torchvision),
+            ("inference runtime", _runtime),
             ("opencv", _opencv),
             ("pyarrow", _pyarrow),
             ("dlib", _dlib),

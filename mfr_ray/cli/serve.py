@@ -12,6 +12,7 @@ DEFAULT_FAR = 1e-3
 FAR_HELP = "False accept rate of the decision: one of the FARs the package was exported with."
 # Exit status of verify/identify when no decision could be made (no face, unreadable image).
 NO_DECISION_EXIT = 3
+RUNTIME_HELP = "What runs the network: openvino | onnxruntime | torch (default: the package's choice)."
 
 
 def _read_image(path: Path) -> bytes:
@@ -22,12 +23,12 @@ def _read_image(path: Path) -> bytes:
         raise typer.Exit(2) from None
 
 
-def _package_or_exit(uri: str):
+def _package_or_exit(uri: str, runtime: str | None = None):
     from mfr_ray.serve.package import PackageError, load_package
 
     try:
-        return load_package(uri)
-    except PackageError as exc:
+        return load_package(uri).use_runtime(runtime)
+    except (PackageError, ValueError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -77,6 +78,8 @@ def register(app: typer.Typer) -> None:
                                           "of this MLflow model."),
         tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: env / ./mlflow.db)."),
         no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Write the folder only, log nothing."),
+        runtime: str = typer.Option(None, "--runtime", help="Runtime the package runs on: openvino | onnxruntime "
+                                    "| torch (default: the fastest measured, mfr_ray.runtime.DEFAULT_RUNTIME)."),
     ) -> None:
         """A model package: plain weights, preprocessing, thresholds at FARs, model card; logged to MLflow."""
         from mfr_ray.config.common import TrackingConfig
@@ -86,9 +89,9 @@ def register(app: typer.Typer) -> None:
             result = export_package(
                 source, out, eval_run=eval_run, fars=tuple(far or DEFAULT_FARS), backbone=backbone,
                 tracking=TrackingConfig(tracking_uri=tracking_uri, enabled=not no_mlflow),
-                register_name=register_name,
+                register_name=register_name, runtime=runtime,
             )
-        except PackageError as exc:
+        except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         typer.echo(f"package: {result.path}")
@@ -118,6 +121,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", min=1),
         synthetic_masks: int = typer.Option(0, "--synthetic-masks", min=0, max=16, help="Also enrol this many "
                                             "masked copies of each photo (seeded) as synthetic:<type> templates."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Embed new <identity>/<image> files into a Parquet gallery; every file a row with a status."""
         from mfr_ray.serve.audit import AuditLog, default_audit_path
@@ -127,8 +131,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             summary = run_enrol(package, root, out, num_actors=actors, batch_size=batch_size,
-                                synthetic=SyntheticMasks(count=synthetic_masks))
-        except PackageError as exc:
+                                synthetic=SyntheticMasks(count=synthetic_masks), runtime=runtime)
+        except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         audit = AuditLog(default_audit_path(out))
@@ -166,11 +170,12 @@ def register(app: typer.Typer) -> None:
         package: str = typer.Option(..., "--package", help="Package folder or URI (mfr export)."),
         far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Same person? Decision at a FAR, score, threshold, alignment; exit 3 if an image has no face."""
         from mfr_ray.serve.recognise import verify as run_verify
 
-        model = _package_or_exit(package)
+        model = _package_or_exit(package, runtime)
         a, b = _read_image(image_a), _read_image(image_b)
         _answer(lambda: run_verify(model, a, b, far), as_json, lambda result: (
             f"{result.decision}: score {result.score:.4f} vs threshold {result.threshold:.4f} at "
@@ -186,6 +191,7 @@ def register(app: typer.Typer) -> None:
         far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
         k: int = typer.Option(5, "--k", min=1, help="Candidates to list."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """Who is this? Best identity above the FAR's threshold, else unknown; exit 3 if no face."""
         from mfr_ray.serve.gallery import Gallery
@@ -196,7 +202,7 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"{gallery} is not a gallery (no gallery.json): make one with `mfr enrol`",
                         fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
-        model = _package_or_exit(package or opened.package_uri)
+        model = _package_or_exit(package or opened.package_uri, runtime)
         probe = _read_image(image)
 
         def describe(result) -> str:
@@ -235,6 +241,7 @@ def register(app: typer.Typer) -> None:
                                              "`mfr unenrol` / `mfr enrol` change the gallery outside the service."),
         synthetic_masks: int = typer.Option(0, "--synthetic-masks", min=0, max=16, help="Masked copies of each "
                                             "/enrol photo stored as synthetic:<type> templates."),
+        runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     ) -> None:
         """The Ray Serve application: /verify, /identify, /enrol, /healthz."""
         from mfr_ray.config.base import ConfigError
@@ -248,7 +255,7 @@ def register(app: typer.Typer) -> None:
             run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
                 num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads,
                 enrol_key_file=enrol_key_file, tls=tls, behind_tls_proxy=behind_tls_proxy, audit_log=audit_log,
-                gallery_poll_s=gallery_poll_s, synthetic_masks={"count": synthetic_masks})
+                gallery_poll_s=gallery_poll_s, synthetic_masks={"count": synthetic_masks}, runtime=runtime)
         except (ConfigError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None

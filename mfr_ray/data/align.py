@@ -11,8 +11,9 @@ masked face), so the similarity can be fitted on the upper face only or with the
 (`landmark_fit`), the same choice for training and evaluation crops; `dlib_upper_face` fits it on dlib's
 68-point brows, nose bridge and eyes instead, which a mask leaves in place.
 
-MTCNN runs facenet-pytorch's networks and stages (`mtcnn_detect`), with every candidate box of a batch
-resampled at once by exact area pooling instead of one interpolate call per box.
+MTCNN runs facenet-pytorch's networks and stages (`mtcnn_detect`; the networks on `align.runtime`,
+`mfr_ray.runtime.mtcnn`), with every candidate box of a batch resampled at once by exact area pooling
+instead of one interpolate call per box.
 """
 
 from __future__ import annotations
@@ -376,10 +377,13 @@ class FaceAligner:
                 post_process=False,
                 device="cpu",
             )
-            # Channels-last halves MTCNN's CPU time (max-pooling, its slowest kernel, is 5x faster in that
-            # layout); landmarks agree with the default layout to 0.01 px.
+            # Channels-last halves MTCNN's CPU time in torch (max-pooling, its slowest kernel, is 5x faster
+            # in that layout); landmarks agree with the default layout to 0.01 px.
             for net in (self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet):
                 net.to(memory_format=torch.channels_last)
+            from mfr_ray.runtime.mtcnn import run_stages_on
+
+            run_stages_on(self._mtcnn, self.config.runtime, self.config.num_threads)
             from mfr_ray.masking.landmarks import dlib_model  # the mask engine's copy: loaded once
 
             if "dlib" in self.config.fallbacks:

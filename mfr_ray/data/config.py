@@ -14,6 +14,8 @@ from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.config.loader import dump_config
 from mfr_ray.imageio import IMAGE_SUFFIXES
 from mfr_ray.masking.config import MaskingConfig
+from mfr_ray.registry import RUNTIMES
+from mfr_ray.runtime import DEFAULT_RUNTIME
 
 CropName = Literal["112x112", "112x96", "160x160"]
 LandmarkFit = Literal["all5", "upper_face", "weighted", "dlib_upper_face"]
@@ -71,6 +73,10 @@ class AlignConfig(StrictModel):
     )
     jitter_rotation_deg: float = Field(4.0, ge=0.0, le=45.0, description="masked_twin=jitter: std of the rotation")
     num_threads: int | None = Field(None, ge=1, description="torch and OpenCV threads; None leaves their setting")
+    runtime: RUNTIMES.name_type = Field(
+        DEFAULT_RUNTIME, description="what runs MTCNN's three stages: openvino | onnxruntime (ONNX exports of "
+        "facenet-pytorch's weights, cached) | torch; landmarks agree to 1e-4 px"
+    )
 
 
 class IndexConfig(StrictModel):
@@ -163,7 +169,8 @@ class PrepareConfig(StrictModel):
         with different settings is refused instead of mixing two datasets."""
         content = {
             "index": dump_config(self.index),
-            "align": dump_config(self.align),
+            # the runtimes' landmarks agree to 1e-4 px: a dataset may resume on another one
+            "align": {k: v for k, v in dump_config(self.align).items() if k != "runtime"},
             "masking": dump_config(self.masking),
             "variants": dump_config(self.variants),
             "format": [self.output.image_format, self.output.jpeg_quality],

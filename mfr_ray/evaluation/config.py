@@ -13,6 +13,8 @@ from mfr_ray.data.config import AlignConfig
 from mfr_ray.evaluation.analyses.base import analyses_config_fields, configured_analyses
 from mfr_ray.imageio import UNMASKED
 from mfr_ray.models.spec import ModelSpec
+from mfr_ray.registry import RUNTIMES
+from mfr_ray.runtime import DEFAULT_RUNTIME
 
 
 class ImageSourceConfig(StrictModel):
@@ -65,14 +67,25 @@ class ComputeConfig(StrictModel):
     num_actors: int = Field(1, ge=1, description="Ray actors for alignment and embedding (1 = in-process)")
     align_batch_size: int = Field(64, ge=1)
     embed_batch_size: int = Field(16, ge=1, description="small batches run faster on CPU (cache-bound)")
+    runtime: RUNTIMES.name_type = Field(
+        DEFAULT_RUNTIME, description="what runs the network: openvino | onnxruntime (an ONNX export, cached by "
+        "the weights' fingerprint) | torch; a backbone that cannot export falls back to torch with a warning"
+    )
     bf16: bool = Field(
-        False, description="embed under bfloat16 autocast (CPU: ~2x faster where AVX512-BF16/AMX exist; "
-        "embeddings differ from float32 in the 3rd digit)"
+        False, description="embed in bfloat16 (torch autocast or OpenVINO's bf16 precision; CPU: ~2x faster "
+        "where AVX512-BF16/AMX exist; embeddings differ from float32 in the 3rd digit); not with onnxruntime"
     )
     torch_threads: int | None = Field(
-        1, ge=1, description="torch threads per actor/process; 1 avoids OpenMP spin contention on shared CPUs "
-        "(MTCNN was 7x slower with 2 threads on the loaded 2-core build machine); None: torch's default"
+        1, ge=1, description="threads per actor/process of torch, the runtime and OpenCV; 1 avoids OpenMP spin "
+        "contention on shared CPUs (MTCNN was 7x slower with 2 threads on the loaded 2-core build machine); "
+        "None: each library's default"
     )
+
+    @model_validator(mode="after")
+    def _bf16_runtime(self) -> ComputeConfig:
+        if self.bf16 and self.runtime == "onnxruntime":
+            raise ValueError("compute.bf16 needs runtime torch or openvino (onnxruntime computes in float32)")
+        return self
 
 
 class EvaluateConfig(StrictModel):

@@ -126,7 +126,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
         for name, array in versions.items():
             tag = (
                 f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
-                f"{'-bf16' if cfg.compute.bf16 else ''}-{name}"
+                f"{'-bf16' if cfg.compute.bf16 else ''}-{cfg.compute.runtime}-{name}"
             )
             with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet():
                 embeddings = embed_crops(
@@ -134,7 +134,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
                     cache_path=cache / f"emb-{tag}.npz" if cache else None,
                     num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
                     num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
-                    storage=cfg.storage,
+                    storage=cfg.storage, runtime=cfg.compute.runtime,
                 )
                 bar.update(len(keys) - bar.n)  # from the cache: all at once
             out[name] = VariantData(crops, embeddings)

@@ -39,6 +39,7 @@ from ray import serve
 from mfr_ray.config.base import ConfigError, StrictModel
 from mfr_ray.config.common import LOOPBACK, RayConfig
 from mfr_ray.raycluster import init_ray
+from mfr_ray.registry import RUNTIMES
 from mfr_ray.serve.auth import (
     KeyDigest,
     RateLimiter,
@@ -148,6 +149,9 @@ class ServeConfig(StrictModel):
     frontend_replicas: int = Field(1, ge=1)
     embedder_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per Embedder replica")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of each Embedder replica")
+    runtime: RUNTIMES.name_type | None = Field(
+        None, description="what runs the network: openvino | onnxruntime | torch; None: the package's choice"
+    )
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
@@ -210,12 +214,12 @@ class Embedder:
     unbatched: one image at a time. The forward pass runs off the event loop so the next batch can gather."""
 
     def __init__(self, package: str, package_id: str, batching: dict, max_pixels: int, torch_threads: int = 1,
-                 synthetic: dict | None = None):
+                 synthetic: dict | None = None, runtime: str | None = None):
         from mfr_ray.serve.package import load_package
         from mfr_ray.serve.synthetic import SyntheticMasks
 
         keep_replica_server_on_loopback()
-        self.package = load_package(package, num_threads=torch_threads, expect_id=package_id)
+        self.package = load_package(package, num_threads=torch_threads, expect_id=package_id).use_runtime(runtime)
         self.synthetic = SyntheticMasks.model_validate(synthetic or {})
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
@@ -576,7 +580,7 @@ def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None, enrol_diges
         ray_actor_options={"num_cpus": cfg.embedder_num_cpus},
         max_ongoing_requests=max(16, 2 * cfg.batching.max_batch_size), **replicas,
     ).bind(cfg.package, cfg.package_id, cfg.batching.model_dump(), cfg.limits.max_pixels, cfg.torch_threads,
-           cfg.synthetic_masks.model_dump())
+           cfg.synthetic_masks.model_dump(), cfg.runtime)
     keeper = GalleryKeeper.bind(cfg.package, cfg.package_id, cfg.gallery, cfg.gallery_poll_s)
     settings = cfg.model_dump(mode="json", exclude={"ray"})
     return Frontend.options(num_replicas=cfg.frontend_replicas).bind(embedder, keeper, settings, key_digest,

@@ -28,8 +28,8 @@ class EnrolEmbedder:
     templates come back as fixed-size columns (count per file; an empty kind where the engine drew none)."""
 
     def __init__(self, package_uri: str, root: str, storage: StorageConfig | None, synthetic: SyntheticMasks,
-                 num_threads: int = 1):
-        self.package = load_package(package_uri, storage, num_threads=num_threads)
+                 num_threads: int = 1, runtime: str | None = None):
+        self.package = load_package(package_uri, storage, num_threads=num_threads).use_runtime(runtime)
         self.root, self.storage, self.synthetic = root, storage, synthetic
 
     def _read(self, keys: list[str]) -> tuple[list[bytes], list[int], dict[int, str]]:
@@ -85,7 +85,8 @@ def result_of(part: dict[str, np.ndarray], i: int) -> EmbedResult:
 
 
 def _embed_on_actors(items: list[dict], package_uri: str, root: str, storage: StorageConfig | None,
-                     synthetic: SyntheticMasks, embedding_size: int, num_actors: int, batch_size: int):
+                     synthetic: SyntheticMasks, embedding_size: int, num_actors: int, batch_size: int,
+                     runtime: str | None = None):
     """EnrolEmbedder batches over a bounded actor pool; an image that kills its actor is a `crashed` row."""
     from mfr_ray.imageio import Status
     from mfr_ray.pools import run_on_actors
@@ -95,7 +96,8 @@ def _embed_on_actors(items: list[dict], package_uri: str, root: str, storage: St
         out["status"][0], out["reason"][0] = Status.CRASHED, reason
         return out
 
-    kwargs = {"package_uri": str(package_uri), "root": str(root), "storage": storage, "synthetic": synthetic}
+    kwargs = {"package_uri": str(package_uri), "root": str(root), "storage": storage, "synthetic": synthetic,
+              "runtime": runtime}
     return run_on_actors(items, EnrolEmbedder, constructor_kwargs=kwargs, key="source_key",
                          batch_size=batch_size, num_actors=num_actors, on_crash=crashed, num_cpus=1)
 
@@ -157,15 +159,17 @@ def enrol(
     ray: RayConfig | None = None,
     progress: bool = True,
     synthetic: SyntheticMasks | None = None,
+    runtime: str | None = None,
 ) -> EnrolSummary:
     """Enrol every file of `<root>/<identity>/<image>` (local or s3://) not yet in gallery `out`, with
-    Ray Data actors each holding the package, as preparation does; prints the summary table."""
+    Ray Data actors each holding the package, as preparation does; prints the summary table. `runtime`
+    replaces the package's inference runtime."""
     from tqdm import tqdm
 
     from mfr_ray.raycluster import init_ray
 
     started, synthetic = time.perf_counter(), synthetic or SyntheticMasks()
-    package = load_package(package_uri, storage)
+    package = load_package(package_uri, storage).use_runtime(runtime)  # an unknown runtime fails here, early
     gallery = Gallery.create_or_open(out, package, storage, package_uri=str(package_uri))
     now = _utc_now()
     rows, items, files, already = _list_new(root_or_uri, storage, gallery.source_keys(), now)
@@ -174,7 +178,7 @@ def enrol(
         identity_of_key = {item["source_key"]: item["identity"] for item in items}
         with tqdm(total=len(items), unit="img", desc="enrol", disable=not progress, file=sys.stderr) as bar:
             for part in _embed_on_actors(items, package_uri, root_or_uri, storage, synthetic,
-                                         package.embedding_size, num_actors, batch_size):
+                                         package.embedding_size, num_actors, batch_size, runtime):
                 for i, key in enumerate(part["source_key"]):
                     rows += rows_of(identity_of_key[str(key)], str(key), result_of(part, i), now)
                 bar.update(len(part["source_key"]))

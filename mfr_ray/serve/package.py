@@ -2,7 +2,8 @@
 unpickle.
 
 The folder is a model-files folder (`mfr_model.json` + `weights.pt`, a plain state dict read with
-weights_only=True, so `models:/` of a registered package also evaluates) plus `package.json` - the exact
+weights_only=True, so `models:/` of a registered package also evaluates), `model.onnx` (the same network
+exported once, run by the package's inference runtime, `mfr_ray.runtime`) plus `package.json` - the exact
 preprocessing of the evaluation (alignment config, crop, normalisation, flip and feature policy) and the
 thresholds calibrated at fixed false accept rates on that evaluation's pairs - and `MODEL_CARD.md`.
 
@@ -37,6 +38,7 @@ from mfr_ray.models.registry import (
 
 PACKAGE_FORMAT = "mfr-ray/model-package/1"
 PACKAGE_JSON = "package.json"
+PACKAGE_ONNX = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 CENTRE_FALLBACK = "center"
@@ -97,6 +99,7 @@ class ModelPackage:
         self._embedder = None
         self._presence = None
         self._masker = None
+        self._runtime: str | None = None
 
     # -- what the package says -------------------------------------------------------------------------
     @property
@@ -157,6 +160,32 @@ class ModelPackage:
         """Similarity threshold at `far`: accept a pair when score >= threshold."""
         return self.operating_point(far).threshold
 
+    @property
+    def runtime(self) -> str:
+        """What runs the network: the serve/enrol option, else the package's choice (older packages have
+        none: the default runtime)."""
+        from mfr_ray.runtime import DEFAULT_RUNTIME
+
+        return self._runtime or self.spec.get("runtime") or DEFAULT_RUNTIME
+
+    def use_runtime(self, runtime: str | None) -> ModelPackage:
+        """Run the network on `runtime` instead of the package's choice (None: keep it); before the first
+        embedding."""
+        from mfr_ray.registry import RUNTIMES
+
+        if runtime is not None:
+            self._runtime = RUNTIMES.check(runtime)
+            self._embedder = self._aligner = None
+        return self
+
+    def onnx_file(self) -> Path:
+        """The package's own ONNX export; a package made before it had one is exported once into the cache,
+        keyed by its package id (the package folder itself is never written to)."""
+        from mfr_ray.runtime.onnx import onnx_cache_file
+
+        packaged = self.folder / PACKAGE_ONNX
+        return packaged if packaged.is_file() else onnx_cache_file(f"package-{self.package_id}")
+
     # -- embedding and scoring -------------------------------------------------------------------------
     def _models(self):
         if self._aligner is None:
@@ -165,7 +194,8 @@ class ModelPackage:
 
             self._aligner = FaceAligner(AlignConfig.model_validate(self.serving_align()))
             self._embedder = Embedder(self.model_spec(), flip=self.preprocessing["flip"],
-                                      num_threads=self.num_threads, bf16=self.preprocessing["bf16"])
+                                      num_threads=self.num_threads, bf16=self.preprocessing["bf16"],
+                                      runtime=self.runtime, onnx_file=self.onnx_file())
         return self._aligner, self._embedder
 
     def model_spec(self):
@@ -179,6 +209,8 @@ class ModelPackage:
         """The evaluation's alignment config without the centre-box fallback: a service never guesses a face."""
         align = dict(self.preprocessing["align"])
         align["fallbacks"] = [f for f in align["fallbacks"] if f != CENTRE_FALLBACK]
+        if self._runtime:  # the serve/enrol choice runs the detector too
+            align["runtime"] = self._runtime
         if self.num_threads and not align.get("num_threads"):
             align["num_threads"] = self.num_threads
         return align
@@ -564,14 +596,33 @@ def _copy_presence(out: Path) -> None:
 
 
 def _package_id(folder: Path, preprocessing: dict) -> str:
-    """Weights, the mask-presence classifier (it picks thresholds) and preprocessing."""
+    """Weights, their ONNX export (when the backbone exports), the mask-presence classifier (it picks
+    thresholds) and preprocessing."""
     from mfr_ray.masking.presence import PRESENCE_FILE
 
     digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes())
-    if (folder / PRESENCE_FILE.name).is_file():
-        digest.update((folder / PRESENCE_FILE.name).read_bytes())
+    for extra in (PACKAGE_ONNX, PRESENCE_FILE.name):
+        if (folder / extra).is_file():
+            digest.update((folder / extra).read_bytes())
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def _export_runtime(model, out: Path, runtime: str) -> str:
+    """Write `model.onnx` into the package; the runtime it will run on (torch where it cannot export)."""
+    import warnings
+
+    from mfr_ray.registry import RUNTIMES
+    from mfr_ray.runtime import ExportError, export_onnx
+
+    RUNTIMES.check(runtime)
+    (out / PACKAGE_ONNX).unlink(missing_ok=True)  # a previous export's file must not outlive its weights
+    try:
+        export_onnx(model, out / PACKAGE_ONNX)
+    except ExportError as exc:
+        warnings.warn(f"{exc}; the package runs on torch", RuntimeWarning, stacklevel=2)
+        return "torch"
+    return runtime
 
 
 def export_package(
@@ -583,13 +634,16 @@ def export_package(
     backbone_kwargs: dict | None = None,
     tracking: TrackingConfig | None = None,
     register_name: str | None = None,
+    runtime: str | None = None,
 ) -> ExportResult:
     """Write the package for `source` (checkpoint file, `models:/` URI or MLflow run id) into `out`, with
     thresholds at `fars` calibrated on evaluation run `eval_run` (an evaluation run as `source` is its own
     eval_run); the evaluation must have evaluated these very weights. Logged to MLflow as artifacts
     `package/` of an `export` run (unless tracking.enabled is false) and, with `register_name`, registered
-    as a new version of that model (its source is the package folder, which is also plain model files)."""
+    as a new version of that model (its source is the package folder, which is also plain model files).
+    `runtime` (default: `mfr_ray.runtime.DEFAULT_RUNTIME`) is what loading the package runs it on."""
     from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
+    from mfr_ray.runtime import DEFAULT_RUNTIME
     from mfr_ray.tracking import resolve_tracking_uri
 
     tracking = tracking or TrackingConfig()
@@ -615,6 +669,7 @@ def export_package(
     out = Path(out).expanduser()
     save_model_files(model, backbone, kwargs, out)
     _copy_presence(out)
+    runtime = _export_runtime(model, out, runtime or DEFAULT_RUNTIME)
     preprocessing = {
         "align": align,
         "crop": align["crop"],
@@ -635,6 +690,7 @@ def export_package(
         "kwargs": kwargs,
         "embedding_size": int(model.embedding_size) * (2 if feature == "concat" else 1),
         "preprocessing": preprocessing,
+        "runtime": runtime,
         "package_id": _package_id(out, preprocessing),
     }
     if calibration is not None:
@@ -704,7 +760,9 @@ def model_card(spec: dict) -> str:
     pre = spec["preprocessing"]
     lines = [f"# Model card: {spec['model']}", "",
              f"- backbone: `{spec['backbone']}` {json.dumps(spec['kwargs'])}; embedding size {spec['embedding_size']}",
-             f"- package id: `{spec['package_id']}` (weights + preprocessing)",
+             f"- package id: `{spec['package_id']}` (weights, their ONNX export + preprocessing)",
+             (f"- inference runtime: `{spec.get('runtime', 'default')}` (`mfr serve|enrol|verify|identify "
+              "--runtime` choose another)"),
              (f"- preprocessing: alignment `{pre['align']['crop']}` crop (MTCNN 5 points, fallbacks "
              f"{[f for f in pre['align']['fallbacks'] if f != CENTRE_FALLBACK] or 'none'}, landmark fit "
              f"`{pre['align']['landmark_fit']}`), pixels (x - {PIXEL_MEAN}) / {PIXEL_SCALE}, RGB; flip "
