@@ -59,10 +59,12 @@ def export_onnx(net, path: str | Path, dynamic_hw: bool = False) -> Path:
                 dynamic_shapes=(axes,), opset_version=OPSET, dynamo=True,
                 external_data=False, verbose=False, report=False,
             )
-        except Exception as exc:  # any exporter failure means: this backbone stays in torch
+            _check_export(net, tmp, 5 if dynamic_hw else 0)
+        except ExportError:
+            raise
+        except Exception as exc:  # any exporter (or checking) failure means: this network stays in torch
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ExportError(f"{type(net).__name__} does not export to ONNX ({type(exc).__name__}: {reason})") from exc
-        _check_export(net, tmp, 5 if dynamic_hw else 0)
         tmp.replace(path)
     return path
 
