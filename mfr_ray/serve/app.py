@@ -599,6 +599,10 @@ def _auth(cfg: ServeConfig, host: str, tls: bool) -> tuple[KeyDigest | None, Key
 def _proxy(default_host: str, default_tls: bool) -> tuple[str, bool]:
     """(host, TLS on) of Serve's HTTP proxy as it really runs: on a cluster where Serve already runs, or in
     a Serve config's build task, its controller's http_options, whatever this process asked for."""
+    import ray
+
+    if not ray.is_initialized():  # asking Serve would start a default Ray on every interface
+        return default_host, default_tls
     try:
         from ray.serve.context import _get_global_client
 
