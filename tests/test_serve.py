@@ -416,8 +416,9 @@ def test_faults_under_load_lose_no_enrolment(service, lfw_dir):
         return run
 
     def identifier(i: int) -> None:
-        while not stop.is_set():
+        while not stop.is_set():  # 3 clients of one key, 0.75 s apart: under the key's RATE, whatever the speed
             record(service.post("/identify", data=probes[i % len(probes)], headers={"Content-Type": "image/jpeg"}))
+            time.sleep(0.75)
 
     def enroller() -> None:
         for name in newcomers:

@@ -41,12 +41,14 @@ from mfr_ray.config.common import LOOPBACK, RayConfig
 from mfr_ray.raycluster import init_ray
 from mfr_ray.registry import RUNTIMES
 from mfr_ray.serve.auth import (
+    UNSTATED_HOST,
     KeyDigest,
     RateLimiter,
     client_address,
     is_loopback,
     load_enrol_digest,
     presented_key,
+    require_key,
     resolve_auth,
 )
 from mfr_ray.serve.parsing import (
@@ -223,25 +225,26 @@ class Embedder:
         self.synthetic = SyntheticMasks.model_validate(synthetic or {})
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
-        self._one_at_a_time = asyncio.Lock()
+        self._package_lock = threading.Lock()  # one call into the package (detector, runtime session) at a time
         self._batched.set_max_batch_size(self.batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.batching.wait_timeout_s)
         self.package.embed_images([])  # loads MTCNN, dlib and the network before the first request
 
-    def _embed(self, images: list[bytes]) -> list[dict]:
-        return [_wire(r) for r in self.package.embed_images(images, max_pixels=self.max_pixels)]
+    def _embed(self, images: list[bytes], synthetic=None) -> list[dict]:
+        """The package's path for these images, never beside another call: the batched, unbatched and
+        enrolment paths each run in a worker thread, and a runtime session is not safe to share."""
+        with self._package_lock:
+            return [_wire(r) for r in self.package.embed_images(images, max_pixels=self.max_pixels,
+                                                                 synthetic=synthetic)]
 
     async def embed_enrolment(self, image: bytes) -> dict:
         """An enrolment photo: its embedding and those of its synthetic-mask copies (unbatched: rare)."""
-        async with self._one_at_a_time:
-            results = await asyncio.to_thread(self.package.embed_images, [image], self.max_pixels, self.synthetic)
-        return _wire(results[0])
+        return (await asyncio.to_thread(self._embed, [image], self.synthetic))[0]
 
     async def embed(self, image: bytes) -> dict:
         if self.batching.enabled:
             return await self._batched(image)
-        async with self._one_at_a_time:
-            return (await asyncio.to_thread(self._embed, [image]))[0]
+        return (await asyncio.to_thread(self._embed, [image]))[0]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, images: list[bytes]) -> list[dict]:
@@ -618,7 +621,7 @@ def app_builder(args: dict):
     controller is reachable); else `args.host`, and without it the proxy is taken to listen beyond loopback,
     so the API key is required (from $MFR_SERVE_API_KEY_FILE, e.g. a mounted secret). TLS must be set in the
     Serve config's http_options (`args.tls` cannot configure a proxy that already runs)."""
-    host, tls = _proxy(args.get("host", "0.0.0.0"), False)
+    host, tls = _proxy(args.get("host", UNSTATED_HOST), False)
     cfg = ServeConfig.model_validate(args | {"host": host})
     return build_app(cfg, *_auth(cfg, host, tls))
 
@@ -632,10 +635,9 @@ def start(cfg: ServeConfig, route_prefix: str = "/"):
     init_ray(cfg.ray)
     tls = {"ssl_certfile": cfg.tls.certfile, "ssl_keyfile": cfg.tls.keyfile} if cfg.tls else {}
     serve.start(http_options={"host": cfg.host, "port": cfg.port, **tls})
-    host, tls_on = _proxy(cfg.host, cfg.tls is not None)
+    host, tls_on = _proxy(cfg.host, cfg.tls is not None)  # a Serve already running keeps its own http_options
     cfg.check_transport(host, tls_on)
-    if digests[0] is None and not is_loopback(host):
-        raise ConfigError(f"Serve's proxy already listens on {host}, beyond loopback: give an API key")
+    require_key(host, digests[0])
     return serve.run(build_app(cfg, *digests), name=APP_NAME, route_prefix=route_prefix), digests
 
 

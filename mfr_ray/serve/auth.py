@@ -90,18 +90,26 @@ def load_enrol_digest(key_file: str | Path | None = None, identify: KeyDigest | 
     return digest
 
 
-def resolve_auth(host: str, key_file: str | Path | None = None,
-                 require: bool | None = None) -> KeyDigest | None:
-    """The digest the app must check, or None for no auth. Auth is required when the HTTP server binds
-    beyond loopback (or `require=True`), and then a missing key is a configuration error; a configured key is
-    enforced on loopback too."""
-    digest = load_key_digest(key_file)
+UNSTATED_HOST = "an address not stated to this process"  # a Serve config's proxy, when its host is not known
+
+
+def require_key(host: str, digest: KeyDigest | None, require: bool | None = None) -> None:
+    """Refuse a bind beyond loopback (or `require=True`) without a key: a configuration error naming the host."""
     needed = (not is_loopback(host)) if require is None else require
     if needed and digest is None:
         raise ConfigError(
             f"serving on {host} needs an API key: put one (>= {MIN_KEY_LENGTH} characters) in a file and "
             f"pass --api-key-file FILE or set ${API_KEY_FILE_ENV} (or ${API_KEY_ENV})"
         )
+
+
+def resolve_auth(host: str, key_file: str | Path | None = None,
+                 require: bool | None = None) -> KeyDigest | None:
+    """The digest the app must check, or None for no auth. Auth is required when the HTTP server binds
+    beyond loopback (or `require=True`), and then a missing key is a configuration error; a configured key is
+    enforced on loopback too."""
+    digest = load_key_digest(key_file)
+    require_key(host, digest, require)
     return digest
 
 
