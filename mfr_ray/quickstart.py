@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mfr_ray.config import StrictModel, load_config
-from mfr_ray.config.base import deprecation_notice
+from mfr_ray.config.base import deprecated_spelling
 from mfr_ray.config.common import TrackingConfig
 from mfr_ray.evaluation.metric_names import VerificationMetricName, metric_key, verification_metrics
 from mfr_ray.storage import join_uri, write_bytes
@@ -44,15 +44,9 @@ class StageConfig(StrictModel):
     config: str
     overrides: list[str] = Field(default_factory=list)
 
-    @field_validator("overrides")
-    @classmethod
-    def _deprecated(cls, value: list[str]) -> list[str]:
-        if value:
-            deprecation_notice(
-                "a quickstart stage's `overrides:` - write a file with `base: <the stage's config>` and the "
-                "values instead (configs/quickstart/train_nomask.yaml)"
-            )
-        return value
+    _overrides_deprecated = deprecated_spelling(
+        "overrides", "a quickstart stage's `overrides:` - write a file with `base: <the stage's config>` and the "
+        "values instead (configs/quickstart/train_nomask.yaml)")
 
 
 class QuickstartConfig(StrictModel):

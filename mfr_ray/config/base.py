@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from mfr_ray.paths import expand_shared
 
@@ -24,6 +24,18 @@ class StrictModel(BaseModel):
 SharedPath = Annotated[str, AfterValidator(expand_shared)]
 
 _NOTICES: set[str] = set()
+
+
+def deprecated_spelling(field: str, message: str):
+    """A validator for `field` (assign it in the class body): a value set there still works and prints
+    `message` once as a deprecation notice."""
+
+    def notice(cls, value):
+        if value:
+            deprecation_notice(message)
+        return value
+
+    return field_validator(field)(classmethod(notice))
 
 
 def deprecation_notice(message: str) -> None:

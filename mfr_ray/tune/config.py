@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mfr_ray.config import StrictModel
-from mfr_ray.config.base import deprecation_notice
+from mfr_ray.config.base import deprecated_spelling
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.evaluation.metric_names import VAL_TPR_AT_FAR, TrainingMetricName
 
@@ -66,12 +66,6 @@ class TuneConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
-    @field_validator("base_overrides")
-    @classmethod
-    def _deprecated(cls, value: list[str]) -> list[str]:
-        if value:
-            deprecation_notice(
-                "tune `base_overrides:` - point base_config at a file with `base: <train config>` and the values "
-                "instead (configs/tune/trial_small.yaml)"
-            )
-        return value
+    _base_overrides_deprecated = deprecated_spelling(
+        "base_overrides", "tune `base_overrides:` - point base_config at a file with `base: <train config>` and "
+        "the values instead (configs/tune/trial_small.yaml)")
