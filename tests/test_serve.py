@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow  # two Serve starts, each loading MTCNN, dlib and 
 N_PAIRS = 8  # genuine and impostor pairs each, from LFW fold 1
 FARS = (0.125, 0.25)  # resolvable with 8 impostor pairs
 FAR = 0.125
+FPIR = 0.2  # per search; 12 CelebA calibration people, bare and masked, resolve it
 ENROLLED = ("Aaron_Peirsol", "Abdullah_Gul", "Adam_Sandler")  # 3+ images each
 POLL_S = 1.0  # the gallery keeper's poll for changes made outside the service
 RATE, BURST = 5.0, 40  # the tests' sequential requests stay under it; the rate test goes over
@@ -72,11 +73,12 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def calibrated_package(tmp_path_factory, shared, lfw_dir):
+def calibrated_package(tmp_path_factory, shared, lfw_dir, celeba_dir):
     """The CASIA checkpoint exported as a package, its thresholds calibrated as `mfr export` does
     (`calibrate` on pair scores of the package's own embedding path) on 8 + 8 LFW pairs."""
     from mfr_ray.config.common import TrackingConfig
     from mfr_ray.serve.package import PACKAGE_JSON, calibrate, export_package, load_package
+    from mfr_ray.serve.search_calibration import add_search_calibration
 
     out = tmp_path_factory.mktemp("serve") / "package"
     export_package(
@@ -92,6 +94,7 @@ def calibrated_package(tmp_path_factory, shared, lfw_dir):
     spec = json.loads((out / PACKAGE_JSON).read_text())
     spec["calibration"] = {"operating_points": [dataclasses.asdict(p) for p in points], "n_pairs": len(pairs)}
     (out / PACKAGE_JSON).write_text(json.dumps(spec))
+    add_search_calibration(out, celeba_dir, per_identity=1, max_identities=12)  # /identify?fpir=
     return out, load_package(out), pairs
 
 
@@ -115,6 +118,7 @@ def service(ray_local, calibrated_package, tmp_path_factory):
         embedder_num_cpus=0,
         gallery_poll_s=POLL_S,
         disclose_candidates=True,  # the tests compare candidate lists; the default hides them (test below)
+        allowed_fpirs=[FPIR],
         limits=LimitsConfig(max_body_bytes=2 * 2**20, max_pixels=1_000_000, rate_per_s=RATE, burst=BURST),
     )
     start(cfg)
@@ -330,7 +334,24 @@ def _enrol_and_identify(service, lfw_dir):
         answers[name] = got
     for name in ENROLLED:
         assert answers[name]["candidates"][0]["identity"] == name
+    _identify_per_search(service, gallery, lfw_image(lfw_dir, ENROLLED[0], 3).read_bytes())
     return answers
+
+
+def _identify_per_search(service, gallery, probe: bytes) -> None:
+    """At a per-search rate the service decides with the threshold calibrated against its gallery as it is,
+    the same one `mfr identify --fpir` computes; a rate outside the operator's list is refused."""
+    from mfr_ray.serve.recognise import identify
+
+    got = service.post(f"/identify?fpir={FPIR}&k=3", data=probe, headers={"Content-Type": "image/jpeg"})
+    assert got.status_code == 200, got.text
+    body, local = got.json(), identify(service.package, gallery, probe, None, k=3, fpir=FPIR)
+    assert body["fpir"] == FPIR and body["far"] is None and body["gallery_identities"] == len(ENROLLED)
+    assert body["threshold"] == pytest.approx(local.threshold, abs=1e-5) and body["comparison_kind"].startswith("search-")
+    looser = service.post("/identify?fpir=0.5", data=probe, headers={"Content-Type": "image/jpeg"})
+    assert looser.status_code == 400 and looser.json()["error"] == "fpir_not_allowed"
+    both = service.post(f"/identify?fpir={FPIR}&far={FAR}", data=probe, headers={"Content-Type": "image/jpeg"})
+    assert both.status_code == 400 and both.json()["error"] == "far_and_fpir"
 
 
 def test_enrol_identify_and_a_restart_keeps_the_gallery(service, lfw_dir):

@@ -10,6 +10,8 @@ import typer
 
 DEFAULT_FAR = 1e-3
 FAR_HELP = "False accept rate of the decision: one of the FARs the package was exported with."
+FPIR_HELP = ("Decide at this per-search false-positive identification rate instead (share of people never "
+             "enrolled answered match; the package needs --search-calibration).")
 # Exit status of verify/identify when no decision could be made (no face, unreadable image).
 NO_DECISION_EXIT = 3
 RUNTIME_HELP = "What runs the network: openvino | onnxruntime | torch (default: the package's choice)."
@@ -40,6 +42,8 @@ def _describe_images(images) -> str:
 
 
 def _kind(result) -> str:
+    if getattr(result, "fpir", None) is not None:
+        return f"{result.comparison_kind.removeprefix('search-')} probes"
     return f"{result.comparison_kind} pairs" + ("" if result.kind_calibrated else " (not calibrated: strictest used)")
 
 
@@ -64,6 +68,16 @@ def _answer(decide, as_json: bool, describe) -> None:
         raise typer.Exit(NO_DECISION_EXIT)
 
 
+def _add_search_calibration(package: str, folder: Path, per_identity: int) -> None:
+    from mfr_ray.serve.search_calibration import add_search_calibration, summary
+
+    if not folder.is_dir():
+        raise ValueError(f"--search-calibration {folder}: not a folder of <identity>/<photo> files")
+    found = summary(add_search_calibration(package, folder, per_identity))
+    typer.echo(f"  search calibration: {found['faces']} never-enrolled faces ({found['masked']} masked or unsure, "
+               f"{found['bare']} bare or unsure) from {folder}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
@@ -80,6 +94,11 @@ def register(app: typer.Typer) -> None:
         no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Write the folder only, log nothing."),
         runtime: str = typer.Option(None, "--runtime", help="Runtime the package runs on: openvino | onnxruntime "
                                     "| torch (default: the fastest measured, mfr_ray.runtime.DEFAULT_RUNTIME)."),
+        search_calibration: Path = typer.Option(None, "--search-calibration", help="Folder of <identity>/<photo> "
+                                                "of people nobody will enrol (e.g. celeba299): their faces, bare "
+                                                "and masked, calibrate per-search rates (/identify?fpir=)."),
+        search_per_identity: int = typer.Option(1, "--search-per-identity", min=1, help="Photos per identity "
+                                                "of --search-calibration."),
     ) -> None:
         """A model package: plain weights, preprocessing, thresholds at FARs, model card; logged to MLflow."""
         from mfr_ray.config.common import TrackingConfig
@@ -91,6 +110,8 @@ def register(app: typer.Typer) -> None:
                 tracking=TrackingConfig(tracking_uri=tracking_uri, enabled=not no_mlflow),
                 register_name=register_name, runtime=runtime,
             )
+            if search_calibration is not None:
+                _add_search_calibration(result.path, search_calibration, search_per_identity)
         except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
@@ -189,6 +210,7 @@ def register(app: typer.Typer) -> None:
         gallery: str = typer.Option(..., "--gallery", help="Gallery folder or s3:// prefix (mfr enrol)."),
         package: str = typer.Option(None, "--package", help="Package (default: the one the gallery was made with)."),
         far: float = typer.Option(DEFAULT_FAR, "--far", help=FAR_HELP),
+        fpir: float = typer.Option(None, "--fpir", min=0, max=1, help=FPIR_HELP),
         k: int = typer.Option(5, "--k", min=1, help="Candidates to list."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
@@ -207,11 +229,12 @@ def register(app: typer.Typer) -> None:
 
         def describe(result) -> str:
             head = result.identity if result.identity else f"unknown ({result.reason})"
-            lines = [(f"{head}: threshold {result.threshold:.4f} at FAR {far:g} for {_kind(result)}; alignment "
+            rate = f"FAR {far:g}" if fpir is None else f"FPIR {fpir:g} per search, {result.gallery_identities} identities"
+            lines = [(f"{head}: threshold {result.threshold:.4f} at {rate} for {_kind(result)}; alignment "
                       f"{result.image.status} ({result.image.align_method})")]
             return "\n".join(lines + [f"  {c.score:.4f}  {c.identity}  ({c.source_key})" for c in result.candidates])
 
-        _answer(lambda: run_identify(model, opened, probe, far, k), as_json, describe)
+        _answer(lambda: run_identify(model, opened, probe, far, k, fpir), as_json, describe)
 
     @app.command("serve")
     def serve(
@@ -222,6 +245,8 @@ def register(app: typer.Typer) -> None:
         api_key_file: str = typer.Option(None, "--api-key-file", help="File holding the API key (else "
                                          "$MFR_SERVE_API_KEY_FILE / $MFR_SERVE_API_KEY)."),
         far: float = typer.Option(DEFAULT_FAR, "--far", help="Default FAR of decisions (one the package has)."),
+        fpir: float = typer.Option(None, "--fpir", min=0, max=1, help="Default per-search rate of /identify "
+                                   "(the package needs --search-calibration); /verify stays per comparison."),
         replicas: int = typer.Option(1, "--replicas", min=1, help="Embedder replicas (without autoscaling)."),
         autoscale_max: int = typer.Option(None, "--autoscale-max", min=1, help="Autoscale the embedder up to "
                                           "this many replicas."),
@@ -252,7 +277,7 @@ def register(app: typer.Typer) -> None:
         autoscaling = {"min_replicas": 1, "max_replicas": autoscale_max} if autoscale_max else None
         tls = {"certfile": tls_certfile, "keyfile": tls_keyfile} if tls_certfile or tls_keyfile else None
         try:
-            run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far,
+            run(package=package, gallery=gallery, host=host, port=port, api_key_file=api_key_file, far=far, fpir=fpir,
                 num_replicas=replicas, autoscaling=autoscaling, batching=batching, torch_threads=torch_threads,
                 enrol_key_file=enrol_key_file, tls=tls, behind_tls_proxy=behind_tls_proxy, audit_log=audit_log,
                 gallery_poll_s=gallery_poll_s, synthetic_masks={"count": synthetic_masks}, runtime=runtime)

@@ -21,9 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from mfr_ray.evaluation.masked_identification import (
-    MASKED_KINDS,
-    N95_HELD_OUT,
-    OCCLUDER,
     SETTINGS_VERSION,
     BenchSettings,
     Plan,
@@ -33,9 +30,9 @@ from mfr_ray.evaluation.masked_identification import (
     search_answers,
     summarise,
 )
+from mfr_ray.masking.held_out import MASK_FAILED, MASKED_KINDS, mask_photo
 from mfr_ray.serve.package import EmbedResult
 
-MASK_FAILED = "mask_failed"
 _STATE: dict = {}
 
 
@@ -43,73 +40,6 @@ def _log(message: str) -> None:
     import sys
 
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def held_out_masking(seed: int):
-    """The N95 with the held-out styles only (chin left out, valve): never drawn in training."""
-    from mfr_ray.masking.config import MaskingConfig, MaskStyleConfig
-
-    style = MaskStyleConfig(coverage={"chin_exposed": 1.0}, valve={"valve": 1.0}, print={"camouflage": 1.0})
-    return MaskingConfig(mask_type="N95", style=style, seed=seed)
-
-
-# -- masked photos (pool workers) ------------------------------------------------------------------------
-def _tools(seed: int):
-    if "engine" not in _STATE:
-        import cv2
-
-        from mfr_ray.data.align import FaceAligner
-        from mfr_ray.data.config import AlignConfig
-        from mfr_ray.masking import MaskEngine
-
-        cv2.setNumThreads(1)
-        _STATE["engine"] = MaskEngine(held_out_masking(seed))
-        _STATE["aligner"] = FaceAligner(AlignConfig(fallbacks=["dlib"], num_threads=1))
-    return _STATE["engine"], _STATE["aligner"]
-
-
-def occlude_frame(frame: np.ndarray, matrix: np.ndarray, crop_hw: tuple[int, int], rng: np.random.Generator,
-                  cfg=None) -> np.ndarray:
-    """A `data.occluders` occluder drawn in the crop template's layout and mapped back onto the full frame
-    through the inverse of the frame -> crop similarity (`matrix`, from the face's 5 landmarks)."""
-    import cv2
-
-    from mfr_ray.train.augment import OccluderConfig, occluder_alpha, occluder_fill, shade
-
-    cfg = cfg or OccluderConfig(prob=1.0)
-    height, width = crop_hw
-    crop = cv2.warpAffine(frame, matrix, (width, height), flags=cv2.INTER_LINEAR)
-    alpha = occluder_alpha(crop_hw, cfg, rng)
-    fill = shade(occluder_fill(crop_hw, cfg.fills[rng.integers(len(cfg.fills))], rng, crop), crop, alpha, rng)
-    back = cv2.invertAffineTransform(matrix)
-    size = (frame.shape[1], frame.shape[0])
-    alpha = cv2.warpAffine(alpha, back, size, flags=cv2.INTER_LINEAR)[..., None]
-    fill = cv2.warpAffine(fill.astype(np.float32), back, size, flags=cv2.INTER_LINEAR)
-    out = frame.astype(np.float32) * (1 - alpha) + fill * alpha
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-def mask_photo(source: str, kind: str, out: str, seed: int) -> str:
-    """Write the masked copy of `source` to `out` (JPEG q95); returns the kind drawn: the planned one, an
-    occluder when no N95 could be fitted (dlib found no face), or MASK_FAILED when neither could."""
-    from mfr_ray.data.align import CROP_TEMPLATES
-    from mfr_ray.imageio import decode_image, encode_image
-
-    engine, aligner = _tools(seed)
-    rgb = decode_image(Path(source).read_bytes()).image
-    image = None
-    if kind == N95_HELD_OUT:
-        result = engine.mask(rgb, Path(source).name)
-        image, kind = (result.image, kind) if result.image is not None else (None, OCCLUDER)
-    if image is None:
-        found = aligner.align(rgb)
-        if found.matrix is None:
-            return MASK_FAILED
-        rng = np.random.default_rng([seed, int(hashlib.sha1(Path(source).name.encode()).hexdigest()[:8], 16)])
-        image = occlude_frame(rgb, found.matrix, tuple(CROP_TEMPLATES[aligner.config.crop][0]), rng)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_bytes(encode_image(image, "jpg", quality=95))
-    return kind
 
 
 def _photo_chunk(items: list[tuple[str, str, str]], seed: int) -> list[str]:

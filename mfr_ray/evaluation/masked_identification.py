@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from mfr_ray.evaluation.identification import fpir_threshold
+from mfr_ray.masking.held_out import MASKED_KINDS, UNMASKED, masked_kind
 from mfr_ray.serve.package import EmbedResult, OperatingPoint
 
 ENROLLED, NEVER_ENROLLED, CALIBRATION = "enrolled", "never_enrolled", "calibration"
-UNMASKED, N95_HELD_OUT, OCCLUDER = "unmasked", "n95_held_out", "occluder"
-MASKED_KINDS = (N95_HELD_OUT, OCCLUDER)
 OUTCOMES = ("match_right", "match_wrong", "unknown", "no_face")
 SETTINGS_VERSION = 1  # bump when the masking of probes changes: new cache folders
 
@@ -71,11 +70,6 @@ class Plan:
 
     def of(self, group: str) -> list[Probe]:
         return [p for p in self.probes if p.group == group]
-
-
-def masked_kind(source: str) -> str:
-    """Half the masked probes get the held-out N95, half an occluder: a stable choice per photo."""
-    return MASKED_KINDS[int(hashlib.sha1(Path(source).name.encode()).hexdigest(), 16) % len(MASKED_KINDS)]
 
 
 def _photos(root: Path) -> dict[str, list[str]]:

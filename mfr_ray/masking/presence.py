@@ -20,6 +20,15 @@ PRESENCE_FORMAT = "mfr-ray/mask-presence/1"
 LOWER_FROM = 0.46  # the lower face starts here, as a fraction of the crop's height (just above the nose tip)
 LOWER_SIZE = (48, 32)  # (width, height) the lower region is resized to before HOG
 CELL, BINS = 8, 9  # HOG cells of 8x8 pixels, 9 unsigned orientations, blocks of 2x2 cells
+MASKED_FROM, BARE_UNTIL = 0.7, 0.3  # mask probability: masked at or above, bare at or below, else unsure
+
+
+def masked_states(probability: float | None) -> set[bool]:
+    """Whether a face with this mask probability is masked: {True}, {False}, or both when the classifier is
+    unsure (or gave no probability): a decision then holds for either."""
+    if probability is None:
+        return {False, True}
+    return {True} if probability >= MASKED_FROM else {False} if probability <= BARE_UNTIL else {False, True}
 
 
 def presence_features(crops: np.ndarray) -> np.ndarray:

@@ -143,6 +143,11 @@ class ServeConfig(StrictModel):
     synthetic_masks: SyntheticMasks = Field(default_factory=SyntheticMasks, description="masked copies of each "
                                             "/enrol photo stored as synthetic:<type> templates")
     far: float = Field(1e-3, gt=0, lt=1, description="default FAR of decisions (one of the package's)")
+    fpir: float | None = Field(None, gt=0, lt=1, description="default per-search false-positive identification "
+                               "rate of /identify (the package needs search calibration); None: /identify "
+                               "decides at `far` per comparison unless a request asks for an fpir")
+    allowed_fpirs: list[float] = Field([0.01, 0.001], description="the per-search rates an /identify request may "
+                                       "ask for besides `fpir` (the operator's floor: no looser one)")
     allowed_fars: list[float] | None = Field(None, description="the FARs a request may ask for (the operator's "
                                              "floor: a caller cannot pick a looser one); None: every calibrated FAR")
     top_k: int = Field(5, ge=1)
@@ -269,6 +274,7 @@ class GalleryKeeper:
         self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package)
         self._enrolling = threading.Lock()
         self._compacting = threading.Lock()
+        self._search_points: dict = {}  # (gallery change key, fpir) -> per-search thresholds
         threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="gallery-poll").start()
 
     def _poll(self, every_s: float) -> None:
@@ -283,6 +289,20 @@ class GalleryKeeper:
 
     async def search_identities(self, embedding: np.ndarray, k: int) -> list[dict]:
         return [dataclasses.asdict(m) for m in self.gallery.search_identities(embedding, k)]
+
+    async def search_points(self, fpir: float) -> dict:
+        """Per-search thresholds at `fpir` for the gallery as it is (recomputed when it changes, off the event
+        loop), or {"error": why} for a package without search calibration."""
+        from mfr_ray.serve.search_calibration import SearchCalibrationError, gallery_points, points_as_dict
+
+        key = (self.gallery.state.change_key, fpir)
+        if key not in self._search_points:
+            try:
+                points, identities = await asyncio.to_thread(gallery_points, self.package, self.gallery, fpir)
+            except SearchCalibrationError as exc:
+                return {"error": str(exc)}
+            self._search_points = {key: {"points": points_as_dict(points), "identities": identities}}
+        return self._search_points[key]
 
     async def enrol(self, identity: str, source_key: str, wire: dict) -> dict:
         """Store one image's row (failed ones too: every input is a row); an image already enrolled ok for
@@ -373,6 +393,19 @@ async def answer(work) -> JSONResponse:
         _logger.exception("request %s failed", request_id)
         return JSONResponse({"error": "internal", "reason": f"internal error (request {request_id}); the "
                              "service log has the details"}, status_code=500)
+
+
+@dataclasses.dataclass
+class Asked:
+    """What a decision request asked for, checked: the caller's key id, the FAR, and for /identify k, the
+    per-search rate and its thresholds (None: decided per comparison); then the embedded faces."""
+
+    key_id: str | None
+    far: float
+    k: int | None = None
+    fpir: float | None = None
+    search: dict | None = None
+    faces: list = dataclasses.field(default_factory=list)
 
 
 @serve.deployment(name="Frontend", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -497,7 +530,9 @@ class Frontend:
         authorised = await self._guard(request, open_route=True)
         out: dict[str, Any] = {"status": "ok"}
         if authorised:
-            out |= {"package_id": self.package.package_id, "default_far": self.cfg.far,
+            out |= {"package_id": self.package.package_id, "default_far": self.cfg.far, "default_fpir": self.cfg.fpir,
+                    "fpirs": sorted({*self.cfg.allowed_fpirs, *([self.cfg.fpir] if self.cfg.fpir else [])}),
+                    "search_calibration": self.package.spec.get("search_calibration", {}).get("faces"),
                     "fars": [p.far_target for p in self.package.operating_points],
                     "gallery": await self.keeper.stats.remote(), "batching": self.cfg.batching.model_dump(),
                     "gallery_poll_s": self.cfg.gallery_poll_s}
@@ -507,37 +542,67 @@ class Frontend:
     async def verify(self, request: Request):
         return await answer(self._verify(request))
 
-    async def _faces(self, request: Request, names: tuple[str, ...], k: bool = False):
+    async def _faces(self, request: Request, names: tuple[str, ...], identify: bool = False) -> Asked:
         """A decision request's common part: auth, the parsed body and its numbers (all checked before any
-        image is embedded), the FAR's operating point and the embedded images (a 4xx when one has no usable
-        face). Returns the caller's key id, k (None unless asked for), the FAR, its point, the embeddings."""
+        image is embedded), the FAR's operating point (or, identifying at a per-search rate, the thresholds
+        for the gallery as it is) and the embedded images (a 4xx when one has no usable face)."""
         key_id = await self._guard(request)
         params, images = await self._payload(request, names)
-        far, point = self._far(params)
-        top_k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k) if k else None
-        embedded = await self._embed([images[name] for name in names])
-        self._refuse_images(embedded, names)
-        return key_id, top_k, far, point, embedded
+        far, _ = self._far(params)
+        asked = Asked(key_id, far)
+        if identify:
+            asked.k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k)
+            asked.fpir = self._fpir(params)
+            asked.search = await self._search_points(asked.fpir) if asked.fpir is not None else None
+        asked.faces = await self._embed([images[name] for name in names])
+        self._refuse_images(asked.faces, names)
+        return asked
+
+    def _fpir(self, params: dict) -> float | None:
+        """The per-search rate a request asks for (or the service's default when it names no far), within
+        the operator's list."""
+        if "fpir" not in params:
+            return self.cfg.fpir if "far" not in params else None
+        if "far" in params:
+            raise RequestError(400, "far_and_fpir", "ask for one rate: far (per comparison) or fpir (per search)")
+        fpir = parse_far(params["fpir"], "fpir")
+        if not any(math.isclose(fpir, a) for a in [*self.cfg.allowed_fpirs, *([self.cfg.fpir] if self.cfg.fpir else [])]):
+            raise RequestError(400, "fpir_not_allowed", f"this service decides searches at FPIR "
+                               f"{', '.join(map(str, self.cfg.allowed_fpirs))}")
+        return fpir
+
+    async def _search_points(self, fpir: float) -> dict:
+        found = await self.keeper.search_points.remote(fpir)
+        if "error" in found:
+            raise RequestError(400, "no_search_calibration", found["error"])
+        return found
 
     async def _verify(self, request: Request) -> dict:
         from mfr_ray.serve.recognise import verify_decision
 
-        _, _, far, _, (a, b) = await self._faces(request, ("a", "b"))
-        return dataclasses.asdict(verify_decision(self.package, far, a, b))
+        asked = await self._faces(request, ("a", "b"))
+        return dataclasses.asdict(verify_decision(self.package, asked.far, *asked.faces))
 
     @http_app.post("/identify")
     async def identify(self, request: Request):
         return await answer(self._identify(request))
 
     async def _identify(self, request: Request) -> dict:
-        from mfr_ray.serve.recognise import Candidate, identify_decision
+        from mfr_ray.serve.recognise import Candidate, identify_decision, search_decision
+        from mfr_ray.serve.search_calibration import points_from_dict
 
-        key_id, k, far, _, (probe,) = await self._faces(request, ("image",), k=True)
-        matches = await self.keeper.search_identities.remote(probe.embedding, k)
+        asked = await self._faces(request, ("image",), identify=True)
+        (probe,) = asked.faces
+        matches = await self.keeper.search_identities.remote(probe.embedding, asked.k)
         candidates = [Candidate(**m) for m in matches]  # gallery.Match fields, by name
-        result = identify_decision(self.package, far, probe, candidates)
-        self.audit.record("identify", key_id=key_id, client=self._client(request), decision=result.decision,
-                          identity=result.identity, score=result.score, far=far, kind=result.comparison_kind)
+        if asked.search is None:
+            result = identify_decision(self.package, asked.far, probe, candidates)
+        else:
+            result = search_decision(points_from_dict(asked.search["points"]), asked.fpir, probe, candidates,
+                                     asked.search["identities"])
+        self.audit.record("identify", key_id=asked.key_id, client=self._client(request), decision=result.decision,
+                          identity=result.identity, score=result.score, far=result.far, fpir=result.fpir,
+                          kind=result.comparison_kind)
         return disclosed(result, self.cfg.disclose_candidates)
 
     @http_app.post("/enrol")
@@ -573,9 +638,14 @@ def build_app(cfg: ServeConfig, key_digest: KeyDigest | None = None, enrol_diges
     (`models:/NAME@ALIAS` to its version now, any URI to its `package_id`), and every replica is told
     which package it must load."""
     from mfr_ray.serve.package import load_package, pin_package_uri
+    from mfr_ray.serve.search_calibration import SearchCalibration
 
     pinned = pin_package_uri(cfg.package)
-    cfg = cfg.model_copy(update={"package": pinned, "package_id": load_package(pinned).package_id})
+    package = load_package(pinned)
+    if cfg.fpir is not None and SearchCalibration.load(package.folder) is None:
+        raise ValueError(f"fpir={cfg.fpir:g}: package {package.package_id} has no search calibration; re-export it "
+                         "with --search-calibration FOLDER, or decide per comparison with --far")
+    cfg = cfg.model_copy(update={"package": pinned, "package_id": package.package_id})
     replicas: dict[str, Any] = {"num_replicas": cfg.num_replicas}
     if cfg.autoscaling:
         replicas = {"autoscaling_config": cfg.autoscaling.model_dump()}

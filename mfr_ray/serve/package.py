@@ -40,6 +40,7 @@ PACKAGE_FORMAT = "mfr-ray/model-package/1"
 PACKAGE_JSON = "package.json"
 PACKAGE_ONNX = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
+SEARCH_CARD_HEADING = "## Per-search rates (identification)"
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 CENTRE_FALLBACK = "center"
 EVAL_ARTIFACT_EMBEDDINGS = "embeddings.npz"
@@ -771,7 +772,7 @@ def model_card(spec: dict) -> str:
     calibration = spec.get("calibration")
     if not calibration:
         lines += ["## Thresholds", "", "None: exported without an evaluation run (`mfr export ... --eval-run RUN`)."]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + search_card(spec)) + "\n"
     lines += ["## Thresholds", "",
               (f"Calibrated on evaluation run `{calibration['eval_run']}` ({calibration['evaluation']}): "
               f"`{calibration['pairs_file']}`, variant `{calibration['variant']}`, protocol "
@@ -789,4 +790,19 @@ def model_card(spec: dict) -> str:
               ("1:1 verification and open-set 1:N identification of cooperative, frontal faces, masked or not, "
               "at the FARs above. Not for surveillance of people who have not enrolled. Check the evaluation's "
               "mask-pair table for the masks your users wear.")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + search_card(spec)) + "\n"
+
+
+def search_card(spec: dict) -> list[str]:
+    """The model card's per-search operating points: what they are calibrated on and how."""
+    search = spec.get("search_calibration")
+    if not search:
+        return ["", SEARCH_CARD_HEADING, "",
+                ("None: `/identify?fpir=` is refused. Add never-enrolled calibration faces with `mfr export ... "
+                 "--search-calibration FOLDER` to decide searches at a false-positive identification rate.")]
+    return ["", SEARCH_CARD_HEADING, "",
+            (f"`/identify?fpir=F` (or `mfr serve --fpir F`) decides a search at a per-search false-positive "
+             f"identification rate F: the share of people never enrolled who are answered `match`. Calibrated on "
+             f"{search['faces']} never-enrolled faces ({search['calibration_set']}; {search['masked']} judged masked "
+             f"or unsure, {search['bare']} bare or unsure; by mask: {json.dumps(search['faces_by_mask'])}). "
+             f"Rule: {search['rule']}. A rate below 1 / faces of a state is not resolvable: answers say so.")]

@@ -73,8 +73,9 @@ def decode_images(doc: dict[str, Any], fields: tuple[str, ...]) -> dict[str, byt
     return images
 
 
-def parse_far(value: Any) -> float:
-    """A false accept rate: a finite number in (0, 1), from JSON or a query string."""
+def parse_far(value: Any, name: str = "far") -> float:
+    """A false accept rate (or, `name` fpir, a per-search one): a finite number in (0, 1), from JSON or a
+    query string."""
     if isinstance(value, bool):
         value = None
     try:
@@ -82,7 +83,7 @@ def parse_far(value: Any) -> float:
     except (TypeError, ValueError, OverflowError):
         far = math.nan
     if not (math.isfinite(far) and 0 < far < 1):
-        raise RequestError(400, "bad_far", f"far must be a number between 0 and 1, got {str(value)[:40]!r}")
+        raise RequestError(400, f"bad_{name}", f"{name} must be a number between 0 and 1, got {str(value)[:40]!r}")
     return far
 
 

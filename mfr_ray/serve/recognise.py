@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mfr_ray.serve.gallery import Gallery
-from mfr_ray.serve.package import EmbedResult, ModelPackage
+from mfr_ray.serve.package import EmbedResult, ModelPackage, OperatingPoint
 
 SAME, DIFFERENT = "same", "different"
-MASKED_FROM, BARE_UNTIL = 0.7, 0.3  # mask probability: masked at or above, bare at or below, else unsure
 MATCH, UNKNOWN = "match", "unknown"
 NO_DECISION = "no_decision"
 
@@ -35,21 +34,14 @@ class ImageReport:
         return cls(result.status, result.reason, result.align_method, result.mask_probability)
 
 
-def masked_states(result: EmbedResult) -> set[bool]:
-    """Whether the face is masked: {True}, {False}, or both when the classifier is unsure."""
-    p = result.mask_probability
-    if p is None:
-        return {False, True}
-    return {True} if p >= MASKED_FROM else {False} if p <= BARE_UNTIL else {False, True}
-
-
 def comparison_kinds(*faces: EmbedResult | None) -> set[str]:
     """The kinds a comparison of these faces may be (None: a gallery photo template, bare)."""
     from itertools import product
 
     from mfr_ray.evaluation.comparison_kinds import kind_of
+    from mfr_ray.masking.presence import masked_states
 
-    states = [masked_states(f) if f is not None else {False} for f in faces]
+    states = [masked_states(f.mask_probability) if f is not None else {False} for f in faces]
     return {kind_of(list(combo)) for combo in product(*states)}
 
 
@@ -90,14 +82,16 @@ class IdentifyResult:
     identity: str | None
     score: float | None
     threshold: float
-    far: float
-    far_resolvable: bool
+    far: float | None  # the per-comparison FAR decided at; None when decided at a per-search `fpir`
+    far_resolvable: bool  # the rate decided at (FAR or FPIR) is measurable on its calibration set
     image: ImageReport
     candidates: list[Candidate] = field(default_factory=list)
     reason: str = ""
-    comparison_kind: str = ""
+    comparison_kind: str = ""  # per comparison: unmasked-unmasked ...; per search: search-masked / -bare / -unsure
     kind_calibrated: bool = True
     promise: str = ""  # the rate the threshold was calibrated to keep, in words
+    fpir: float | None = None  # the per-search false-positive identification rate decided at
+    gallery_identities: int | None = None  # the gallery size a per-search threshold was calibrated for
 
 
 def _failure(results: list[EmbedResult], labels: tuple[str, ...]) -> str:
@@ -133,10 +127,22 @@ def _template_face(candidate: Candidate) -> EmbedResult | None:
     return EmbedResult("ok", "", None, "", 1.0) if is_masked_kind(candidate.template_kind) else None
 
 
+def _match(result: IdentifyResult) -> IdentifyResult:
+    """The open-set rule: the best candidate if it reaches the result's threshold, else unknown."""
+    if result.candidates:
+        best = result.candidates[0]
+        result.score = best.score
+        if best.score >= result.threshold:
+            result.decision, result.identity, result.reason = MATCH, best.identity, ""
+        else:
+            result.reason = f"best score {best.score:.4f} < threshold {result.threshold:.4f}: not enrolled"
+    return result
+
+
 def identify_decision(package: ModelPackage, far: float, probe: EmbedResult,
                       candidates: list[Candidate]) -> IdentifyResult:
-    """The one open-set rule (CLI and service): the best candidate if it reaches the threshold of the
-    comparison's kind (the probe against photo templates), else unknown."""
+    """The one open-set rule at a per-comparison FAR (CLI and service): the best candidate if it reaches
+    the threshold of the comparison's kind (the probe against photo templates), else unknown."""
     image = ImageReport.of(probe)
     if not probe.ok:
         point = package.operating_point(far)
@@ -144,16 +150,30 @@ def identify_decision(package: ModelPackage, far: float, probe: EmbedResult,
                               reason=_failure([probe], ("probe",)))
     template = _template_face(candidates[0]) if candidates else None
     point, kind, calibrated = package.decision_point(far, comparison_kinds(probe, template))
-    result = IdentifyResult(UNKNOWN, None, None, point.threshold, far, point.resolvable, image, candidates,
-                            "the gallery has no templates", kind, calibrated, _promise(far, kind, calibrated))
-    if candidates:
-        best = candidates[0]
-        result.score = best.score
-        if best.score >= point.threshold:
-            result.decision, result.identity, result.reason = MATCH, best.identity, ""
-        else:
-            result.reason = f"best score {best.score:.4f} < threshold {point.threshold:.4f}: not enrolled"
-    return result
+    return _match(IdentifyResult(UNKNOWN, None, None, point.threshold, far, point.resolvable, image, candidates,
+                                 "the gallery has no templates", kind, calibrated, _promise(far, kind, calibrated)))
+
+
+def _search_promise(point: OperatingPoint, state: str) -> str:
+    measured = (f"measured on {point.n_impostor} never-enrolled faces" if point.resolvable else
+                f"not resolvable: only {point.n_impostor} never-enrolled faces, none of which it accepts")
+    return (f"false-positive identification rate {point.far_target:g} per search for a {state} face: at most that "
+            f"share of people never enrolled is answered match ({measured}; {point.calibration_set})")
+
+
+def search_decision(points: dict[bool, OperatingPoint], fpir: float, probe: EmbedResult,
+                    candidates: list[Candidate], identities: int) -> IdentifyResult:
+    """The open-set rule at a per-search FPIR (`search_calibration`): the best candidate if it reaches the
+    threshold calibrated against this gallery for faces like the probe (masked, bare; unsure: stricter)."""
+    from mfr_ray.serve.search_calibration import decision_point
+
+    point, state = decision_point(points, probe.mask_probability if probe.ok else None)
+    if not probe.ok:
+        return IdentifyResult(NO_DECISION, None, None, point.threshold, None, point.resolvable, ImageReport.of(probe),
+                              reason=_failure([probe], ("probe",)), fpir=fpir, gallery_identities=identities)
+    return _match(IdentifyResult(UNKNOWN, None, None, point.threshold, None, point.resolvable, ImageReport.of(probe),
+                                 candidates, "the gallery has no templates", f"search-{state}", True,
+                                 _search_promise(point, state), fpir, identities))
 
 
 def verify(package: ModelPackage, a_bytes: bytes, b_bytes: bytes, far: float) -> VerifyResult:
@@ -163,12 +183,20 @@ def verify(package: ModelPackage, a_bytes: bytes, b_bytes: bytes, far: float) ->
     return verify_decision(package, far, a, b)
 
 
-def identify(package: ModelPackage, gallery: Gallery, image_bytes: bytes, far: float, k: int = 5) -> IdentifyResult:
-    """Who is this, among the gallery's enrolled identities, at false accept rate `far`? The top `k`
-    identities come back as candidates either way."""
+def identify(package: ModelPackage, gallery: Gallery, image_bytes: bytes, far: float | None, k: int = 5,
+             fpir: float | None = None) -> IdentifyResult:
+    """Who is this, among the gallery's enrolled identities, at false accept rate `far` per comparison (one
+    of the package's calibrated FARs) or, given `fpir`, at that per-search rate (the package's search
+    calibration against this gallery)? The top `k` identities come back as candidates either way."""
+    from mfr_ray.serve.search_calibration import gallery_points
+
     gallery.check_package(package)
-    package.operating_point(far)
+    points, identities = gallery_points(package, gallery, fpir) if fpir is not None else (None, 0)
+    if points is None:
+        package.operating_point(far)
     (probe,) = package.embed_images([image_bytes])
     matches = gallery.search_identities(probe.embedding, k) if probe.ok else []
     candidates = [Candidate(m.identity, m.score, m.template_id, m.source_key, m.template_kind) for m in matches]
-    return identify_decision(package, far, probe, candidates)
+    if points is None:
+        return identify_decision(package, far, probe, candidates)
+    return search_decision(points, fpir, probe, candidates, identities)
