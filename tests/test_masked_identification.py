@@ -22,33 +22,50 @@ from mfr_ray.evaluation.masked_identification import (
     BenchSettings,
     Probe,
     decide,
-    fpir_operating_points,
+    one_threshold,
     plan_benchmark,
     tally,
 )
+from mfr_ray.serve.package import OperatingPoint
+from mfr_ray.serve.search_calibration import search_point
 
 ENROLLED_PEOPLE = ("Aaron_Peirsol", "Abdullah_Gul", "Adam_Sandler")  # 3+ photos each
 SINGLE_PEOPLE = ("Aaron_Eckhart", "Aaron_Guiel")  # one photo each
 CELEBA_IDS = 6
 
 
-def answer(group: str, identity: str, top: str | None, score: float | None, status: str = "ok") -> Answer:
-    return Answer(Probe(group, identity, f"{identity}_0002.jpg", UNMASKED), status, top, score, top == identity)
+def answer(group: str, identity: str, top: str | None, score: float | None, status: str = "ok",
+           mask_probability: float | None = 0.0) -> Answer:
+    return Answer(Probe(group, identity, f"{identity}_0002.jpg", UNMASKED), status, top, score, top == identity,
+                  mask_probability)
+
+
+def at(threshold: float) -> OperatingPoint:
+    return OperatingPoint(0.01, threshold, 0.0, float("nan"), 0, 100, 0, True, "hand")
 
 
 def test_hand_worked_outcomes_and_fpir_threshold():
     answers = [answer(ENROLLED, "a", "a", 0.9), answer(ENROLLED, "a", "b", 0.8), answer(ENROLLED, "b", "b", 0.2),
                answer(ENROLLED, "b", None, None, "no_face"), answer(NEVER_ENROLLED, "z", "a", 0.7),
                answer(NEVER_ENROLLED, "y", "b", 0.1)]
-    assert [decide(a, 0.5) for a in answers] == ["match_right", "match_wrong", "unknown", "no_face", "match_wrong",
-                                                "unknown"]
-    counts = tally(answers[:4], 0.5)
+    assert [decide(a, one_threshold(at(0.5))) for a in answers] == ["match_right", "match_wrong", "unknown",
+                                                                    "no_face", "match_wrong", "unknown"]
+    counts = tally(answers[:4], one_threshold(at(0.5)))
     assert counts == {"match_right": 1, "match_wrong": 1, "unknown": 1, "no_face": 1, "probes": 4}
     # 200 never-enrolled best scores 0.000 .. 0.199: FPIR 1% lets 2 through, 0.1% none
     scores = np.arange(200) / 1000.0
-    at_1, at_01 = fpir_operating_points(scores, (0.01, 0.001), "hand")
+    at_1, at_01 = (search_point(scores, fpir, "hand") for fpir in (0.01, 0.001))
     assert at_1.threshold == np.nextafter(0.197, np.inf) and at_1.false_accepts == 2 and at_1.resolvable
     assert at_01.threshold == np.nextafter(0.199, np.inf) and at_01.false_accepts == 0 and not at_01.resolvable
+
+
+def test_each_probe_is_judged_by_its_mask_state():
+    """Per mask state: bare probes at 0.5, masked at 0.7; a probe the classifier is unsure of (0.3 < p < 0.7,
+    or no probability) takes the stricter."""
+    points = {False: at(0.5), True: at(0.7)}
+    bare, masked, unsure = (answer(ENROLLED, "a", "a", 0.6, mask_probability=p) for p in (0.1, 0.9, 0.5))
+    assert [decide(a, points) for a in (bare, masked, unsure)] == ["match_right", "unknown", "unknown"]
+    assert decide(answer(ENROLLED, "a", "a", 0.75, mask_probability=None), points) == "match_right"
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +119,10 @@ def test_tiny_run_counts_add_up(in_process):
 
 def test_thresholds_are_the_calibration_quantile_by_hand(in_process):
     """Redo the calibration from the cached embeddings: the best cosine of each CelebA probe against the
-    enrolled embeddings, the floor(FPIR * n)-th highest, just above it."""
+    enrolled embeddings, the floor(FPIR * n)-th highest, just above it - over every probe for one threshold,
+    over the probes each mask state admits for the service's rule."""
     from mfr_ray.evaluation.masked_bench import embed_files, package_for, probe_file
+    from mfr_ray.masking.presence import masked_states
     from mfr_ray.serve.package import load_package
 
     summary, cache, ckpt = in_process
@@ -112,21 +131,26 @@ def test_thresholds_are_the_calibration_quantile_by_hand(in_process):
     gallery = np.stack([r.embedding for r in embed_files(package, gallery_files, cache, 1)])
     calib = [Probe(CALIBRATION, i, s, k) for i, s, k in summary["calibration_probes"]]
     files = [probe_file(cache, SETTINGS, p) for p in calib]
-    best = [float((gallery @ r.embedding).max()) for r in embed_files(package, [f for f in files if f], cache, 1)
-            if r.ok]
-    for point in summary["operating_points"]:
-        ranked = sorted(best, reverse=True)
-        allowed = int(np.floor(point["far_target"] * len(ranked) + 1e-9))
-        expected = -np.inf if allowed >= len(ranked) else np.nextafter(ranked[allowed], np.inf)
-        assert point["threshold"] == pytest.approx(expected, abs=1e-5)
-        assert point["n_impostor"] == len(ranked)
+    faces = [r for r in embed_files(package, [f for f in files if f], cache, 1) if r.ok]
+    best = [(float((gallery @ r.embedding).max()), masked_states(r.mask_probability)) for r in faces]
+    for column, points in summary["thresholds"].items():
+        fpir, rule = float(column.split()[0]), column.split(" ", 1)[1]
+        for state, point in points.items():
+            scores = [b for b, states in best if rule == "one threshold" or (state == "masked") in states]
+            ranked = sorted(scores, reverse=True)
+            allowed = int(np.floor(fpir * len(ranked) + 1e-9))
+            expected = -np.inf if allowed >= len(ranked) else np.nextafter(ranked[allowed], np.inf)
+            assert point["threshold"] == pytest.approx(expected, abs=1e-5), (column, state)
+            assert point["n_impostor"] == len(ranked)
+    assert any(states == {True} for _, states in best) and any(states == {False} for _, states in best)
 
 
 @pytest.mark.slow
 def test_http_gives_the_same_decisions(in_process, tiny_sets):
-    """The LFW probes sent to /identify of `mfr serve` on the calibrated package: the service's decision at
-    FPIR 1% equals the benchmark's rule on the score it returns, and the counts are the in-process run's (within
-    one probe on the threshold)."""
+    """The LFW probes sent to /identify of `mfr serve` deciding at FPIR 1% with the calibration probes as the
+    package's search calibration: the service computes its own per-mask-state thresholds, and its decisions
+    equal the benchmark's rule on the score and mask probability it returns; the counts are the in-process
+    run's (within one probe on the threshold)."""
     from mfr_ray.evaluation.masked_bench import run_benchmark
 
     summary, cache, ckpt = in_process

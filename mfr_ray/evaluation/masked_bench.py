@@ -46,7 +46,7 @@ def _photo_chunk(items: list[tuple[str, str, str]], seed: int) -> list[str]:
     return [mask_photo(source, kind, out, seed) for source, kind, out in items]
 
 
-def _embed_chunk(paths: list[str], package_folder: str) -> list[tuple[str, str, np.ndarray | None]]:
+def _embed_chunk(paths: list[str], package_folder: str) -> list[tuple[str, np.ndarray | None, float | None]]:
     from mfr_ray.serve.package import load_package
 
     if _STATE.get("package_folder") != package_folder:
@@ -55,7 +55,7 @@ def _embed_chunk(paths: list[str], package_folder: str) -> list[tuple[str, str, 
         torch.set_num_threads(1)
         _STATE["package"], _STATE["package_folder"] = load_package(package_folder, num_threads=1), package_folder
     results = _STATE["package"].embed_images([Path(p).read_bytes() for p in paths])
-    return [(r.status, r.reason, r.embedding) for r in results]
+    return [(r.status, r.embedding, r.mask_probability) for r in results]
 
 
 def map_chunks(fn: Callable, items: list, workers: int, chunk: int = 16, **kwargs) -> list:
@@ -130,25 +130,34 @@ def probe_file(cache: Path, settings: BenchSettings, probe: Probe) -> str | None
 
 
 def embed_files(package, files: list[str], cache: Path, workers: int) -> list[EmbedResult]:
-    """`package.embed_images` of every file, cached per package id and file (later runs embed only the
-    files not seen before)."""
+    """`package.embed_images` of every file (embedding and mask probability), cached per package id and file
+    (later runs embed only the files not seen before; a cache without mask probabilities is redone)."""
     path = cache / "embeddings" / f"{package.package_id}.npz"
-    known: dict[str, tuple[str, np.ndarray]] = {}
+    known: dict[str, tuple[str, np.ndarray, float]] = {}
     if path.is_file():
-        saved = np.load(path)
-        known = {str(f): (str(s), e) for f, s, e in zip(saved["files"], saved["status"], saved["embedding"], strict=True)}
+        with np.load(path, allow_pickle=False) as saved:
+            if "mask_probability" in saved:
+                known = {str(f): (str(s), e, float(m)) for f, s, e, m in zip(
+                    saved["files"], saved["status"], saved["embedding"], saved["mask_probability"], strict=True)}
     todo = sorted({f for f in files if f not in known})
     _log(f"embedding {len(todo)} of {len(files)} photos (the rest cached)")
     rows = map_chunks(_embed_chunk, todo, workers, package_folder=str(package.folder))
-    for file, (status, _, emb) in zip(todo, rows, strict=True):
-        known[file] = (status, emb if status == "ok" else np.zeros(package.embedding_size, np.float32))
+    for file, (status, emb, probability) in zip(todo, rows, strict=True):
+        ok = status == "ok"
+        known[file] = (status, emb if ok else np.zeros(package.embedding_size, np.float32), probability if ok else np.nan)
     if todo:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = sorted(known)
-        np.savez(path.with_suffix(".tmp.npz"), files=np.array(names), status=np.array([known[f][0] for f in names]),
-                 embedding=np.stack([known[f][1] for f in names]).astype(np.float32))
-        path.with_suffix(".tmp.npz").replace(path)
-    return [EmbedResult(known[f][0], "", known[f][1] if known[f][0] == "ok" else None, "") for f in files]
+        _save_embeddings(path, known)
+    return [EmbedResult(known[f][0], "", known[f][1] if known[f][0] == "ok" else None, "",
+                        None if np.isnan(known[f][2]) else known[f][2]) for f in files]
+
+
+def _save_embeddings(path: Path, known: dict[str, tuple[str, np.ndarray, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(known)
+    np.savez(path.with_suffix(".tmp.npz"), files=np.array(names), status=np.array([known[f][0] for f in names]),
+             embedding=np.stack([known[f][1] for f in names]).astype(np.float32),
+             mask_probability=np.array([known[f][2] for f in names], dtype=np.float64))
+    path.with_suffix(".tmp.npz").replace(path)
 
 
 def embed_probes(package, probes: list[Probe], cache: Path, settings: BenchSettings, workers: int) -> list[EmbedResult]:
@@ -200,7 +209,8 @@ def package_for(source: str, cache: Path) -> str:
 def run_package(source: str, plan: Plan, cache: Path, settings: BenchSettings, workers: int,
                 http: bool = False, synthetic: int = 0) -> dict:
     """Enrol, calibrate on the calibration probes, answer every LFW probe (in process, or over HTTP from a
-    service started on the calibrated package) and summarise."""
+    service deciding at a per-search FPIR with the calibration probes as its search calibration) and
+    summarise."""
     from mfr_ray.serve.package import load_package
 
     started = time.perf_counter()
@@ -209,16 +219,20 @@ def run_package(source: str, plan: Plan, cache: Path, settings: BenchSettings, w
     enrolled_s = time.perf_counter() - started
     calib = [p for p in plan.probes if p.group == "calibration"]
     scored = [p for p in plan.probes if p.group != "calibration"]
-    answers = search_answers(calib, embed_probes(package, calib, cache, settings, workers), gallery.search_identities)
-    points = calibrate(answers, settings.fpirs)
+    calib_results = embed_probes(package, calib, cache, settings, workers)
+    answers = search_answers(calib, calib_results, gallery.search_identities)
+    n_gallery = len(gallery.identities())
+    rules = calibrate(answers, settings.fpirs, n_gallery)
     if http:
         from mfr_ray.evaluation.masked_http import http_answers
 
-        scored_answers, agreement = http_answers(package, gallery, points, scored, cache, settings, workers)
+        files = [probe_file(cache, settings, p) for p in scored]
+        scored_answers, agreement = http_answers(package, gallery, (calib, calib_results), rules, scored, files,
+                                                 cache, settings, workers)
     else:
         results = embed_probes(package, scored, cache, settings, workers)
         scored_answers, agreement = search_answers(scored, results, gallery.search_identities), None
-    summary = summarise(answers + scored_answers, points, len(gallery.identities()))
+    summary = summarise(answers + scored_answers, rules, n_gallery)
     elapsed = time.perf_counter() - started
     return summary | {"source": source, "package_id": package.package_id, "http": http, "elapsed_s": elapsed,
                       "enrol_s": enrolled_s, "images": len(plan.gallery) + len(plan.probes),

@@ -1,12 +1,11 @@
 """The masked-identification benchmark's probes sent to `/identify` of `mfr serve` (Ray Serve on loopback),
-started on a copy of the package whose operating points are the benchmark's FPIR thresholds and on the
-benchmark's gallery. The service's own decision at the first FPIR is compared with the benchmark's rule
-applied to the score it returned (`service_agreement`)."""
+started on a copy of the package whose search calibration is the benchmark's calibration probes, on the
+benchmark's gallery, deciding at the first FPIR. The service computes its per-search thresholds itself;
+its decisions are compared with the benchmark's `per mask state` rule applied to the score and mask
+probability it returned (`service_agreement`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,22 +13,26 @@ from pathlib import Path
 import numpy as np
 
 from mfr_ray.evaluation.masked_identification import Answer, BenchSettings, Probe, decide
-from mfr_ray.serve.package import PACKAGE_JSON, OperatingPoint
+from mfr_ray.serve.search_calibration import SearchCalibration
 
 
-def calibrated_copy(package, points: list[OperatingPoint], out: Path) -> Path:
-    """The package with `calibration.operating_points` = the FPIR thresholds (same weights: same id)."""
+def calibrated_copy(package, calibration: SearchCalibration, out: Path) -> Path:
+    """The package with the calibration probes as its search calibration (same weights: same id)."""
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(package.folder, out)
-    spec = json.loads((out / PACKAGE_JSON).read_text())
-    spec["calibration"] = {"operating_points": [dataclasses.asdict(p) for p in points],
-                           "score": "per-search FPIR on never-enrolled probes (masked_identification)"}
-    (out / PACKAGE_JSON).write_text(json.dumps(spec, indent=2))
+    calibration.save(out)
     return out
 
 
-def start_service(package_folder: Path, gallery_uri: str, far: float, replicas: int) -> str:
+def search_calibration_of(probes: list[Probe], results: list) -> SearchCalibration:
+    kept = [(p, r) for p, r in zip(probes, results, strict=True) if r.ok]
+    return SearchCalibration(np.stack([r.embedding for _, r in kept]).astype(np.float32),
+                             np.array([r.mask_probability for _, r in kept], dtype=np.float64),
+                             np.array([p.kind for p, _ in kept]), "CelebA-299")
+
+
+def start_service(package_folder: Path, gallery_uri: str, fpir: float, replicas: int) -> str:
     """`mfr serve` in this process's Ray (loopback, no key); returns its URL."""
     import socket
 
@@ -38,14 +41,14 @@ def start_service(package_folder: Path, gallery_uri: str, far: float, replicas: 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = ServeConfig(package=str(package_folder), gallery=gallery_uri, port=port, far=far,
+    cfg = ServeConfig(package=str(package_folder), gallery=gallery_uri, port=port, fpir=fpir,
                       num_replicas=replicas, embedder_num_cpus=0, audit_log=None, disclose_candidates=True,
                       limits=LimitsConfig(rate_per_s=1e6, burst=10**6))
     start(cfg)
     return f"http://127.0.0.1:{cfg.port}"
 
 
-def post_identify(url: str, path: str, far: float, retries: int = 5) -> dict:
+def post_identify(url: str, path: str, retries: int = 5) -> dict:
     """One `/identify` (raw JPEG body); a 4xx answers its error (e.g. no_face) as `status`."""
     import time
 
@@ -53,7 +56,7 @@ def post_identify(url: str, path: str, far: float, retries: int = 5) -> dict:
 
     data = Path(path).read_bytes()
     for attempt in range(retries):
-        got = requests.post(f"{url}/identify?far={far}&k=1", data=data, headers={"Content-Type": "image/jpeg"},
+        got = requests.post(f"{url}/identify?k=1", data=data, headers={"Content-Type": "image/jpeg"},
                             timeout=300)
         if got.status_code != 503:
             break
@@ -66,28 +69,31 @@ def _answer(probe: Probe, body: dict) -> Answer:
     if body["status"] != "ok" or not body.get("candidates"):
         return Answer(probe, body["status"] if body["status"] != "ok" else "ok")
     top = body["candidates"][0]
-    return Answer(probe, "ok", top["identity"], float(top["score"]), top["identity"] == probe.identity)
+    return Answer(probe, "ok", top["identity"], float(top["score"]), top["identity"] == probe.identity,
+                  body["image"]["mask_probability"])
 
 
-def http_answers(package, gallery, points: list[OperatingPoint], probes: list[Probe], cache: Path,
-                 settings: BenchSettings, workers: int) -> tuple[list[Answer], dict]:
-    """Answers of every probe from the service, and how often its decision equals the benchmark's rule."""
+def http_answers(package, gallery, calibration: tuple[list[Probe], list], rules: dict, probes: list[Probe],
+                 files: list[str | None], cache: Path, settings: BenchSettings,
+                 workers: int) -> tuple[list[Answer], dict]:
+    """Answers of every probe (the photo in `files`; None: no mask could be drawn) from the service, and how
+    often its decision equals the benchmark's rule."""
     from ray import serve
 
-    from mfr_ray.evaluation.masked_bench import probe_file
-
-    folder = calibrated_copy(package, points, cache / "served" / f"{package.package_id}-{settings.key()}")
-    far = points[0].far_target
-    url = start_service(folder, gallery.uri, far, workers)
-    files = [probe_file(cache, settings, p) for p in probes]
+    folder = calibrated_copy(package, search_calibration_of(*calibration),
+                             cache / "served" / f"{package.package_id}-{settings.key()}")
+    fpir = settings.fpirs[0]
+    url = start_service(folder, gallery.uri, fpir, workers)
     try:
         with ThreadPoolExecutor(max(4, 2 * workers)) as pool:
-            bodies = list(pool.map(lambda f: post_identify(url, f, far) if f else {"status": "mask_failed"}, files))
+            bodies = list(pool.map(lambda f: post_identify(url, f) if f else {"status": "mask_failed"}, files))
     finally:
         serve.shutdown()
     answers = [_answer(p, b) for p, b in zip(probes, bodies, strict=True)]
-    same = [decide(a, points[0].threshold) == _service_outcome(a, b) for a, b in zip(answers, bodies, strict=True)]
-    return answers, {"far": far, "probes": len(same), "agree": int(np.sum(same))}
+    points = rules[f"{fpir:g}"]["per mask state"]
+    same = [decide(a, points) == _service_outcome(a, b) for a, b in zip(answers, bodies, strict=True)]
+    answered = sum(b["status"] == "ok" for b in bodies)  # a 4xx other than no_face would agree without a decision
+    return answers, {"fpir": fpir, "probes": len(same), "agree": int(np.sum(same)), "answered": answered}
 
 
 def _service_outcome(answer: Answer, body: dict) -> str:

@@ -11,7 +11,8 @@ service's rule (`recognise.identify_decision`).
 
 Thresholds come from people the benchmark does not score: CelebA-299 photos, masked the same way, searched
 against the same gallery; the threshold at a per-search FPIR is the (1 - FPIR) quantile of their best
-scores (`fpir_operating_points`, reusable by later mask-aware work). Masked photos and embeddings are cached
+scores (`search_calibration.search_point`, the service's own rule), either one threshold for every probe or
+one per mask state as the service decides (`search_calibration.state_points`). Masked photos and embeddings are cached
 under the cache folder, keyed by the settings and the package id.
 """
 
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.evaluation.identification import fpir_threshold
 from mfr_ray.masking.held_out import MASKED_KINDS, UNMASKED, masked_kind
 from mfr_ray.serve.package import EmbedResult, OperatingPoint
+from mfr_ray.serve.search_calibration import STATE_NAMES, search_point, state_points
 
 ENROLLED, NEVER_ENROLLED, CALIBRATION = "enrolled", "never_enrolled", "calibration"
 OUTCOMES = ("match_right", "match_wrong", "unknown", "no_face")
@@ -113,55 +114,41 @@ def plan_benchmark(lfw_root: str | Path, celeba_root: str | Path, settings: Benc
 # -- scoring ---------------------------------------------------------------------------------------------
 @dataclass
 class Answer:
-    """What the service says of one probe: its image status and the best gallery candidate."""
+    """What the service says of one probe: its image status, the best gallery candidate and the probe's mask
+    probability (which per-search threshold the service takes)."""
 
     probe: Probe
     status: str
     top_identity: str | None = None
     top_score: float | None = None
     rank1: bool = False  # the probe's own identity is the best candidate
+    mask_probability: float | None = None
 
 
-def fpir_operating_points(best_scores: np.ndarray, fpirs: Iterable[float], calibration_set: str,
-                          n_mated: int = 0) -> list[OperatingPoint]:
-    """Thresholds at per-search FPIRs from never-enrolled probes' best gallery scores (probes with a face):
-    the package's `calibration.operating_points` (far_target = the FPIR) a service decides with."""
-    scores = np.asarray(best_scores, dtype=np.float64)
-    points = []
-    for target in fpirs:
-        threshold = fpir_threshold(scores, target)
-        accepted = int((scores >= threshold).sum())
-        points.append(OperatingPoint(
-            far_target=float(target), threshold=float(threshold), far=accepted / max(len(scores), 1), tpr=float("nan"),
-            false_accepts=accepted, n_impostor=len(scores), n_genuine=n_mated,
-            resolvable=bool(len(scores) and 1.0 / len(scores) <= target), calibration_set=calibration_set))
-    return points
+def one_threshold(point: OperatingPoint) -> dict[bool, OperatingPoint]:
+    """The same point for masked and bare probes: a service with one threshold."""
+    return {False: point, True: point}
 
 
-def decide(answer: Answer, threshold: float) -> str:
-    """The service's open-set rule (`recognise.identify_decision`) as an outcome: match_right,
-    match_wrong, unknown, or no_face (no usable face in the probe: no decision)."""
-    from dataclasses import asdict
+def decide(answer: Answer, points: dict[bool, OperatingPoint]) -> str:
+    """The service's per-search rule (`recognise.search_decision`: the probe's mask state picks the point,
+    unsure the stricter) as an outcome: match_right, match_wrong, unknown, or no_face (no decision)."""
+    from mfr_ray.serve.recognise import MATCH, Candidate, search_decision
 
-    from mfr_ray.serve.package import ModelPackage
-    from mfr_ray.serve.recognise import MATCH, Candidate, identify_decision
-
-    point = OperatingPoint(0.5, threshold, 0.0, 0.0, 0, 0, 0, True, "")
-    package = ModelPackage("unused", {"calibration": {"operating_points": [asdict(point)]}})  # one threshold
     ok = answer.status == "ok"
-    probe = EmbedResult(answer.status, "", np.zeros(1, np.float32) if ok else None, "")
+    probe = EmbedResult(answer.status, "", np.zeros(1, np.float32) if ok else None, "", answer.mask_probability)
     candidates = [Candidate(answer.top_identity, answer.top_score, "", "")] if ok and answer.top_identity else []
-    result = identify_decision(package, 0.5, probe, candidates)
+    result = search_decision(points, points[False].far_target, probe, candidates, 0)
     if result.decision == MATCH:
         return "match_right" if result.identity == answer.probe.identity else "match_wrong"
     return "unknown" if ok else "no_face"
 
 
-def tally(answers: list[Answer], threshold: float) -> dict[str, int]:
+def tally(answers: list[Answer], points: dict[bool, OperatingPoint]) -> dict[str, int]:
     """Outcome counts (they add up to the probes)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for answer in answers:
-        counts[decide(answer, threshold)] += 1
+        counts[decide(answer, points)] += 1
     return counts | {"probes": len(answers)}
 
 
@@ -170,25 +157,32 @@ def _select(answers: list[Answer], group: str, masked: bool | None = None, kind:
             and (kind is None or a.probe.kind == kind)]
 
 
-def calibrate(answers: list[Answer], fpirs: Iterable[float]) -> list[OperatingPoint]:
-    """Thresholds from the calibration probes (masked and unmasked pooled: a service has one threshold)."""
+def calibrate(answers: list[Answer], fpirs: Iterable[float], n_gallery: int) -> dict[str, dict]:
+    """Per FPIR, the two rules from the calibration probes' best scores: `one threshold` (masked and bare
+    pooled) and `per mask state` (the service's: `search_calibration.state_points`)."""
     calib = [a for a in _select(answers, CALIBRATION) if a.status == "ok"]
     scores = np.array([a.top_score for a in calib], dtype=np.float64)
-    return fpir_operating_points(scores, fpirs, f"CelebA-299, {len(calib)} never-enrolled probes (masked and not)")
+    probabilities = np.array([np.nan if a.mask_probability is None else a.mask_probability for a in calib])
+    label = f"CelebA-299, {len(calib)} never-enrolled probes (masked and not)"
+    return {f"{fpir:g}": {"one threshold": one_threshold(search_point(scores, fpir, label)),
+                          "per mask state": state_points(scores, probabilities, fpir, "CelebA-299", n_gallery)}
+            for fpir in fpirs}
 
 
-def summarise(answers: list[Answer], points: list[OperatingPoint], n_gallery: int) -> dict:
-    """Rank-1 and, per FPIR, outcome counts of each probe row (enrolled / never enrolled x unmasked / masked /
-    each masked kind), with the FPIR measured on the never-enrolled LFW probes."""
+def summarise(answers: list[Answer], rules: dict[str, dict], n_gallery: int) -> dict:
+    """Rank-1 and, per FPIR and rule, outcome counts of each probe row (enrolled / never enrolled x unmasked /
+    masked / each masked kind); the never-enrolled LFW probes' `match_wrong` measures the FPIR reached."""
     rows = {"enrolled masked": _select(answers, ENROLLED, True),
             "enrolled unmasked": _select(answers, ENROLLED, False),
             **{f"enrolled {k}": _select(answers, ENROLLED, kind=k) for k in MASKED_KINDS},
             "never enrolled masked": _select(answers, NEVER_ENROLLED, True),
             "never enrolled unmasked": _select(answers, NEVER_ENROLLED, False)}
     out = {"n_gallery": n_gallery, "rank1": {name: _rank1(rows[name]) for name in rows if name.startswith("enrolled")},
-           "operating_points": [asdict(p) for p in points], "counts": {}}
-    for point in points:
-        out["counts"][f"{point.far_target:g}"] = {name: tally(rows[name], point.threshold) for name in rows}
+           "thresholds": {}, "counts": {}}
+    for fpir, by_rule in rules.items():
+        for rule, points in by_rule.items():
+            out["thresholds"][f"{fpir} {rule}"] = {STATE_NAMES[s]: asdict(p) for s, p in points.items()}
+            out["counts"][f"{fpir} {rule}"] = {name: tally(rows[name], points) for name in rows}
     return out
 
 
@@ -208,25 +202,27 @@ def search_answers(probes: list[Probe], results: list[EmbedResult], search: Call
         best = search(result.embedding, 1)
         top = best[0] if best else None
         answers.append(Answer(probe, "ok", top and top.identity, top and top.score,
-                              bool(top and top.identity == probe.identity)))
+                              bool(top and top.identity == probe.identity), result.mask_probability))
     return answers
 
 
 def format_table(summary: dict, label: str) -> str:
-    """The README's table: rows of probes, per FPIR match-right / match-wrong / unknown (+ no face)."""
-    fpirs = list(summary["counts"])
-    head = " | ".join(f"FPIR {float(f) * 100:g}%: right / wrong / unknown / no face" for f in fpirs)
+    """The README's table: rows of probes, per FPIR and rule match-right / match-wrong / unknown (+ no face)."""
+    columns = list(summary["counts"])
+    head = " | ".join(f"FPIR {float(c.split()[0]) * 100:g}%, {c.split(' ', 1)[1]}: right / wrong / unknown / no face"
+                      for c in columns)
     lines = [f"{label}: gallery N = {summary['n_gallery']}",
-             "| probes | n | rank-1 | " + head + " |", "|---" * (3 + len(fpirs)) + "|"]
-    for name in summary["counts"][fpirs[0]]:
-        n = summary["counts"][fpirs[0]][name]["probes"]
+             "| probes | n | rank-1 | " + head + " |", "|---" * (3 + len(columns)) + "|"]
+    for name in summary["counts"][columns[0]]:
+        n = summary["counts"][columns[0]][name]["probes"]
         rank1 = summary["rank1"].get(name)
         cells = []
-        for f in fpirs:
-            c = summary["counts"][f][name]
+        for column in columns:
+            c = summary["counts"][column][name]
             cells.append(" / ".join(f"{c[k]} ({100 * c[k] / max(n, 1):.1f}%)" if k != "no_face" else str(c[k])
                                     for k in OUTCOMES))
         lines.append(f"| {name} | {n} | {'-' if rank1 is None else f'{100 * rank1:.1f}%'} | " + " | ".join(cells) + " |")
-    thresholds = ", ".join(f"FPIR {p['far_target']:g}: {p['threshold']:.4f} (calibration accepts "
-                           f"{p['false_accepts']}/{p['n_impostor']})" for p in summary["operating_points"])
+    thresholds = "; ".join(f"{column}: " + ", ".join(f"{state} {p['threshold']:.4f} (accepts {p['false_accepts']}/"
+                                                      f"{p['n_impostor']})" for state, p in points.items())
+                           for column, points in summary["thresholds"].items())
     return "\n".join(lines + [f"thresholds: {thresholds}"])

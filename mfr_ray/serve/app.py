@@ -401,7 +401,7 @@ class Asked:
     per-search rate and its thresholds (None: decided per comparison); then the embedded faces."""
 
     key_id: str | None
-    far: float
+    far: float | None  # None when /identify decides at a per-search rate
     k: int | None = None
     fpir: float | None = None
     search: dict | None = None
@@ -548,12 +548,13 @@ class Frontend:
         for the gallery as it is) and the embedded images (a 4xx when one has no usable face)."""
         key_id = await self._guard(request)
         params, images = await self._payload(request, names)
-        far, _ = self._far(params)
-        asked = Asked(key_id, far)
+        asked = Asked(key_id, None)
         if identify:
             asked.k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k)
             asked.fpir = self._fpir(params)
             asked.search = await self._search_points(asked.fpir) if asked.fpir is not None else None
+        if asked.fpir is None:
+            asked.far, _ = self._far(params)
         asked.faces = await self._embed([images[name] for name in names])
         self._refuse_images(asked.faces, names)
         return asked

@@ -60,17 +60,30 @@ class SearchCalibration:
         return path
 
     def in_state(self, masked: bool) -> np.ndarray:
-        """Which calibration faces a probe judged `masked` (or bare) is compared with: those the classifier
-        could call the same (an unsure face counts in both)."""
-        return np.array([masked in masked_states(p) for p in self.mask_probability], dtype=bool)
+        return in_state(self.mask_probability, masked)
 
     def points(self, best_scores: np.ndarray, fpir: float, identities: int) -> dict[bool, OperatingPoint]:
         """The threshold at per-search `fpir` for masked and for bare probes, from each calibration face's
         best score against a gallery of `identities` people."""
-        return {masked: search_point(best_scores[self.in_state(masked)], fpir,
-                                     f"{self.calibration_set}: {int(self.in_state(masked).sum())} never-enrolled "
-                                     f"{STATE_NAMES[masked]} faces against a gallery of {identities} identities")
-                for masked in (False, True)}
+        return state_points(best_scores, self.mask_probability, fpir, self.calibration_set, identities)
+
+
+def in_state(probabilities: np.ndarray, masked: bool) -> np.ndarray:
+    """Which faces a probe judged `masked` (or bare) is compared with: those the classifier could call the
+    same (an unsure face, or one without a probability (NaN), counts in both)."""
+    return np.array([masked in masked_states(None if np.isnan(p) else p) for p in probabilities], dtype=bool)
+
+
+def state_points(best_scores: np.ndarray, probabilities: np.ndarray, fpir: float, calibration_set: str,
+                 identities: int) -> dict[bool, OperatingPoint]:
+    """The threshold at per-search `fpir` for masked and for bare probes from never-enrolled faces' best
+    scores against a gallery of `identities` people, each face in the state(s) its mask probability allows."""
+    points = {}
+    for masked in (False, True):
+        chosen = in_state(np.asarray(probabilities, dtype=np.float64), masked)
+        points[masked] = search_point(np.asarray(best_scores)[chosen], fpir, f"{calibration_set}: {int(chosen.sum())} "
+                                      f"never-enrolled {STATE_NAMES[masked]} faces, gallery of {identities} identities")
+    return points
 
 
 def search_point(best_scores: np.ndarray, fpir: float, calibration_set: str) -> OperatingPoint:
