@@ -61,6 +61,9 @@ class QuickstartConfig(StrictModel):
     calibrate: StageConfig = Field(StageConfig(config="configs/quickstart/calibrate.yaml"), description="the "
                                    "evaluation the served package's thresholds come from (masked photos aligned "
                                    "as deployed)")
+    search_calibration_identities: int = Field(299, ge=0, description="CelebA-299 people (one photo each, bare "
+                                               "and masked with held-out masks) whose faces calibrate the package's "
+                                               "per-search rates (/identify?fpir=); 0: none. The quick variant takes 12")
     quick: bool = Field(False, description="a few identities and one epoch (the test-suite variant)")
     quick_overrides: dict[str, list[str]] = Field(default_factory=dict, description="stage -> overrides for quick")
     headline_variant: str = "mixed"
@@ -199,7 +202,8 @@ def best_network(rows: list[dict], variant: str, far_metric: str, max_unmasked_l
 
 def serve_package(cfg: QuickstartConfig, root: str, model, parent: str | None) -> str:
     """Calibrate the served network on bare and masked photos aligned as deployed (the calibrate stage) and
-    export it as a ready-to-serve package with a threshold per kind of comparison."""
+    export it as a ready-to-serve package with a threshold per kind of comparison and, from never-enrolled
+    CelebA-299 faces, per-search rates for identification."""
     from mfr_ray.serve.package import export_package
 
     calib = cfg.stage("calibrate", f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-calibrate")
@@ -208,6 +212,12 @@ def serve_package(cfg: QuickstartConfig, root: str, model, parent: str | None) -
     out = join_uri(root, "package")
     tracking = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment)
     export_package(summary["run_id"], out, fars=tuple(calib.far_targets), tracking=tracking)
+    identities = min(cfg.search_calibration_identities, 12) if cfg.quick else cfg.search_calibration_identities
+    if identities:
+        from mfr_ray.paths import shared_dir
+        from mfr_ray.serve.search_calibration import add_search_calibration
+
+        add_search_calibration(out, shared_dir() / "datasets" / "celeba299", max_identities=identities)
     return out
 
 
@@ -266,5 +276,6 @@ def print_outcome(cfg: QuickstartConfig, outcome: dict) -> None:
     package = outcome["package"]
     print(f"served network: {outcome['served']}, packaged in {package} (thresholds per kind of comparison: "
           f"{package}/MODEL_CARD.md). Enrol a folder of <person>/<photo> files, serve it, identify a photo:")
-    print(f"  mfr enrol {package} PEOPLE_DIR --out galleries/site\n  mfr serve {package} --gallery galleries/site\n"
+    fpir = " --fpir 0.01" if cfg.search_calibration_identities else ""
+    print(f"  mfr enrol {package} PEOPLE_DIR --out galleries/site\n  mfr serve {package} --gallery galleries/site{fpir}\n"
           "  curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/identify")
