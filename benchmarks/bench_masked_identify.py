@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mfr_ray.evaluation.masked_bench import run_benchmark
-from mfr_ray.evaluation.masked_identification import BenchSettings, format_table
+from mfr_ray.evaluation.masked_identification import BenchSettings, format_margin_study, format_table
 from mfr_ray.paths import shared_dir
 
 
@@ -50,6 +50,7 @@ def main() -> None:
     for summary in summaries:
         label = f"{summary['source']} ({'HTTP /identify' if summary['http'] else 'in process'})"
         print(format_table(summary, label))
+        print(format_margin_study(summary))
         print(f"package {summary['package_id']}: {summary['elapsed_s']:.0f} s (enrol {summary['enrol_s']:.0f} s), "
               f"{summary['images']} images, {summary['images'] / summary['elapsed_s']:.2f} images/s; masked photos "
               f"{summary['photos_s']:.0f} s; service agreement {summary['service_agreement']}")

@@ -115,6 +115,9 @@ def test_tiny_run_counts_add_up(in_process):
             assert rows[name]["match_right"] == 0  # nobody to be right about
         assert rows["enrolled unmasked"]["no_face"] == 0
     assert summary["rank1"]["enrolled unmasked"] == 1.0  # real faces, 3 people: the control is easy
+    for fpir in SETTINGS.fpirs:  # a margin of 0 passes every probe: the margin study's counts are the service rule's
+        study, rule = summary["margin_study"][f"{fpir:g} margin 0"], summary["counts"][f"{fpir:g} per mask state"]
+        assert study["enrolled masked"] == rule["enrolled masked"] and study["enrolled unmasked"] == rule["enrolled unmasked"]
 
 
 def test_thresholds_are_the_calibration_quantile_by_hand(in_process):

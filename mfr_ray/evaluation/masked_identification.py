@@ -32,6 +32,7 @@ from mfr_ray.serve.search_calibration import STATE_NAMES, search_point, state_po
 
 ENROLLED, NEVER_ENROLLED, CALIBRATION = "enrolled", "never_enrolled", "calibration"
 OUTCOMES = ("match_right", "match_wrong", "unknown", "no_face")
+MARGINS = (0.0, 0.03, 0.06, 0.1)  # best minus second-best identity score, for the margin rule's study
 SETTINGS_VERSION = 1  # bump when the masking of probes changes: new cache folders
 
 
@@ -123,6 +124,7 @@ class Answer:
     top_score: float | None = None
     rank1: bool = False  # the probe's own identity is the best candidate
     mask_probability: float | None = None
+    second_score: float | None = None  # the second-best identity's score (the margin rule's study)
 
 
 def one_threshold(point: OperatingPoint) -> dict[bool, OperatingPoint]:
@@ -169,6 +171,29 @@ def calibrate(answers: list[Answer], fpirs: Iterable[float], n_gallery: int) -> 
             for fpir in fpirs}
 
 
+def _margin(answer: Answer) -> float:
+    return np.inf if answer.second_score is None else answer.top_score - answer.second_score
+
+
+def margin_study(answers: list[Answer], fpirs: Iterable[float], margins: Iterable[float], n_gallery: int) -> dict:
+    """Would a margin rule (match only when the best identity leads the second by >= m) help? Per FPIR and m,
+    the per-mask-state thresholds recalibrated for the combined rule (a calibration probe counts as accepted
+    only when it passes both) and the outcome counts of enrolled masked and unmasked probes."""
+    calib = [a for a in _select(answers, CALIBRATION) if a.status == "ok"]
+    probabilities = np.array([np.nan if a.mask_probability is None else a.mask_probability for a in calib])
+    rows = {"enrolled masked": _select(answers, ENROLLED, True), "enrolled unmasked": _select(answers, ENROLLED, False),
+            "never enrolled": _select(answers, NEVER_ENROLLED)}
+    out = {}
+    for fpir in fpirs:
+        for m in margins:
+            scores = np.array([a.top_score if _margin(a) >= m else -np.inf for a in calib], dtype=np.float64)
+            points = state_points(scores, probabilities, fpir, "CelebA-299 (margin rule)", n_gallery)
+            out[f"{fpir:g} margin {m:g}"] = {name: tally([a if a.status != "ok" or _margin(a) >= m else
+                                                          Answer(a.probe, "ok", mask_probability=a.mask_probability)
+                                                          for a in group], points) for name, group in rows.items()}
+    return out
+
+
 def summarise(answers: list[Answer], rules: dict[str, dict], n_gallery: int) -> dict:
     """Rank-1 and, per FPIR and rule, outcome counts of each probe row (enrolled / never enrolled x unmasked /
     masked / each masked kind); the never-enrolled LFW probes' `match_wrong` measures the FPIR reached."""
@@ -183,6 +208,7 @@ def summarise(answers: list[Answer], rules: dict[str, dict], n_gallery: int) -> 
         for rule, points in by_rule.items():
             out["thresholds"][f"{fpir} {rule}"] = {STATE_NAMES[s]: asdict(p) for s, p in points.items()}
             out["counts"][f"{fpir} {rule}"] = {name: tally(rows[name], points) for name in rows}
+    out["margin_study"] = margin_study(answers, [float(f) for f in rules], MARGINS, n_gallery)
     return out
 
 
@@ -199,10 +225,11 @@ def search_answers(probes: list[Probe], results: list[EmbedResult], search: Call
         if not result.ok:
             answers.append(Answer(probe, result.status))
             continue
-        best = search(result.embedding, 1)
+        best = search(result.embedding, 2)
         top = best[0] if best else None
         answers.append(Answer(probe, "ok", top and top.identity, top and top.score,
-                              bool(top and top.identity == probe.identity), result.mask_probability))
+                              bool(top and top.identity == probe.identity), result.mask_probability,
+                              best[1].score if len(best) > 1 else None))
     return answers
 
 
@@ -226,3 +253,16 @@ def format_table(summary: dict, label: str) -> str:
                                                       f"{p['n_impostor']})" for state, p in points.items())
                            for column, points in summary["thresholds"].items())
     return "\n".join(lines + [f"thresholds: {thresholds}"])
+
+
+def format_margin_study(summary: dict) -> str:
+    """One line per FPIR and margin: masked and unmasked enrolled probes right / wrong, strangers matched."""
+    lines = ["| FPIR, margin | enrolled masked: right / wrong | enrolled unmasked: right / wrong | never enrolled: matched |",
+             "|---|---|---|---|"]
+    for key, rows in summary["margin_study"].items():
+        cells = [" / ".join(f"{rows[r][k]} ({100 * rows[r][k] / max(rows[r]['probes'], 1):.1f}%)"
+                            for k in ("match_right", "match_wrong")) for r in ("enrolled masked", "enrolled unmasked")]
+        never = rows["never enrolled"]
+        cells.append(f"{never['match_wrong']} ({100 * never['match_wrong'] / max(never['probes'], 1):.1f}%)")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

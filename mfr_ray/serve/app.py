@@ -536,6 +536,8 @@ class Frontend:
                     "fars": [p.far_target for p in self.package.operating_points],
                     "gallery": await self.keeper.stats.remote(), "batching": self.cfg.batching.model_dump(),
                     "gallery_poll_s": self.cfg.gallery_poll_s}
+            if self.cfg.fpir is not None:  # the thresholds a search is decided at now, for the gallery as it is
+                out["search_points"] = await self.keeper.search_points.remote(self.cfg.fpir)
         return out
 
     @http_app.post("/verify")
