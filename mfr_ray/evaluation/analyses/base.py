@@ -1,5 +1,6 @@
 """What an evaluation analysis is: its config fields, its `run` and its report section. The runner and the
-report loop over the registered analyses (`catalog`); `analyses:` in an evaluate config is their fields, flat."""
+report loop over the registered analyses (analyses/catalog.py); `analyses:` in an evaluate config is
+their fields, flat."""
 
 from __future__ import annotations
 

@@ -26,7 +26,9 @@ class VariantData:
     embeddings: EmbeddingSet
 
 
-def pair_features(data: VariantData, pairs: PairList, protocol: ProtocolSpec) -> tuple[np.ndarray, np.ndarray]:
+def pair_features(
+    data: VariantData, pairs: PairList, protocol: ProtocolSpec
+) -> tuple[np.ndarray, np.ndarray]:
     index = {k: i for i, k in enumerate(data.embeddings.keys)}
     feats = data.embeddings.features(protocol.feature)
     return feats[[index[k] for k in pairs.left]], feats[[index[k] for k in pairs.right]]
