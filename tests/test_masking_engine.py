@@ -214,7 +214,7 @@ def test_templates_and_patterns_library():
         assert np.allclose(left.base[:, ::-1], right.base)
 
 
-def test_polygon_type_fills_seed_003_landmarks(engine, faces):
+def test_polygon_type_fills_the_jaw_and_nose_bridge_landmarks(engine, faces):
     key, image = faces[3]
     result = engine.mask(image, key, mask_type="polygon")
     assert result.record.mask_type == "polygon" and result.record.color in ("#000000", "#ffffff", "#87ceeb")
