@@ -176,13 +176,13 @@ def crop_difference_table(found: dict, crop: str) -> None:
 
 
 def verification_table(found: dict, pairs, crop: str) -> None:
-    from mfr_ray.evaluation.embed import Embedder
+    from mfr_ray.evaluation.embed import BatchEmbedder
     from mfr_ray.evaluation.verification import l2_normalize
     from mfr_ray.models.spec import ModelSpec
 
     keep = np.array([a in found and b in found for a, b in zip(pairs.left, pairs.right, strict=True)])
     pairs = pairs.subset(keep)
-    embedder = Embedder(ModelSpec(), flip=True)
+    embedder = BatchEmbedder(ModelSpec(), flip=True)
     keys = set(pairs.left) | set(pairs.right)
 
     def features(crops: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ pairs.
     python benchmarks/bench_embed.py [--runtimes openvino onnxruntime torch] [--batches 1 64] [--threads 1 2]
                                      [--rounds 3] [--seconds 2] [--flip] [--backbone mobilefacenet]
 
-Each runtime runs in its own process (so its peak memory is its own), holding the Embedder the evaluation
-and the packages use (uint8 crops in, preprocessing included). The rounds alternate: every round measures
+Each runtime runs in its own process (so its peak memory is its own), holding the BatchEmbedder the
+evaluation and the packages use (uint8 crops in, preprocessing included). The rounds alternate: every round measures
 each (batch, threads) on every runtime in turn, so a neighbour's load falls on all of them alike. Prints
 the median images/s over the rounds (image + mirror count as one image with --flip), the ratio to torch
 of the medians and of the best rounds (the least disturbed on a shared machine), the process CPU time per
@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _worker(conn, runtime: str, spec_json: str, flip: bool) -> None:
-    """One runtime's process: an Embedder per thread count; answers ("measure", batch, threads, seconds)
+    """One runtime's process: a BatchEmbedder per thread count; answers ("measure", batch, threads, seconds)
     with (images/s, process CPU ms per image), ("peak",) with its peak RSS in MiB."""
-    from mfr_ray.evaluation.embed import Embedder
+    from mfr_ray.evaluation.embed import BatchEmbedder
     from mfr_ray.models.spec import ModelSpec
     from mfr_ray.threads import use_threads
 
     spec = ModelSpec.model_validate_json(spec_json)
-    embedders: dict[int, Embedder] = {}
+    embedders: dict[int, BatchEmbedder] = {}
     warm: set[tuple[int, int]] = set()
     rng = np.random.default_rng(0)
     while (message := conn.recv())[0] != "stop":
@@ -45,7 +45,7 @@ def _worker(conn, runtime: str, spec_json: str, flip: bool) -> None:
             continue
         _, batch, threads, seconds = message
         if threads not in embedders:
-            embedders[threads] = Embedder(spec, flip=flip, num_threads=threads, runtime=runtime)
+            embedders[threads] = BatchEmbedder(spec, flip=flip, num_threads=threads, runtime=runtime)
         embedder = embedders[threads]
         use_threads(threads)
         height, width = embedder.input_size

@@ -82,7 +82,7 @@ def plain_loop(
     from mfr_ray.models import preprocess
     from mfr_ray.train.data import decode_pairs
     from mfr_ray.train.loop import build_optimizer
-    from mfr_ray.train.objective import build_model, compute_loss
+    from mfr_ray.train.model import build_model, compute_loss
 
     torch.set_num_threads(threads)
     model = build_model(cfg, num_classes)

@@ -266,13 +266,13 @@ def headline_figures(rows: list[dict], variant: str, far_metric: str) -> dict[st
 
 
 def print_outcome(cfg: QuickstartConfig, outcome: dict) -> None:
-    from mfr_ray.config.loader import redact_uri
+    from mfr_ray.config.secrets import redact
     from mfr_ray.tracking import resolve_tracking_uri
 
     print(outcome["table"])
     print("headline: " + ", ".join(f"{k}={v:+.2f} points" for k, v in outcome["headline"].items()))
     print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in outcome["timings"].items()))
-    print(f"MLflow: run {outcome['run_id']} in {redact_uri(resolve_tracking_uri(cfg.tracking))}; browse with `mfr ui`")
+    print(f"MLflow: run {outcome['run_id']} in {redact(resolve_tracking_uri(cfg.tracking))}; browse with `mfr ui`")
     package = outcome["package"]
     print(f"served network: {outcome['served']}, packaged in {package} (thresholds per kind of comparison: "
           f"{package}/MODEL_CARD.md). Enrol a folder of <person>/<photo> files, serve it, identify a photo:")

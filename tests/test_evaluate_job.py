@@ -82,7 +82,7 @@ def test_analyses_come_from_the_registry_and_keep_their_flat_keys(tmp_path):
     from pydantic import ValidationError
 
     from mfr_ray.config import load_config
-    from mfr_ray.evaluation.analyses.base import registered_analyses
+    from mfr_ray.evaluation.analyses.catalog import registered_analyses
     from mfr_ray.paths import PROJECT_ROOT
 
     analyses = registered_analyses()

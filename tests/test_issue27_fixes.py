@@ -94,12 +94,12 @@ def test_every_public_function_of_align_has_a_caller():
 
 
 def test_build_model_does_not_repeat_the_config_checkpoint_check():
-    """`train/objective.py: build_model` repeated TrainConfig's "a frozen teacher needs model.checkpoint"
+    """`train/model.py: build_model` repeated TrainConfig's "a frozen teacher needs model.checkpoint"
     check (unreachable: a config without one never loads). The config is where it is made."""
     import inspect
 
     from mfr_ray.config import ConfigError, load_config
-    from mfr_ray.train.objective import build_model
+    from mfr_ray.train.model import build_model
 
     assert "model.checkpoint is None" not in inspect.getsource(build_model)
     with pytest.raises(ConfigError, match=r"teacher frozen needs model\.checkpoint"):

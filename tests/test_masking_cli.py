@@ -273,7 +273,7 @@ def test_polygon_type_is_drawn_as_its_registered_spec_says(tmp_path):
     landmark outline (checked against the face's own landmarks) filled with a palette colour, front view,
     no pattern, every masked pixel that colour. A spec that contradicts itself is refused."""
     from mfr_ray.masking import MaskEngine, MaskingConfig
-    from mfr_ray.masking.engine import polygon_outline
+    from mfr_ray.masking.render import polygon_outline
     from mfr_ray.masking.templates import MaskTypeSpec
     from mfr_ray.registry import MASK_TYPES
 
@@ -290,8 +290,8 @@ def test_polygon_type_is_drawn_as_its_registered_spec_says(tmp_path):
     engine = MaskEngine(MaskingConfig(preload_templates=False))
     face = read_image_file(source).image
     grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
-    (box,) = engine.landmarker.detect(face, grey)
-    outline = polygon_outline(engine.landmarker.fit(grey, box))
+    (box,) = engine.locator.landmarker.detect(face, grey)
+    outline = polygon_outline(engine.locator.landmarker.fit(grey, box))
     assert np.abs(np.array(row["polygon"]) - outline).max() < 0.01
     written = read_image_file(row["output_path"]).image.astype(int)
     inside = np.zeros(face.shape[:2], np.uint8)

@@ -22,9 +22,10 @@ from mfr_ray.masking import (
     available_patterns,
     parse_mix,
 )
-from mfr_ray.masking.engine import POLYGON_LANDMARKS, builtin_layers
 from mfr_ray.masking.landmarks import face_tilt, implausible_landmarks, six_keypoints, view_for_tilt
+from mfr_ray.masking.layers import builtin_layers
 from mfr_ray.masking.quality import coverage_check, lfw_files, lfw_key
+from mfr_ray.masking.render import POLYGON_LANDMARKS
 from mfr_ray.paths import PROJECT_ROOT
 
 TEMPLATE_TYPES = [t for t in available_mask_types() if t != "polygon"]
@@ -42,7 +43,7 @@ def engine() -> MaskEngine:
 
 def _landmarks(engine: MaskEngine, image: np.ndarray) -> np.ndarray:
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return engine.landmarker.fit(grey, engine.landmarker.detect(image, grey)[0])
+    return engine.locator.landmarker.fit(grey, engine.locator.landmarker.detect(image, grey)[0])
 
 
 def _distance_to_polyline(point: np.ndarray, polyline: np.ndarray) -> float:
@@ -103,8 +104,8 @@ def test_tilt_sign_matches_head_turn_and_picks_the_view(engine, faces):
 
 def _landmarks_or_none(engine, image):
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    boxes = engine.landmarker.detect(image, grey)
-    return engine.landmarker.fit(grey, boxes[0]) if boxes else None
+    boxes = engine.locator.landmarker.detect(image, grey)
+    return engine.locator.landmarker.fit(grey, boxes[0]) if boxes else None
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -213,7 +214,7 @@ def test_templates_and_patterns_library():
         assert np.allclose(left.base[:, ::-1], right.base)
 
 
-def test_polygon_type_fills_seed_003_landmarks(engine, faces):
+def test_polygon_type_fills_the_jaw_and_nose_bridge_landmarks(engine, faces):
     key, image = faces[3]
     result = engine.mask(image, key, mask_type="polygon")
     assert result.record.mask_type == "polygon" and result.record.color in ("#000000", "#ffffff", "#87ceeb")
@@ -320,7 +321,8 @@ def test_fast_draws_equal_their_reference_formulas():
     `rng.choice(n, p=...)` draws, and a grain window is a window of the tiled grain, wrap-around included."""
     import zlib
 
-    from mfr_ray.masking.engine import GRAIN_TILE, grain_patch, grain_tile, rng_for
+    from mfr_ray.masking.render import GRAIN_TILE, grain_patch, grain_tile
+    from mfr_ray.masking.sampling import rng_for
 
     weights = {"surgical_blue": 1.0, "N95": 2.5, "cloth": 0.5, "surgical_green": 1.0}
     engine = MaskEngine(MaskingConfig(mix=weights, seed=4, preload_templates=False))
@@ -333,3 +335,18 @@ def test_fast_draws_equal_their_reference_formulas():
         oy, ox = offset % GRAIN_TILE, (offset >> 8) % GRAIN_TILE
         tiled = np.tile(grain_tile(), (4, 4))[oy : oy + shape[0], ox : ox + shape[1]]
         assert np.array_equal(grain_patch(shape, key), tiled)
+
+
+def test_record_schema_is_read_off_the_record_fields():
+    """The manifest schema follows MaskRecord (written once): every field, in order, with its arrow type,
+    and a full record round-trips through it."""
+    import pyarrow as pa
+
+    from mfr_ray.masking.records import MaskRecord, record_schema
+
+    schema = record_schema()
+    record = MaskRecord("a/b.jpg", "ok", num_faces=1, tilt_deg=2.5, keypoints=[[1.0, 2.0]], width=3, style="{}")
+    assert schema.names == list(record.to_row())
+    assert (schema.field("num_faces").type, schema.field("tilt_deg").type) == (pa.int64(), pa.float64())
+    assert schema.field("keypoints").type == pa.list_(pa.list_(pa.float64()))
+    assert pa.Table.from_pylist([record.to_row()], schema=schema).to_pylist() == [record.to_row()]

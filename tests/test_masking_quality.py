@@ -32,12 +32,12 @@ def engine():
 def _central_landmarks(engine: MaskEngine, image: np.ndarray) -> np.ndarray | None:
     """Independent reference: detector + predictor on the full photo, the face nearest the centre."""
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    boxes = engine.landmarker.detect(image, grey)
+    boxes = engine.locator.landmarker.detect(image, grey)
     if not boxes:
         return None
     h, w = grey.shape
     box = min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - w / 2) ** 2 + ((b[1] + b[3]) / 2 - h / 2) ** 2)
-    return engine.landmarker.fit(grey, box)
+    return engine.locator.landmarker.fit(grey, box)
 
 
 def test_detector_path_masks_97_percent_and_places_masks(engine, lfw):
@@ -48,7 +48,7 @@ def test_detector_path_masks_97_percent_and_places_masks(engine, lfw):
             continue
         ok += 1
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        landmarks = engine.landmarker.fit(grey, result.record.face_boxes[0])
+        landmarks = engine.locator.landmarker.fit(grey, result.record.face_boxes[0])
         placed += coverage_check(result.alpha, landmarks, style=result.record.style).ok
     print(f"detector path: masked {ok}/{len(lfw)}, well placed {placed}/{ok}")
     assert ok / len(lfw) >= 0.97, f"detector path masked {ok}/{len(lfw)}"

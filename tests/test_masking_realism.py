@@ -31,8 +31,8 @@ def faces() -> list[tuple[str, np.ndarray]]:
 def _landmarks(engine: MaskEngine, image: np.ndarray) -> np.ndarray | None:
     """Independent reference: detector (upsampled once) + predictor, the largest face."""
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    boxes = engine.landmarker.detect(image, grey)
-    return engine.landmarker.fit(grey, boxes[0]) if boxes else None
+    boxes = engine.locator.landmarker.detect(image, grey)
+    return engine.locator.landmarker.fit(grey, boxes[0]) if boxes else None
 
 
 def _styled(**style) -> MaskingConfig:

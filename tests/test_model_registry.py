@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mfr_ray.evaluation.embed import Embedder
+from mfr_ray.evaluation.embed import BatchEmbedder
 from mfr_ray.models import load_backbone
 from mfr_ray.models.registry import MODEL_SPEC_FILE, WEIGHTS_FILE, load_registered_model, save_model_files
 from mfr_ray.models.spec import MODEL_FILE, ModelSpec
@@ -77,9 +77,9 @@ def test_registered_model_loads_from_models_uri_without_pickle(tmp_path, tmp_tra
     # `mfr evaluate`'s path: the same embeddings of real faces from the file and from the registry
     client.set_registered_model_alias(NAME, "champion", version)
     crops = _faces(lfw_dir)
-    reference = Embedder(ModelSpec(checkpoint=str(weights)))({"crop": crops})
+    reference = BatchEmbedder(ModelSpec(checkpoint=str(weights)))({"crop": crops})
     for uri in (f"models:/{NAME}/{version}", f"models:/{NAME}@champion"):
-        got = Embedder(ModelSpec(checkpoint=uri))({"crop": crops})
+        got = BatchEmbedder(ModelSpec(checkpoint=uri))({"crop": crops})
         np.testing.assert_array_equal(got["embedding"], reference["embedding"])
         np.testing.assert_array_equal(got["embedding_flip"], reference["embedding_flip"])
     assert np.linalg.norm(reference["embedding"], axis=1).min() > 0

@@ -19,7 +19,7 @@ from mfr_ray.train.augment import OccluderConfig, apply_occluders, occlude, occl
 from mfr_ray.train.config import TrainConfig, TrainDataConfig
 from mfr_ray.train.data import training_dataset, validation_set
 from mfr_ray.train.loop import build_optimizer
-from mfr_ray.train.objective import build_model, compute_loss
+from mfr_ray.train.model import build_model, compute_loss
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0001.jpg",
         "Colin_Powell/Colin_Powell_0001.jpg", "Serena_Williams/Serena_Williams_0001.jpg"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mfr_ray.config.common import TrackingConfig
-from mfr_ray.evaluation.embed import Embedder
+from mfr_ray.evaluation.embed import BatchEmbedder
 from mfr_ray.evaluation.sources import ImageSourceConfig, load_crops
 from mfr_ray.models import create_backbone
 from mfr_ray.models.spec import ModelSpec
@@ -53,8 +53,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _assert_same_embeddings(spec: ModelSpec, crops: np.ndarray, runtime: str) -> float:
     """Runtime vs torch on every crop and its mirror; returns the least cosine."""
-    reference = Embedder(spec, runtime="torch", num_threads=1)({"crop": crops})
-    embedder = Embedder(spec, runtime=runtime, num_threads=1)
+    reference = BatchEmbedder(spec, runtime="torch", num_threads=1)({"crop": crops})
+    embedder = BatchEmbedder(spec, runtime=runtime, num_threads=1)
     assert type(embedder.session) is RUNTIMES.get(runtime)  # not a silent fallback to torch
     got = embedder({"crop": crops})
     least = 1.0
@@ -77,7 +77,7 @@ def test_runtime_matches_torch_on_real_weights_and_faces(runtime, lfw_crops, onn
     exports = list(onnx_cache.glob("*.onnx"))
     assert [p.name.split("-")[0] for p in exports] == [ModelSpec().fingerprint()]
     mtime = exports[0].stat().st_mtime_ns
-    Embedder(ModelSpec(), runtime=runtime)
+    BatchEmbedder(ModelSpec(), runtime=runtime)
     assert exports[0].stat().st_mtime_ns == mtime
     assert sorted(p.name for p in weights.iterdir()) == before
 
@@ -96,7 +96,7 @@ def test_every_backbone_exports_or_falls_back_with_a_warning(backbone, lfw_crops
     spec = ModelSpec(backbone=backbone, checkpoint=str(checkpoint))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = Embedder(spec, runtime="openvino").session
+        session = BatchEmbedder(spec, runtime="openvino").session
     if isinstance(session, TorchSession):
         assert any("torch instead" in str(w.message) for w in caught)
         pytest.skip(f"{backbone} does not export: runs on torch")
@@ -125,14 +125,14 @@ def test_a_backbone_that_cannot_export_runs_on_torch_with_a_warning(runtime, tmp
 
 
 def test_runtime_is_a_checked_setting_and_part_of_the_embedding_cache_key(lfw_dir, onnx_cache, tmp_path):
-    from mfr_ray.evaluation.config import ComputeConfig, EvaluateConfig
+    from mfr_ray.evaluation.config import EvaluateComputeConfig, EvaluateConfig
     from mfr_ray.evaluation.runner import prepare_variants
 
-    assert ComputeConfig().runtime == DEFAULT_RUNTIME
+    assert EvaluateComputeConfig().runtime == DEFAULT_RUNTIME
     with pytest.raises(ValueError, match="unknown inference runtime 'tensorrt'"):
-        ComputeConfig(runtime="tensorrt")
+        EvaluateComputeConfig(runtime="tensorrt")
     with pytest.raises(ValueError, match="bf16 needs runtime torch or openvino"):
-        ComputeConfig(runtime="onnxruntime", bf16=True)
+        EvaluateComputeConfig(runtime="onnxruntime", bf16=True)
     keys = [p.relative_to(lfw_dir).as_posix() for p in sorted((lfw_dir / "Abdullah_Gul").glob("*.jpg"))[:4]]
     embeddings = {}
     for runtime in ("torch", "openvino"):

@@ -22,7 +22,7 @@ from mfr_ray.models import load_backbone, preprocess
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train.config import TrainConfig
 from mfr_ray.train.loop import MODEL_FILE, STATE_FILE, build_optimizer, save_checkpoint
-from mfr_ray.train.objective import build_model, compute_loss
+from mfr_ray.train.model import build_model, compute_loss
 from mfr_ray.train.objectives.margin_distill import MarginDistillObjective, margin_distill_loss
 from mfr_ray.train.objectives.triplet import TripletObjective
 

@@ -17,7 +17,7 @@ from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train.config import OptimConfig, TrainConfig
 from mfr_ray.train.data import decode_pairs, validation_identities
 from mfr_ray.train.loop import build_optimizer, lr_factor
-from mfr_ray.train.objective import FaceTrainModel, build_model
+from mfr_ray.train.model import FaceTrainModel, build_model
 from mfr_ray.train.objectives.margin_distill import MarginDistillObjective, margin_distill_loss
 from mfr_ray.train.objectives.triplet import TripletObjective
 

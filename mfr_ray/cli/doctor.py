@@ -126,7 +126,8 @@ def _mlflow(cfg) -> Callable[[], str]:
 
 def _s3(cfg) -> Callable[[], str]:
     def check() -> str:
-        from mfr_ray.storage import boto3_client, exists, redact
+        from mfr_ray.config.secrets import redact
+        from mfr_ray.storage import boto3_client, exists
 
         endpoint = cfg.storage.resolved_endpoint()
         if not endpoint and not cfg.s3_uri:
@@ -136,7 +137,7 @@ def _s3(cfg) -> Callable[[], str]:
                 exists(cfg.s3_uri, cfg.storage)
                 return f"{cfg.s3_uri} reachable"
             count = len(boto3_client(cfg.storage).list_buckets().get("Buckets", []))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is the check's message, redacted
             raise RuntimeError(redact(str(exc), cfg.storage)) from None
         return f"{endpoint}: {count} bucket(s) listed"
 
@@ -156,7 +157,7 @@ def _shared() -> str:
 def run_checks(checks: list[Check], storage: StorageConfig | None = None) -> list[tuple[str, str, str]]:
     """Run each check; every detail, ok or failed, is redacted (storage secrets, credentials in URIs such as
     a tracking URI `https://user:pass@host`) before anyone sees it."""
-    from mfr_ray.storage import redact
+    from mfr_ray.config.secrets import redact
 
     rows = []
     for name, check in checks:
@@ -164,7 +165,7 @@ def run_checks(checks: list[Check], storage: StorageConfig | None = None) -> lis
             status, detail = "ok", check()
         except Skip as exc:
             status, detail = "skip", str(exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is a FAIL row, redacted below
             status, detail = "FAIL", f"{type(exc).__name__}: {exc}"
         rows.append((name, status, redact(detail, storage)))
     return rows

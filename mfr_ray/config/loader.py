@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from mfr_ray.config.base import ConfigError
+from mfr_ray.config.secrets import REDACTED, holds_secret, redact
 from mfr_ray.registry import CONFIG_KINDS
 
 for _kind, _target in {
@@ -30,23 +30,6 @@ for _kind, _target in {
     "doctor": "mfr_ray.config.common:DoctorConfig",
 }.items():
     CONFIG_KINDS.add(_kind, _target)
-
-REDACTED = "***"
-
-# scheme://user:password@host -> scheme://***@host (the user part can be a token too, e.g. https://TOKEN@host)
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
-# ?token=... &X-Amz-Signature=... &password=...: query values whose name says they are a secret
-_QUERY_SECRET = re.compile(
-    r"(?i)(?P<name>[?&;][\w.-]*(?:token|secret|passw|pwd|key|signature|sig|credential|auth)[\w.-]*=)[^&#\s'\"]+"
-)
-
-
-def redact_uri(text: str) -> str:
-    """Hide the credentials URIs carry anywhere in `text`: userinfo (`https://user:pass@host`,
-    `postgresql://u:p@h/db`) and secret-named query values (`?token=`, `X-Amz-Signature=`)."""
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['name']}{REDACTED}", text)
-
 
 def config_class(kind: str) -> type[BaseModel]:
     if kind not in CONFIG_KINDS:
@@ -87,17 +70,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def _holds_secret(annotation: Any, seen: frozenset = frozenset()) -> bool:
-    """A SecretStr field, or a section with one anywhere below it."""
-    if annotation in (SecretStr, SecretBytes):
-        return True
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation not in seen and any(
-            _holds_secret(f.annotation, seen | {annotation}) for f in annotation.model_fields.values()
-        )
-    return any(_holds_secret(arg, seen) for arg in typing.get_args(annotation))
-
-
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
@@ -133,7 +105,7 @@ def _error_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str,
         fields = [m.model_fields[part] for m in models if part in m.model_fields]
         followed = bool(fields)
         models = [m for f in fields for m in _models_in(f.annotation)]
-    return ".".join(parts) or "<root>", followed and any(_holds_secret(f.annotation) for f in fields)
+    return ".".join(parts) or "<root>", followed and any(holds_secret(f.annotation) for f in fields)
 
 
 def _format_errors(
@@ -156,7 +128,7 @@ def _format_errors(
             continue
         shown = err.get("input")
         hidden = isinstance(shown, dict | list | tuple | BaseModel) or secret
-        got = "" if hidden else f" (got {redact_uri(repr(shown))})"
+        got = "" if hidden else f" (got {redact(repr(shown))})"
         lines.append(f"  {key}: {err['msg']}{got}{where}")
     return "\n".join(lines)
 
@@ -332,7 +304,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, SecretStr | SecretBytes):
         return REDACTED if value.get_secret_value() else ""
     if isinstance(value, str):
-        return redact_uri(value)
+        return redact(value)
     if isinstance(value, BaseModel):
         return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, dict):

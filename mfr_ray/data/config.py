@@ -114,7 +114,7 @@ class OutputConfig(StrictModel):
     )
 
 
-class ComputeConfig(StrictModel):
+class PrepareComputeConfig(StrictModel):
     num_actors: int = Field(2, ge=1, description="Ray Data actors, each with its own aligner and mask engine")
     cpus_per_actor: float = Field(
         1.0, gt=0, description="CPUs each actor asks Ray for; its torch and OpenCV threads are the whole CPUs "
@@ -134,7 +134,7 @@ class ComputeConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _restarts_cover_attempts(self) -> ComputeConfig:
+    def _restarts_cover_attempts(self) -> PrepareComputeConfig:
         if self.max_actor_restarts < self.max_image_attempts:
             raise ValueError(
                 f"max_actor_restarts ({self.max_actor_restarts}) must be >= max_image_attempts "
@@ -152,7 +152,7 @@ class PrepareConfig(StrictModel):
     masking: MaskingConfig = MaskingConfig()
     variants: list[VariantConfig] = Field(default_factory=lambda: [VariantConfig(name="masked")])
     output: OutputConfig
-    compute: ComputeConfig = ComputeConfig()
+    compute: PrepareComputeConfig = PrepareComputeConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

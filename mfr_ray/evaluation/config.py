@@ -10,7 +10,7 @@ from pydantic import Field, create_model, model_validator
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.data.config import AlignConfig
-from mfr_ray.evaluation.analyses.base import analyses_config_fields, configured_analyses
+from mfr_ray.evaluation.analyses.catalog import analyses_config_fields, configured_analyses
 from mfr_ray.imageio import UNMASKED
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.registry import RUNTIMES
@@ -63,7 +63,7 @@ AnalysesConfig = create_model(
 )
 
 
-class ComputeConfig(StrictModel):
+class EvaluateComputeConfig(StrictModel):
     num_actors: int = Field(1, ge=1, description="Ray actors for alignment and embedding (1 = in-process)")
     align_batch_size: int = Field(64, ge=1)
     embed_batch_size: int = Field(16, ge=1, description="small batches run faster on CPU (cache-bound)")
@@ -82,7 +82,7 @@ class ComputeConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _bf16_runtime(self) -> ComputeConfig:
+    def _bf16_runtime(self) -> EvaluateComputeConfig:
         if self.bf16 and self.runtime == "onnxruntime":
             raise ValueError("compute.bf16 needs runtime torch or openvino (onnxruntime computes in float32)")
         return self
@@ -100,7 +100,7 @@ class EvaluateConfig(StrictModel):
     flip: bool = True
     protocols: list[ProtocolSpec] = Field(default_factory=lambda: [ProtocolSpec()], min_length=1)
     analyses: AnalysesConfig = AnalysesConfig()
-    compute: ComputeConfig = ComputeConfig()
+    compute: EvaluateComputeConfig = EvaluateComputeConfig()
     cache_dir: str | None = Field("~/.cache/mfr-ray/evaluation", description="crops/embeddings cache; None: off")
     output_dir: str = Field("eval_outputs", description="local folder for the report and its files")
     parent_run_id: str | None = Field(None, description="nest the MLflow run under this (training) run")

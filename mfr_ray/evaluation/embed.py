@@ -49,7 +49,7 @@ class EmbeddingSet:
             return cls(list(data["keys"]), data["embedding"], data.get("embedding_flip"))
 
 
-class Embedder:
+class BatchEmbedder:
     """Batch UDF: {"crop": uint8 NHWC} -> {"embedding", "embedding_flip"}. Loads the model once and runs it
     on `runtime` (`mfr_ray.runtime`), exported to ONNX at `onnx_file` (a package's) or else in the cache,
     keyed by the weights' fingerprint (fresh weights: a temporary export)."""
@@ -111,32 +111,18 @@ def embed_crops(
 ) -> EmbeddingSet:
     """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given. `progress(n)` is called as
     each batch of n crops is done (e.g. a tqdm bar's `update`); `storage` reaches an `s3://` checkpoint;
-    `runtime` and `onnx_file` are the Embedder's."""
+    `runtime` and `onnx_file` are the BatchEmbedder's."""
     if cache_path is not None and cache_path.is_file():
         return EmbeddingSet.load(cache_path)
     progress = progress or (lambda n: None)
-    parts = []
+    embedder_kwargs = {
+        "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
+        "runtime": runtime, "onnx_file": onnx_file,
+    }
     if num_actors <= 1 or len(keys) <= batch_size:
-        embedder = Embedder(model, flip, num_threads, bf16, storage, runtime, onnx_file)
-        for s in range(0, len(keys), batch_size):
-            parts.append(
-                embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(keys)))})
-            )
-            progress(len(parts[-1]["row"]))
+        parts = _embed_in_process(crops, embedder_kwargs, batch_size, progress)
     else:
-        import ray
-
-        from mfr_ray.pools import map_batches_bounded
-
-        ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
-        ds = map_batches_bounded(ds, Embedder, constructor_kwargs={
-            "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
-            "runtime": runtime, "onnx_file": onnx_file,
-        }, batch_size=batch_size, num_actors=num_actors)
-        ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
-        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append(part)
-            progress(len(part["row"]))
+        parts = _embed_on_actors(crops, embedder_kwargs, batch_size, num_actors, progress)
     rows = np.concatenate([p["row"] for p in parts])
     order = np.argsort(rows)
     embedding = np.concatenate([p["embedding"] for p in parts])[order]
@@ -145,3 +131,32 @@ def embed_crops(
     if cache_path is not None:
         result.save(cache_path)
     return result
+
+
+def _embed_in_process(crops: np.ndarray, embedder_kwargs: dict, batch_size: int, progress) -> list[dict]:
+    embedder = BatchEmbedder(**embedder_kwargs)
+    parts = []
+    for s in range(0, len(crops), batch_size):
+        rows = np.arange(s, min(s + batch_size, len(crops)))
+        parts.append(embedder({"crop": crops[s : s + batch_size], "row": rows}))
+        progress(len(parts[-1]["row"]))
+    return parts
+
+
+def _embed_on_actors(
+    crops: np.ndarray, embedder_kwargs: dict, batch_size: int, num_actors: int, progress
+) -> list[dict]:
+    """Ray Data over a bounded pool of BatchEmbedder actors (the model loaded once per actor)."""
+    import ray
+
+    from mfr_ray.pools import map_batches_bounded
+
+    ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
+    ds = map_batches_bounded(ds, BatchEmbedder, constructor_kwargs=embedder_kwargs, batch_size=batch_size,
+                             num_actors=num_actors)
+    ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
+    parts = []
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(part)
+        progress(len(part["row"]))
+    return parts

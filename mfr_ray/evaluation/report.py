@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.evaluation.analyses.base import registered_analyses
+from mfr_ray.evaluation.analyses.catalog import registered_analyses
 from mfr_ray.evaluation.metric_names import metric_key
 
 

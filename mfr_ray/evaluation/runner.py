@@ -7,15 +7,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.evaluation.analyses.base import AnalysisResult, configured_analyses
+from mfr_ray.evaluation.analyses.base import AnalysisResult
+from mfr_ray.evaluation.analyses.catalog import configured_analyses
+from mfr_ray.evaluation.analyses.context import UPPER_SUFFIX, AnalysisContext, VariantData, pair_features
 from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
-from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
+from mfr_ray.evaluation.embed import embed_crops
 from mfr_ray.evaluation.metric_names import far_tag, scoped
 from mfr_ray.evaluation.report import (
     log_to_mlflow,
@@ -24,7 +24,7 @@ from mfr_ray.evaluation.report import (
     write_csv,
     write_summary_json,
 )
-from mfr_ray.evaluation.sources import CropSet, load_crops, source_fingerprint
+from mfr_ray.evaluation.sources import load_crops, source_fingerprint
 from mfr_ray.evaluation.verification import (
     PairList,
     auc,
@@ -37,14 +37,6 @@ from mfr_ray.evaluation.verification import (
 )
 from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.raycluster import init_ray
-
-UPPER_SUFFIX = "_upper"
-
-
-@dataclass
-class VariantData:
-    crops: CropSet
-    embeddings: EmbeddingSet
 
 
 def blank_lower_half(crops: np.ndarray) -> np.ndarray:
@@ -141,12 +133,6 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
     return out
 
 
-def pair_features(data: VariantData, pairs: PairList, protocol: ProtocolSpec) -> tuple[np.ndarray, np.ndarray]:
-    index = {k: i for i, k in enumerate(data.embeddings.keys)}
-    feats = data.embeddings.features(protocol.feature)
-    return feats[[index[k] for k in pairs.left]], feats[[index[k] for k in pairs.right]]
-
-
 def protocol_scores(left, right, pairs: PairList, protocol: ProtocolSpec) -> np.ndarray:
     if protocol.subtract_train_mean:
         return mean_subtracted_scores(left, right, pairs.fold)
@@ -188,41 +174,6 @@ def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
                 f"{int(target * train_impostors + 1e-9)} false accepts allowed)."
             )
     return notes
-
-
-@dataclass
-class AnalysisContext:
-    """What an analysis reads: the config, the pair list, every variant's crops and embeddings (with the
-    upper-half copies), the reference variant and the folder its files go to."""
-
-    cfg: EvaluateConfig
-    pairs: PairList
-    data: dict[str, VariantData]
-    primary: str
-    output_dir: Path
-
-    @property
-    def protocol(self) -> ProtocolSpec:
-        """Analyses use the first protocol's features."""
-        return self.cfg.protocols[0]
-
-    @property
-    def source_variants(self) -> list[str]:
-        """The configured variants, without their upper-half copies."""
-        return [v for v in self.data if not v.endswith(UPPER_SUFFIX)]
-
-    @cached_property
-    def labels(self) -> np.ndarray:
-        """The identity of each image (the key's first part), in embedding order."""
-        return np.array([k.split("/")[0] for k in self.data[self.primary].embeddings.keys])
-
-    @cached_property
-    def image_features(self) -> dict[str, np.ndarray]:
-        """Per variant, one feature row per image of the pair list."""
-        return {v: d.embeddings.features(self.protocol.feature) for v, d in self.data.items()}
-
-    def pair_features(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
-        return pair_features(self.data[variant], self.pairs, self.protocol)
 
 
 def run_analyses(ctx: AnalysisContext) -> dict[str, AnalysisResult]:

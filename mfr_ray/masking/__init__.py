@@ -3,16 +3,10 @@ homography warp -> blend matched to the face's light, with a recorded, holdable 
 straps, valve, shading, grain, soft edges). Templates and patterns are drawn by our own code."""
 
 from mfr_ray.masking.config import AlignedLayout, CustomMaskType, MaskingConfig, MaskStyleConfig, parse_mix
-from mfr_ray.masking.engine import (
-    MaskChoice,
-    MaskEngine,
-    MaskRecord,
-    MaskResult,
-    available_mask_types,
-    available_patterns,
-    record_schema,
-    rng_for,
-)
+from mfr_ray.masking.engine import MaskEngine
+from mfr_ray.masking.layers import available_mask_types, available_patterns
+from mfr_ray.masking.records import MaskRecord, MaskResult, record_schema
+from mfr_ray.masking.sampling import MaskChoice, rng_for
 from mfr_ray.masking.templates import KEYPOINT_NAMES
 
 __all__ = [

@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 
 from mfr_ray.imageio import IMAGE_SUFFIXES, DecodedImage, Status, encode_image, read_image_file
-from mfr_ray.masking.engine import MaskEngine, MaskRecord, MaskResult, record_schema
+from mfr_ray.masking.engine import MaskEngine
+from mfr_ray.masking.records import MaskRecord, MaskResult, record_schema
 
 # Image formats the decoder cannot read here: still tried (a mislabelled JPEG decodes), else `unsupported`.
 UNSUPPORTED_SUFFIXES = {

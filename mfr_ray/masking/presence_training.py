@@ -65,7 +65,7 @@ def _accuracy(model: MaskPresence, crops: np.ndarray, masked: bool) -> tuple[flo
 
 def train_and_measure(shared: Path, out: Path, per_identity: int = 4, lfw_images: int = 200) -> dict:
     """Fit on the training identities, write `out`, and return the held-out accuracies."""
-    from mfr_ray.masking.engine import available_mask_types
+    from mfr_ray.masking.layers import available_mask_types
     from mfr_ray.train.augment import OccluderConfig, occlude
 
     celeba = shared / "datasets" / "celeba299"

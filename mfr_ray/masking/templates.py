@@ -281,7 +281,7 @@ class MaskTypeSpec:
     """How one built-in mask type is drawn. `drawing` "template": `build(color)` (or `build(color, valve)`
     for a type with a valve variant) draws a template that is warped onto the six key points, front and
     side views; "polygon": the landmark outline of the lower face filled with one flat colour, drawn from
-    `palette` unless the config fixes one (seed 003's mask)."""
+    `palette` unless the config fixes one (the simplest synthetic mask, no template)."""
 
     color: str
     build: Callable[..., MaskTemplate] | None = None
@@ -298,7 +298,7 @@ class MaskTypeSpec:
             raise ValueError("a polygon mask type needs a `palette`")
 
 
-SEED_003_COLORS = ("#000000", "#ffffff", "#87ceeb")  # the polygon mask's flat colours
+POLYGON_COLORS = ("#000000", "#ffffff", "#87ceeb")  # the polygon mask's flat colours
 
 # The built-in mask types, one line each (a type named in a config is looked up in MASK_TYPES).
 MASK_TYPES.add("surgical", MaskTypeSpec("#a9cfe6", _surgical, strap_color="#f4f4f2"))
@@ -310,7 +310,7 @@ MASK_TYPES.add("N95", MaskTypeSpec("#efece3", _n95, valve=True, strap_color="#e8
 MASK_TYPES.add("KN95", MaskTypeSpec("#f4f4f4", _kn95, strap_color="#f2f2f2"))
 MASK_TYPES.add("cloth", MaskTypeSpec("#2f3e5c", _cloth, printable=True))
 MASK_TYPES.add("gas", MaskTypeSpec("#3a3b3c", _gas))
-MASK_TYPES.add("polygon", MaskTypeSpec("#000000", drawing="polygon", palette=SEED_003_COLORS))
+MASK_TYPES.add("polygon", MaskTypeSpec("#000000", drawing="polygon", palette=POLYGON_COLORS))
 
 
 def side_view(front: MaskTemplate, side: str) -> MaskTemplate:

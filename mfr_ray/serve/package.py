@@ -191,7 +191,7 @@ class ModelPackage:
     def _models(self):
         if self._aligner is None:
             from mfr_ray.data.align import AlignConfig, FaceAligner
-            from mfr_ray.evaluation.embed import Embedder
+            from mfr_ray.evaluation.embed import BatchEmbedder as Embedder
 
             self._aligner = FaceAligner(AlignConfig.model_validate(self.serving_align()))
             self._embedder = Embedder(self.model_spec(), flip=self.preprocessing["flip"],
@@ -324,7 +324,7 @@ def _temporary_folder() -> Path:
 def pin_package_uri(uri: str, tracking_uri: str | None = None) -> str:
     """`models:/NAME@ALIAS` resolved to the version the alias names now (`models:/NAME/VERSION`), so every
     replica started later loads the same weights; any other URI is returned as it is."""
-    from mfr_ray.config.loader import redact_uri
+    from mfr_ray.config.secrets import redact as redact_uri
 
     if not (is_registry_uri(uri) and "@" in uri):
         return uri
@@ -552,7 +552,7 @@ def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mfr_ray.config.loader import redact_uri
+    from mfr_ray.config.secrets import redact as redact_uri
     from mfr_ray.models.spec import ModelSpec
     from mfr_ray.storage import is_s3
 

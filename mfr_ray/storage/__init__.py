@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.config.loader import REDACTED, redact_uri
+from mfr_ray.config.secrets import redact
 
 __all__ = [
     "StorageConfig",
@@ -30,7 +30,6 @@ __all__ = [
     "iter_files",
     "join_uri",
     "read_bytes",
-    "redact",
     "write_bytes",
 ]
 
@@ -72,20 +71,11 @@ def _local_path(uri: str) -> str:
 def _split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if "@" in parsed.netloc:
-        raise StorageError(f"{redact_uri(uri)} holds credentials: give them as storage.access_key_id / "
+        raise StorageError(f"{redact(uri)} holds credentials: give them as storage.access_key_id / "
                            "secret_access_key or the AWS_* environment, never in the URI")
     if not parsed.netloc:
         raise StorageError(f"{uri!r} has no bucket (expected s3://bucket/prefix)")
     return parsed.netloc, parsed.path.lstrip("/")
-
-
-def redact(text: str, cfg: StorageConfig | None = None) -> str:
-    """Remove any configured or environment secret, and credentials inside URIs (`https://u:p@host`,
-    `?token=`), from a message before it is shown or logged."""
-    for value in (cfg or StorageConfig()).credentials().values():
-        if value and len(value) >= 4:
-            text = text.replace(value, REDACTED)
-    return redact_uri(text)
 
 
 def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:

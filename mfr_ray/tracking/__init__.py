@@ -37,9 +37,9 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
 def shown_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     """The store as it may be printed or logged: credentials inside the URI (`https://user:pass@host`,
     `postgresql://u:p@h/db`) replaced by `***`."""
-    from mfr_ray.config.loader import redact_uri
+    from mfr_ray.config.secrets import redact
 
-    return redact_uri(resolve_tracking_uri(cfg))
+    return redact(resolve_tracking_uri(cfg))
 
 
 def local_artifact_root(uri: str) -> str | None:

@@ -30,7 +30,7 @@ from mfr_ray.threads import threads_for, use_threads
 from mfr_ray.train.augment import apply_occluders
 from mfr_ray.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from mfr_ray.train.data import ValidationSet, decode_pairs
-from mfr_ray.train.objective import FaceTrainModel, build_model, compute_loss
+from mfr_ray.train.model import FaceTrainModel, build_model, compute_loss
 
 STATE_FILE = "state.pt"
 
@@ -54,7 +54,7 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     """Multiplier of the base LR at `step`: linear warm-up, then constant, step decay at fractions of the
-    run (the seed-000 recipe) or cosine to zero."""
+    run (the schedule of the paper this project reproduces) or cosine to zero."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "step":

@@ -163,30 +163,24 @@ def ingest_cpu_shortfall(cfg: TrainConfig, cluster_cpus: float) -> str | None:
     )
 
 
-def run_training(
-    cfg: TrainConfig,
-    *,
-    run_name: str | None = None,
-    extra_callbacks: list | tuple = (),
-    parent_run_id: str | None = None,
-) -> TrainingOutcome:
-    """Train (or resume, when `run_name` already has checkpoints in the storage) and return the outcome.
-    Raises `ray.train.TrainingFailedError` when the run fails beyond `checkpoint.max_failures`."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass
+class TrainingData:
+    """What the driver reads before training: the class count, the held-out identities and their validation
+    pairs (None without any), the training dataset and the steps an epoch takes."""
 
+    num_classes: int
+    held_out: list[int]
+    validation: Any
+    train_ds: Any
+    steps_per_epoch: int
+
+
+def training_data(cfg: TrainConfig) -> TrainingData:
+    """Read the prepared dataset's labels, hold out the validation identities and size the epoch; raises
+    ValueError when the data is less than one step."""
     from mfr_ray.models import create_backbone
-    from mfr_ray.raycluster import init_ray
-    from mfr_ray.tracking import resolve_tracking_uri
     from mfr_ray.train.data import label_count, training_dataset, validation_identities, validation_set
-    from mfr_ray.train.loop import WORKER_INPUTS, WorkerInputs, train_loop_per_worker
 
-    name = run_name or cfg.name
-    init_ray(cfg.ray)
-    shortfall = ingest_cpu_shortfall(cfg, ray.cluster_resources().get("CPU", 0.0))
-    if shortfall:
-        print(f"warning: {shortfall}", file=sys.stderr, flush=True)
     with quiet_ingest():
         num_classes = label_count(cfg.data, cfg.storage)
         held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
@@ -197,27 +191,71 @@ def run_training(
     steps_per_epoch = min(rows // per_step, cfg.schedule.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:
         raise ValueError(f"{rows} training pairs are fewer than one step of {per_step} pairs")
+    return TrainingData(num_classes, held_out, validation, train_ds, steps_per_epoch)
 
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    run_name: str | None = None,
+    extra_callbacks: list | tuple = (),
+    parent_run_id: str | None = None,
+) -> TrainingOutcome:
+    """Train (or resume, when `run_name` already has checkpoints in the storage) and return the outcome.
+    Raises `ray.train.TrainingFailedError` when the run fails beyond `checkpoint.max_failures`."""
+    import ray
+
+    from mfr_ray.raycluster import init_ray
+    from mfr_ray.tracking import resolve_tracking_uri
+
+    name = run_name or cfg.name
+    init_ray(cfg.ray)
+    shortfall = ingest_cpu_shortfall(cfg, ray.cluster_resources().get("CPU", 0.0))
+    if shortfall:
+        print(f"warning: {shortfall}", file=sys.stderr, flush=True)
+    data = training_data(cfg)
     derived = {
-        "num_classes": num_classes,
-        "steps_per_epoch": steps_per_epoch,
-        "held_out_identities": held_out,
+        "num_classes": data.num_classes,
+        "steps_per_epoch": data.steps_per_epoch,
+        "held_out_identities": data.held_out,
     }
     mlflow_run_id = _mlflow_run(cfg, name, parent_run_id, derived)
+    trainer = _torch_trainer(cfg, name, data, mlflow_run_id, extra_callbacks)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(resolve_tracking_uri(cfg.tracking)).set_terminated(mlflow_run_id, "FAILED")
+        raise
+    version = _finish_mlflow(cfg, mlflow_run_id, result) if mlflow_run_id else None
+    return TrainingOutcome(result, mlflow_run_id, version, data.steps_per_epoch, data.held_out)
+
+
+def _torch_trainer(cfg: TrainConfig, name: str, data: TrainingData, mlflow_run_id: str | None, callbacks):
+    """The TorchTrainer of the run: the worker loop's inputs, scaling, checkpoints kept by the validation
+    score (when there is validation), failure retries and the checkpoint storage."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mfr_ray.tracking import resolve_tracking_uri
+    from mfr_ray.train.loop import WORKER_INPUTS, WorkerInputs, train_loop_per_worker
+
     storage_path, storage_fs = _storage(cfg)
-    score = cfg.checkpoint.score_attribute if validation is not None else None
-    trainer = TorchTrainer(
+    score = cfg.checkpoint.score_attribute if data.validation is not None else None
+    inputs = WorkerInputs(
+        train=cfg,
+        num_classes=data.num_classes,
+        steps_per_epoch=data.steps_per_epoch,
+        validation=ray.put(data.validation) if data.validation is not None else None,
+        tracking_uri=resolve_tracking_uri(cfg.tracking) if mlflow_run_id else None,
+        mlflow_run_id=mlflow_run_id,
+    )
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            WORKER_INPUTS: WorkerInputs(
-                train=cfg,
-                num_classes=num_classes,
-                steps_per_epoch=steps_per_epoch,
-                validation=ray.put(validation) if validation is not None else None,
-                tracking_uri=resolve_tracking_uri(cfg.tracking) if mlflow_run_id else None,
-                mlflow_run_id=mlflow_run_id,
-            )
-        },
+        train_loop_config={WORKER_INPUTS: inputs},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -234,20 +272,10 @@ def run_training(
                 checkpoint_score_order=cfg.checkpoint.score_order,
             ),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            callbacks=list(extra_callbacks),
+            callbacks=list(callbacks),
         ),
-        datasets={"train": train_ds},
+        datasets={"train": data.train_ds},
     )
-    try:
-        result = trainer.fit()
-    except Exception:
-        if mlflow_run_id:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(resolve_tracking_uri(cfg.tracking)).set_terminated(mlflow_run_id, "FAILED")
-        raise
-    version = _finish_mlflow(cfg, mlflow_run_id, result) if mlflow_run_id else None
-    return TrainingOutcome(result, mlflow_run_id, version, steps_per_epoch, held_out)
 
 
 def train_and_report(cfg: TrainConfig, run_name: str | None = None) -> int:

@@ -11,16 +11,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mfr_ray.config import dump_config, flatten_config, set_dotted
-from mfr_ray.config.loader import REDACTED, read_config_with_origins, validate_config
+from mfr_ray.config.loader import read_config_with_origins, validate_config
+from mfr_ray.config.secrets import redact, safe_override, secret_fields, secret_paths
 from mfr_ray.evaluation.metric_names import VAL_ACCURACY
 from mfr_ray.raycluster import init_ray
-from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, redact, write_bytes
+from mfr_ray.storage import StorageError, filesystem_for, join_uri, read_bytes, write_bytes
 from mfr_ray.tune.config import SearchDimension, TuneConfig
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
@@ -76,66 +77,18 @@ def trial_train_config(base: dict[str, Any], params: dict[str, Any]):
     return TrainConfig.model_validate(data)
 
 
-def secret_paths(model: BaseModel, prefix: str = "") -> list[str]:
-    """Dotted keys of the secrets set in a config (its non-empty `SecretStr` fields)."""
-    found = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, SecretStr) and value.get_secret_value():
-            found.append(f"{prefix}{name}")
-        elif isinstance(value, BaseModel):
-            found += secret_paths(value, f"{prefix}{name}.")
-    return found
-
-
-def secret_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Dotted keys of every `SecretStr` field a config class has, set or not."""
-    found = set()
-    for name, field in model.model_fields.items():
-        for kind in (field.annotation, *get_args(field.annotation)):
-            if kind is SecretStr:
-                found.add(f"{prefix}{name}")
-            elif isinstance(kind, type) and issubclass(kind, BaseModel):
-                found |= secret_fields(kind, f"{prefix}{name}.")
-    return found
-
-
-def _redact_all(text: str, *configs: BaseModel) -> str:
-    for config in configs:
-        text = redact(text, getattr(config, "storage", None))
-    return text
-
-
-def _hide_secrets(value: Any, key: str, secret_keys: set[str]) -> Any:
-    if key in secret_keys:
-        return REDACTED
-    if isinstance(value, dict):
-        return {k: _hide_secrets(v, f"{key}.{k}", secret_keys) for k, v in value.items()}
-    return value
-
-
-def safe_override(item: str, secret_keys: set[str], *configs: BaseModel) -> str:
-    """A `key=value` override as it may be shown: a value at a secret key (also inside a mapping value,
-    `storage={secret_access_key: ...}`) becomes `***`, and any configured credential is redacted."""
-    key, _, raw = item.partition("=")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    hidden = _hide_secrets(value, key.strip(), secret_keys)
-    if hidden != value:
-        shown = hidden if isinstance(hidden, str) else yaml.safe_dump(hidden, default_flow_style=True).strip()
-        item = f"{key}={shown}"
-    return _redact_all(item, *configs)
+def _storages(*configs: BaseModel) -> list:
+    """Each config's storage section (None, the environment's credentials, for a config without one)."""
+    return [getattr(config, "storage", None) for config in configs]
 
 
 def search_params(cfg: TuneConfig, base_cfg) -> dict[str, str]:
     """The search config as the parent run's params: flattened, secrets out (also inside `base_overrides`),
     plus a digest of the base training config it expands to (a changed base file changes the search)."""
     secret_keys = secret_fields(type(base_cfg))
-    overrides = [safe_override(item, secret_keys, base_cfg, cfg) for item in cfg.base_overrides]
+    overrides = [safe_override(item, secret_keys, *_storages(base_cfg, cfg)) for item in cfg.base_overrides]
     flat = flatten_config(cfg.model_copy(update={"base_overrides": overrides}))
-    params = {k: _redact_all("" if v is None else str(v), base_cfg, cfg) for k, v in flat.items()}
+    params = {k: redact("" if v is None else str(v), *_storages(base_cfg, cfg)) for k, v in flat.items()}
     base = json.dumps(dump_config(base_cfg), sort_keys=True, default=str)
     params[BASE_DIGEST_PARAM] = hashlib.sha256(base.encode()).hexdigest()[:16]
     return params
@@ -178,7 +131,7 @@ def shareable_train_yaml(data: dict[str, Any], *configs: BaseModel) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.pop(leaf, None) is not None:
             left_out.append(key)
-    text = _redact_all(yaml.safe_dump(clean, sort_keys=False), validated, *configs)
+    text = redact(yaml.safe_dump(clean, sort_keys=False), *_storages(validated, *configs))
     if not left_out:
         return text
     header = (
@@ -336,7 +289,7 @@ def check_resumable(cfg: TuneConfig, parent_id: str, params: dict[str, str], sta
     except MlflowException:
         raise SearchChangedError(
             f"search {cfg.name!r} in {state_uri} was started under MLflow run {parent_id}, which the "
-            f"tracking store {redact(resolve_tracking_uri(cfg.tracking))} does not have; to start it fresh "
+            f"tracking store {redact(resolve_tracking_uri(cfg.tracking), None)} does not have; to start it fresh "
             f"use {fresh}"
         ) from None
     changed = changed_search_keys(started, params)
@@ -392,10 +345,6 @@ def plot_objective(rows: list[dict[str, Any]], keys: list[str], metric: str) -> 
 
 def run_search(cfg: TuneConfig) -> SearchResult:
     """Run (or resume) the search, log every trial under one MLflow parent run, write the best config."""
-    import mlflow
-    from PIL import Image
-    from ray import tune
-
     from mfr_ray.tracking import log_config_params, start_run
 
     base = base_train_dict(cfg)
@@ -403,9 +352,8 @@ def run_search(cfg: TuneConfig) -> SearchResult:
     validate_search_space(cfg, base)
     init_ray(cfg.ray)
 
-    fs, storage_root = filesystem_for(cfg.storage_path, cfg.storage)
+    storage = filesystem_for(cfg.storage_path, cfg.storage)
     experiment_uri = join_uri(cfg.storage_path, cfg.name)
-    keys = list(cfg.search_space)
     params = search_params(cfg, base_cfg)
     parent_id = _parent_run_id(cfg, experiment_uri) if cfg.resume else None
     if parent_id:
@@ -416,56 +364,74 @@ def run_search(cfg: TuneConfig) -> SearchResult:
             log_config_params(params)
         parent_id = parent.info.run_id
         write_bytes(join_uri(experiment_uri, PARENT_RUN_FILE), json.dumps({"run_id": parent_id}).encode(), cfg.storage)
-        trainable = tune.with_parameters(
-            _trial, base=base, search_name=cfg.name, parent_run_id=parent_id, workdir=os.getcwd()
-        )
-        trainable = tune.with_resources(trainable, {"cpu": cfg.trial_cpus})
-        storage_path = storage_root if cfg.storage_path.startswith("s3://") else str(Path(storage_root))
-        fs_arg = fs if cfg.storage_path.startswith("s3://") else None
-        restore_path = f"{storage_path.rstrip('/')}/{cfg.name}"
-        callbacks = []
-        if cfg.max_concurrent_trials == 1:
-            scaling = base_cfg.scaling
-            bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
-            callbacks.append(trial_placement_group_releaser(scaling.num_workers, bundle))
-        if cfg.resume and tune.Tuner.can_restore(restore_path, storage_filesystem=fs_arg):
-            print(f"resuming search {cfg.name} from {restore_path} (MLflow parent run {parent_id})", flush=True)
-            tuner = tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=fs_arg)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={key: param_domain(dim, cfg.searcher) for key, dim in cfg.search_space.items()},
-                tune_config=tune.TuneConfig(
-                    metric=cfg.metric,
-                    mode=cfg.mode,
-                    num_samples=cfg.num_samples,
-                    max_concurrent_trials=cfg.max_concurrent_trials,
-                    search_alg=_searcher(cfg),
-                    scheduler=_scheduler(cfg, base_cfg.schedule.epochs),
-                ),
-                run_config=tune.RunConfig(
-                    name=cfg.name, storage_path=storage_path, storage_filesystem=fs_arg, callbacks=callbacks
-                ),
-            )
-        grid = tuner.fit()
-        rows = trial_table(grid, keys, cfg.metric)
-        finished = [r for r in rows if r[cfg.metric] is not None]
-        if not finished:
-            raise RuntimeError(f"no trial of {cfg.name} reported {cfg.metric}; see the trial errors above")
-        best = max(finished, key=lambda r: r[cfg.metric]) if cfg.mode == "max" else min(finished, key=lambda r: r[cfg.metric])
-        best_params = {key: best[key] for key in keys}
-        best_yaml = shareable_train_yaml(trial_train_data(base, best_params), cfg)
-        write_bytes(cfg.best_config_out, best_yaml.encode(), cfg.storage)
+        grid = _tuner(cfg, base, base_cfg, parent_id, storage).fit()
+        return _best_of(cfg, grid, base, parent_id)
 
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        mlflow.log_text(table.getvalue(), "search/trials.csv")
-        mlflow.log_text(best_yaml, "search/best_train.yaml")
-        mlflow.log_image(Image.open(io.BytesIO(plot_objective(rows, keys, cfg.metric))), "search/objective.png")
-        mlflow.log_metrics({f"best_{cfg.metric}": best[cfg.metric], "trials_finished": len(finished)})
-        mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
+
+def _tuner(cfg: TuneConfig, base: dict[str, Any], base_cfg, parent_id: str, storage: tuple):
+    """The Tune run: restored from its folder when resuming one that exists, else a new one. `storage` is
+    `filesystem_for`'s (filesystem, root) of the search's storage path."""
+    from ray import tune
+
+    fs, storage_root = storage
+    trainable = tune.with_parameters(
+        _trial, base=base, search_name=cfg.name, parent_run_id=parent_id, workdir=os.getcwd()
+    )
+    trainable = tune.with_resources(trainable, {"cpu": cfg.trial_cpus})
+    on_s3 = cfg.storage_path.startswith("s3://")
+    storage_path = storage_root if on_s3 else str(Path(storage_root))
+    fs_arg = fs if on_s3 else None
+    restore_path = f"{storage_path.rstrip('/')}/{cfg.name}"
+    callbacks = []
+    if cfg.max_concurrent_trials == 1:
+        scaling = base_cfg.scaling
+        bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
+        callbacks.append(trial_placement_group_releaser(scaling.num_workers, bundle))
+    if cfg.resume and tune.Tuner.can_restore(restore_path, storage_filesystem=fs_arg):
+        print(f"resuming search {cfg.name} from {restore_path} (MLflow parent run {parent_id})", flush=True)
+        return tune.Tuner.restore(restore_path, trainable, resume_errored=True, storage_filesystem=fs_arg)
+    return tune.Tuner(
+        trainable,
+        param_space={key: param_domain(dim, cfg.searcher) for key, dim in cfg.search_space.items()},
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            search_alg=_searcher(cfg),
+            scheduler=_scheduler(cfg, base_cfg.schedule.epochs),
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=fs_arg, callbacks=callbacks
+        ),
+    )
+
+
+def _best_of(cfg: TuneConfig, grid, base: dict[str, Any], parent_id: str) -> SearchResult:
+    """The best finished trial: its train config written (secrets out), the trial table, the objective plot
+    and the best values logged to the parent run."""
+    import mlflow
+    from PIL import Image
+
+    keys = list(cfg.search_space)
+    rows = trial_table(grid, keys, cfg.metric)
+    finished = [r for r in rows if r[cfg.metric] is not None]
+    if not finished:
+        raise RuntimeError(f"no trial of {cfg.name} reported {cfg.metric}; see the trial errors above")
+    best = (max if cfg.mode == "max" else min)(finished, key=lambda r: r[cfg.metric])
+    best_params = {key: best[key] for key in keys}
+    best_yaml = shareable_train_yaml(trial_train_data(base, best_params), cfg)
+    write_bytes(cfg.best_config_out, best_yaml.encode(), cfg.storage)
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow.log_text(table.getvalue(), "search/trials.csv")
+    mlflow.log_text(best_yaml, "search/best_train.yaml")
+    mlflow.log_image(Image.open(io.BytesIO(plot_objective(rows, keys, cfg.metric))), "search/objective.png")
+    mlflow.log_metrics({f"best_{cfg.metric}": best[cfg.metric], "trials_finished": len(finished)})
+    mlflow.log_params({f"best.{k}": v for k, v in best_params.items()})
     return SearchResult(parent_id, best_params, {cfg.metric: best[cfg.metric]}, cfg.best_config_out, rows)
 
 

@@ -1,5 +1,6 @@
 """What an evaluation analysis is: its config fields, its `run` and its report section. The runner and the
-report loop over the registered analyses; `analyses:` in an evaluate config is their fields, flat."""
+report loop over the registered analyses (analyses/catalog.py); `analyses:` in an evaluate config is
+their fields, flat."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mfr_ray.config.base import StrictModel
 from mfr_ray.evaluation.metric_names import scoped
-from mfr_ray.registry import ANALYSES
 
 if TYPE_CHECKING:
+    from mfr_ray.evaluation.analyses.context import AnalysisContext
     from mfr_ray.evaluation.config import EvaluateConfig
-    from mfr_ray.evaluation.runner import AnalysisContext
 
 
 @dataclass
@@ -64,30 +64,3 @@ class Analysis(ABC):
         return lines + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
                         for k, v in section.items()]
 
-
-def registered_analyses() -> list[tuple[str, type[Analysis]]]:
-    """(name, class) of every registered analysis, in report order."""
-    return sorted(ANALYSES.items(), key=lambda item: item[1].order)
-
-
-def configured_analyses(analyses_cfg: StrictModel) -> list[Analysis]:
-    """Every registered analysis with its own config cut from the flat `analyses:` section, report order."""
-    return [
-        cls(name, cls.Config.model_validate(analyses_cfg.model_dump(include=set(cls.Config.model_fields))))
-        for name, cls in registered_analyses()
-    ]
-
-
-def analyses_config_fields() -> dict[str, tuple[Any, Any]]:
-    """The fields every registered analysis puts under `analyses:`, for pydantic's create_model; a key two
-    analyses both claim, or an analysis without its bool switch, is an error here, not a silent override."""
-    fields: dict[str, tuple[Any, Any]] = {}
-    for name, cls in registered_analyses():
-        switch = cls.Config.model_fields.get(name)
-        if switch is None or switch.annotation is not bool:
-            raise TypeError(f"analysis {name!r}: its Config needs a bool field {name!r} (the switch)")
-        for key, info in cls.Config.model_fields.items():
-            if key in fields:
-                raise TypeError(f"analysis {name!r}: config key {key!r} is already another analysis's")
-            fields[key] = (info.annotation, info)
-    return fields

@@ -12,7 +12,7 @@ from mfr_ray.evaluation.clustering import agglomerative_clusters, clustering_sco
 from mfr_ray.registry import ANALYSES
 
 if TYPE_CHECKING:
-    from mfr_ray.evaluation.runner import AnalysisContext
+    from mfr_ray.evaluation.analyses.context import AnalysisContext
 
 
 class ClusteringConfig(StrictModel):

@@ -13,7 +13,7 @@ from mfr_ray.evaluation.metric_names import scoped
 from mfr_ray.registry import ANALYSES
 
 if TYPE_CHECKING:
-    from mfr_ray.evaluation.runner import AnalysisContext
+    from mfr_ray.evaluation.analyses.context import AnalysisContext
 
 
 class IdentificationConfig(StrictModel):

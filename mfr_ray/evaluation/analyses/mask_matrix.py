@@ -14,8 +14,8 @@ from mfr_ray.evaluation.report import pct_cell, plot_heatmap, write_matrix_csv
 from mfr_ray.registry import ANALYSES
 
 if TYPE_CHECKING:
+    from mfr_ray.evaluation.analyses.context import AnalysisContext
     from mfr_ray.evaluation.config import EvaluateConfig
-    from mfr_ray.evaluation.runner import AnalysisContext
 
 
 class MaskMatrixConfig(StrictModel):
