@@ -12,11 +12,10 @@ import pytest
 
 import mfr_ray
 
-# Circles other branches of issue 27 remove (models/registry <-> models/spec: one model loader;
-# masked_bench <-> masked_http: serve's benchmark split). Drop each entry once its branch has merged.
+# Circles another branch of issue 27 removes (models/registry <-> models/spec: one model loader). Drop the
+# entry once it has merged.
 ALLOWED_CYCLES = {
     frozenset({"mfr_ray.models.registry", "mfr_ray.models.spec"}),
-    frozenset({"mfr_ray.evaluation.masked_bench", "mfr_ray.evaluation.masked_http"}),
 }
 
 
