@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, create_model, model_validator
+from pydantic_core import PydanticCustomError, ValidationError
 
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.data.config import AlignConfig
 from mfr_ray.evaluation.analyses.base import analyses_config_fields, configured_analyses
 from mfr_ray.imageio import UNMASKED
+from mfr_ray.models.backbone_config import backbone_config
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.registry import RUNTIMES
 from mfr_ray.runtime import DEFAULT_RUNTIME
@@ -120,7 +122,25 @@ class EvaluateConfig(StrictModel):
             analysis.check(self)
         if any(p.feature != "single" for p in self.protocols) and not self.flip:
             raise ValueError("protocols with feature sum/concat need flip: true")
+        _refuse_unfit_crops(self)
         return self
 
     def primary_variant(self) -> str:
         return UNMASKED if UNMASKED in self.sources else next(iter(self.sources))
+
+
+def _refuse_unfit_crops(cfg: EvaluateConfig) -> None:
+    """Every source's crop must be one the backbone's default config accepts; the error names each bad
+    `sources.<variant>.align.crop`. A `models:/` model names its backbone in the MLflow registry, which
+    loading a config does not reach: not checked."""
+    if cfg.model.registered():
+        return
+    config = backbone_config(cfg.model.backbone, cfg.model.kwargs)
+    errors = [
+        {"type": PydanticCustomError("crop_refused", "backbone {backbone}: {why}",
+                                     {"backbone": cfg.model.backbone, "why": why}),
+         "loc": ("sources", variant, "align", "crop"), "input": source.align.crop}
+        for variant, source in cfg.sources.items() if (why := config.crop_refusal(source.align.crop))
+    ]
+    if errors:
+        raise ValidationError.from_exception_data(type(cfg).__name__, errors)
