@@ -54,14 +54,13 @@ class ProtocolSpec(StrictModel):
 
 
 # `analyses:` is the fields of every registered analysis (mfr_ray/evaluation/analyses/), flat as the shipped
-# YAML writes them (`analyses.identification: false`, `analyses.ranks: [1, 5]`), plus the upper-half baseline.
+# YAML writes them (`analyses.identification: false`, `analyses.ranks: [1, 5]`).
 AnalysesConfig = create_model(
     "AnalysesConfig",
     __base__=StrictModel,
     __module__=__name__,
     __doc__="The extra analyses: each is switched on by the bool named like it; its settings sit beside it.",
     **analyses_config_fields(),
-    upper_half=(bool, Field(False, description="also evaluate on crops whose lower half is blanked out")),
 )
 
 

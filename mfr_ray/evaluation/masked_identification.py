@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.evaluation.identification import fpir_threshold
+from mfr_ray.evaluation.analyses.open_set import fpir_threshold
 from mfr_ray.serve.package import EmbedResult, OperatingPoint
 
 ENROLLED, NEVER_ENROLLED, CALIBRATION = "enrolled", "never_enrolled", "calibration"
