@@ -87,7 +87,7 @@ def plain_loop(
     torch.set_num_threads(threads)
     model = build_model(cfg, num_classes)
     optimizer = build_optimizer(cfg.optim, model)
-    size = tuple(model.backbone.input_size)
+    size, pixels = model.backbone.backbone_config.input_size, model.backbone.backbone_config.normalisation
     batch = cfg.schedule.batch_size * cfg.scaling.num_workers
     rng = np.random.default_rng(0)
     images, started, cpu_started = 0, None, None
@@ -102,7 +102,7 @@ def plain_loop(
         unmasked[flip] = unmasked[flip, :, ::-1]
         masked[flip] = masked[flip, :, ::-1]
         labels = torch.as_tensor(np.asarray([r["identity_id"] for r in chosen])[valid].astype(np.int64))
-        loss = compute_loss(cfg.loss, model, preprocess(unmasked), preprocess(masked), labels)
+        loss = compute_loss(cfg.loss, model, preprocess(unmasked, pixels), preprocess(masked, pixels), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm or float("inf"))

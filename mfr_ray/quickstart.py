@@ -176,7 +176,7 @@ def _prepare(cfg: QuickstartConfig, root: str, pair_keys: bytes, timings: dict) 
 
 def _train(cfg: QuickstartConfig, root: str, train_data: str, checkpoint, timings: dict) -> dict:
     """label -> (the model its training run describes, with that run's weights; the run id to nest under)."""
-    from mfr_ray.models.spec import MODEL_FILE
+    from mfr_ray.models.weights import MODEL_FILE
     from mfr_ray.train import run_training
 
     models: dict[str, tuple[ModelSpec, str | None]] = {CHECKPOINT: (checkpoint.model_copy(update={"label": CHECKPOINT}), None)}

@@ -15,8 +15,10 @@ from mfr_ray.evaluation.embed import embed_crops
 from mfr_ray.evaluation.runner import evaluate
 from mfr_ray.evaluation.sources import ImageSourceConfig, load_crops
 from mfr_ray.models.spec import ModelSpec
+from mfr_ray.registry import ANALYSES
 
-NO_EXTRAS = {"identification": False, "open_set": False, "clustering": False, "classifiers": False}
+# every analysis off but the mask-pair matrix (a new analysis included)
+NO_EXTRAS = {name: False for name in ANALYSES.names() if name != "mask_matrix"}
 
 
 def _artifacts(client, run_id):
@@ -87,13 +89,13 @@ def test_analyses_come_from_the_registry_and_keep_their_flat_keys(tmp_path):
 
     analyses = registered_analyses()
     names = [name for name, _ in analyses]
-    assert names == ["mask_matrix", "identification", "open_set", "clustering", "classifiers"]
+    assert sorted(names) == ANALYSES.names() and len({cls.order for _, cls in analyses}) == len(names)
     prealigned = {"align": {"skip_detection": True}}
     cfg = EvaluateConfig(
         name="lfw-analyses", pairs={"limit_folds": 2, "max_pairs_per_fold": 8}, flip=False,
         sources={"unmasked": prealigned, "copy": prealigned},
         protocols=[{"name": "single", "feature": "single"}],
-        analyses={"ranks": [1, 2], "classifier_min_images": 2, "mlp_hidden": 16},
+        analyses={**dict.fromkeys(names, True), "ranks": [1, 2], "classifier_min_images": 2, "mlp_hidden": 16},
         output_dir=str(tmp_path / "out"), tracking={"enabled": False},
     )
     summary = evaluate(cfg, progress=False)
@@ -103,6 +105,7 @@ def test_analyses_come_from_the_registry_and_keep_their_flat_keys(tmp_path):
     for key in ("mask_matrix.accuracy.one_masked", "identification.unmasked.rank2", "open_set.n_mated",
                 "clustering.purity", "classifiers.knn1_copy"):
         assert key in metrics, key
+    assert all(summary.get(name) for name in names), [n for n in names if not summary.get(n)]
     report = (tmp_path / "out" / "lfw-analyses" / "report.md").read_text()
     headings = [report.index(f"## {cls.title}") for _, cls in analyses]
     assert headings == sorted(headings)
@@ -131,8 +134,10 @@ def test_masked_variants_matrix_on_ray(tmp_path, tmp_tracking_uri, ray_local):
     acc = np.array(summary["mask_matrix"]["accuracy"])
     assert acc.shape == (2, 2) and acc[0, 0] >= acc[1, 1]  # masks do not help an unmasked-trained model
     assert {"both_unmasked", "one_masked", "both_masked"} == set(summary["mask_matrix"]["groups"])
-    variants = {row["variant"] for row in summary["verification"]}
-    assert variants == {"unmasked", "surgical_blue", "unmasked_upper", "surgical_blue_upper"}
+    assert {row["variant"] for row in summary["verification"]} == {"unmasked", "surgical_blue"}
+    upper = {row["variant"] for row in summary["upper_half"]["verification"]}  # the upper-half analysis
+    assert upper == {"unmasked_upper", "surgical_blue_upper"}
+    assert "ours.surgical_blue_upper.accuracy_mean" in summary["metrics"]  # the MLflow name it always had
     out = tmp_path / "out" / "lfw-masked-small"
     assert (out / "mask_matrix_accuracy.png").stat().st_size > 1000
     assert (out / "mask_matrix_accuracy.csv").read_text().startswith("template \\ probe,unmasked,surgical_blue")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfr_ray.evaluation.classifiers import knn_predict, per_identity_split
-from mfr_ray.evaluation.clustering import agglomerative_clusters, clustering_scores
-from mfr_ray.evaluation.identification import closed_set_identification, open_set_identification
-from mfr_ray.evaluation.mask_matrix import mask_pair_matrix, masking_group_means
+from mfr_ray.evaluation.analyses.classifiers import knn_predict, per_identity_split
+from mfr_ray.evaluation.analyses.clustering import agglomerative_clusters, clustering_scores
+from mfr_ray.evaluation.analyses.identification import closed_set_identification
+from mfr_ray.evaluation.analyses.mask_matrix import mask_pair_matrix, masking_group_means
+from mfr_ray.evaluation.analyses.open_set import open_set_identification
 
 
 def _unit(deg):

@@ -57,7 +57,7 @@ def test_package_records_the_evaluations_preprocessing_and_loads_without_pickle(
     # a package whose weights hide a pickled object is refused, not run
     torch.save({"w": torch.zeros(1), "payload": PackageError("x")}, folder.parent / "evil.pt")
     with pytest.raises(ValueError, match="not a plain state dict"):
-        from mfr_ray.models.spec import read_weights
+        from mfr_ray.models.weights import read_weights
 
         read_weights(str(folder.parent / "evil.pt"))
 

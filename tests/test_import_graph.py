@@ -12,11 +12,7 @@ import pytest
 
 import mfr_ray
 
-# Circles another branch of issue 27 removes (models/registry <-> models/spec: one model loader). Drop the
-# entry once it has merged.
-ALLOWED_CYCLES = {
-    frozenset({"mfr_ray.models.registry", "mfr_ray.models.spec"}),
-}
+ALLOWED_CYCLES: set[frozenset[str]] = set()  # none: every import circle is a failure
 
 
 def module_files(package_dir: Path) -> dict[str, Path]:

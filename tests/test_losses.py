@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mfr_ray.models import create_head, list_heads
+from mfr_ray.models import create_head
 from mfr_ray.models.losses import (
     DISTILLATIONS,
     balanced_mean,
@@ -15,6 +15,7 @@ from mfr_ray.models.losses import (
     pairwise_distillation,
     triplet_loss,
 )
+from mfr_ray.registry import HEADS
 from mfr_ray.train.objectives.margin_distill import MarginDistillObjective
 
 
@@ -49,8 +50,20 @@ def test_cosface_and_softmax():
     logits = head(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
     c = 1 / math.sqrt(2)
     assert logits[0].tolist() == pytest.approx([10 * c, 10 * (c - 0.35)], abs=1e-5)
-    assert {"arcface", "cosface", "softmax"} <= set(list_heads())
     assert create_head("softmax", 8, 5)(torch.zeros(3, 8)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_every_head_gives_one_logit_per_class_and_a_gradient(name):
+    """Each registered head (a new one included) maps labelled embeddings to finite logits per class that
+    cross-entropy can train through."""
+    torch.manual_seed(0)
+    head = create_head(name, 8, 5)
+    x = torch.randn(3, 8, requires_grad=True)
+    logits = head(x, torch.tensor([0, 2, 4]))
+    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 4])).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_distillation_losses_by_hand():

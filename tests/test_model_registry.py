@@ -18,9 +18,9 @@ import torch
 from mlflow import MlflowClient
 
 from mfr_ray.evaluation.embed import BatchEmbedder
-from mfr_ray.models import load_backbone
-from mfr_ray.models.registry import MODEL_SPEC_FILE, WEIGHTS_FILE, load_registered_model, save_model_files
-from mfr_ray.models.spec import MODEL_FILE, ModelSpec
+from mfr_ray.models.spec import ModelSpec
+from mfr_ray.models.store import MODEL_SPEC_FILE, WEIGHTS_FILE, save_model_files
+from mfr_ray.models.weights import MODEL_FILE
 from mfr_ray.train.config import TrainConfig
 from mfr_ray.train.trainer import _finish_mlflow
 
@@ -43,7 +43,7 @@ def _register(tmp_path: Path, weights: Path, tracking_uri: str) -> str:
 
     checkpoint_dir = tmp_path / f"checkpoint-{len(list(tmp_path.glob('checkpoint-*')))}"
     checkpoint_dir.mkdir()
-    torch.save(load_backbone("mobilefacenet", weights).state_dict(), checkpoint_dir / MODEL_FILE)
+    torch.save(ModelSpec(checkpoint=str(weights)).load().state_dict(), checkpoint_dir / MODEL_FILE)
     cfg = TrainConfig.model_validate({
         "data": {"uri": str(tmp_path / "unused")}, "registered_model_name": NAME,
         "tracking": {"tracking_uri": tracking_uri, "experiment": "registry"},
@@ -105,7 +105,8 @@ class _Planted:
 
 def test_pickle_in_the_registry_is_refused_not_run(tmp_path, tmp_tracking_uri):
     marker = tmp_path / "code-ran"
-    folder = save_model_files(load_backbone("mobilefacenet"), "mobilefacenet", {}, tmp_path / "evil")
+    fresh = ModelSpec(checkpoint=None)
+    folder = save_model_files(fresh.load(), "mobilefacenet", {}, tmp_path / "evil")
     torch.save({"weights": _Planted(marker)}, folder / WEIGHTS_FILE)
     with open(folder / "extra.pkl", "wb") as handle:  # stray pickles are never opened either
         pickle.dump(_Planted(marker), handle)
@@ -118,18 +119,16 @@ def test_pickle_in_the_registry_is_refused_not_run(tmp_path, tmp_tracking_uri):
     client.create_registered_model("evil")
     version = client.create_model_version("evil", source=source, run_id=run.info.run_id).version
     with pytest.raises(ValueError, match="refused, not unpickled"):
-        load_registered_model(f"models:/evil/{version}", tmp_tracking_uri)
-    with pytest.raises(ValueError, match="refused, not unpickled"):
         ModelSpec(checkpoint=f"models:/evil/{version}", tracking_uri=tmp_tracking_uri).load()
     assert not marker.exists(), "the planted pickle ran"
 
     spec = json.loads((folder / MODEL_SPEC_FILE).read_text())
     (folder / MODEL_SPEC_FILE).write_text(json.dumps({**spec, "factory": "os:system"}))
-    torch.save(load_backbone("mobilefacenet").state_dict(), folder / WEIGHTS_FILE)
+    torch.save(fresh.load().state_dict(), folder / WEIGHTS_FILE)
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(folder), artifact_path="model")
         source = mlflow.get_artifact_uri("model")
     version = client.create_model_version("evil", source=source, run_id=run.info.run_id).version
     with pytest.raises(ValueError, match="factory 'os:system'"):
-        load_registered_model(f"models:/evil/{version}", tmp_tracking_uri)
+        ModelSpec(checkpoint=f"models:/evil/{version}", tracking_uri=tmp_tracking_uri).load()
     assert os.environ["MLFLOW_TRACKING_URI"] == tmp_tracking_uri

@@ -112,8 +112,9 @@ def test_frozen_batchnorm_keeps_the_checkpoint_statistics_while_the_rest_trains(
     scales = [layer.weight.detach().clone() for layer in layers]
     keys = set(model.state_dict())
     optimizer = build_optimizer(cfg.optim, model)
-    unmasked = preprocess(crops)
-    masked = preprocess(occlude(crops, OccluderConfig(prob=1.0), np.random.default_rng(0)))
+    pixels = model.backbone.backbone_config.normalisation
+    unmasked = preprocess(crops, pixels)
+    masked = preprocess(occlude(crops, OccluderConfig(prob=1.0), np.random.default_rng(0)), pixels)
     for _ in range(2):
         loss = compute_loss(cfg.loss, model, unmasked, masked, torch.arange(4))
         optimizer.zero_grad()

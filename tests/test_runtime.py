@@ -19,6 +19,7 @@ from mfr_ray.config.common import TrackingConfig
 from mfr_ray.evaluation.embed import BatchEmbedder
 from mfr_ray.evaluation.sources import ImageSourceConfig, load_crops
 from mfr_ray.models import create_backbone
+from mfr_ray.models.backbone_config import Normalisation, backbone_config
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.registry import BACKBONES, RUNTIMES
 from mfr_ray.runtime import DEFAULT_RUNTIME, RuntimeModel, open_session
@@ -151,6 +152,9 @@ def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, 
     export_package(str(shared / "weights" / "mobilefacenet_casia.ckpt"), out, tracking=TrackingConfig(enabled=False))
     spec = json.loads((out / PACKAGE_JSON).read_text())
     assert (out / PACKAGE_ONNX).is_file() and spec["runtime"] == DEFAULT_RUNTIME
+    declared = backbone_config("mobilefacenet")  # what the package records comes from the backbone's config
+    assert spec["preprocessing"]["input_size_hw"] == list(declared.input_size)
+    assert Normalisation.from_package(spec["preprocessing"]) == declared.normalisation
     package = load_package(out)
     assert package.onnx_file() == out / PACKAGE_ONNX
     features = package.embed_crops(lfw_crops[:6])
@@ -163,11 +167,21 @@ def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, 
     (changed / PACKAGE_ONNX).write_bytes((out / PACKAGE_ONNX).read_bytes() + b"\0")
     assert _package_id(changed, spec["preprocessing"]) != spec["package_id"]
 
-    # a package from before runtimes (no model.onnx, no runtime): exported into the cache on first load
+    # serving normalises as package.json says, not as a global constant
+    rescaled = tmp_path / "rescaled"
+    shutil.copytree(out, rescaled)
+    other = json.loads(json.dumps(spec))
+    other["preprocessing"]["normalisation"]["pixel_scale"] = 64.0
+    (rescaled / PACKAGE_JSON).write_text(json.dumps(other))
+    assert (load_package(rescaled).embed_crops(lfw_crops[:6]) * features).sum(1).max() < MIN_COSINE
+
+    # a package from before runtimes and backbone configs (no model.onnx, no runtime, no normalisation):
+    # exported into the cache on first load, normalised with the values every model had then
     old = tmp_path / "old"
     shutil.copytree(out, old)
     (old / PACKAGE_ONNX).unlink()
     spec.pop("runtime")
+    spec["preprocessing"].pop("normalisation")
     (old / PACKAGE_JSON).write_text(json.dumps(spec))
     files = sorted(p.name for p in old.iterdir())
     older = load_package(old)

@@ -18,7 +18,9 @@ from mfr_ray.data.align import AlignConfig, FaceAligner
 from mfr_ray.imageio import read_image_file
 from mfr_ray.masking.config import MaskingConfig
 from mfr_ray.masking.engine import MaskEngine
-from mfr_ray.models import load_backbone, preprocess
+from mfr_ray.models import preprocess
+from mfr_ray.models.backbone_config import backbone_config
+from mfr_ray.models.spec import ModelSpec
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train.config import TrainConfig
 from mfr_ray.train.loop import MODEL_FILE, STATE_FILE, build_optimizer, save_checkpoint
@@ -44,7 +46,8 @@ def crops(lfw_dir):
         assert mask.record.status == "ok", (key, mask.record.reason)
         unmasked.append(result.crop)
         masked.append(mask.image)
-    return preprocess(np.stack(unmasked)), preprocess(np.stack(masked)), torch.tensor([0, 0, 1, 1])
+    pixels = backbone_config("mobilefacenet").normalisation
+    return preprocess(np.stack(unmasked), pixels), preprocess(np.stack(masked), pixels), torch.tensor([0, 0, 1, 1])
 
 
 def teacher_config(*overrides: str) -> TrainConfig:
@@ -182,7 +185,7 @@ def test_checkpoint_files_hold_the_student_and_resume_rebuilds_the_teacher(crops
     assert not any(k.startswith("teacher") for k in state["model"])
     resumed = build_model(cfg, num_classes=2)
     resumed.load_state_dict(state["model"])  # strict
-    original = load_backbone("mobilefacenet", cfg.model.checkpoint).state_dict()
+    original = ModelSpec(checkpoint=cfg.model.checkpoint).load().state_dict()
     for name, value in resumed.teacher.backbone.state_dict().items():
         assert torch.equal(value, original[name]), name
     trained = model.backbone.state_dict()

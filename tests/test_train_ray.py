@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mfr_ray.config import load_config
 from mfr_ray.config.common import TrackingConfig
 from mfr_ray.models import create_backbone
-from mfr_ray.models.registry import load_registered_model
+from mfr_ray.models.spec import ModelSpec
 from mfr_ray.paths import PROJECT_ROOT
 from mfr_ray.train import TrainConfig, run_training
 from mfr_ray.train.loop import MODEL_FILE, STATE_FILE
@@ -151,7 +151,8 @@ def test_two_workers_fine_tune_tracked_and_registered(tiny_prepared, tmp_path, t
         "model/mfr_model.json",
         "model/weights.pt",
     ]
-    registered = load_registered_model(f"models:/mfr-train-test/{outcome.model_version}", tmp_tracking_uri)
+    registered = ModelSpec(checkpoint=f"models:/mfr-train-test/{outcome.model_version}",
+                           tracking_uri=tmp_tracking_uri).load()
     assert registered(torch.zeros(1, 3, 112, 96)).shape == (1, 128)
     assert_checkpoint_loads(outcome.result)
     assert_weights_moved(cfg, outcome.result)

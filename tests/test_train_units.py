@@ -14,10 +14,11 @@ from mfr_ray.config import ConfigError, load_config
 from mfr_ray.imageio import encode_image, read_image_file
 from mfr_ray.models import create_backbone
 from mfr_ray.paths import PROJECT_ROOT
+from mfr_ray.registry import OBJECTIVES
 from mfr_ray.train.config import OptimConfig, TrainConfig
 from mfr_ray.train.data import decode_pairs, validation_identities
 from mfr_ray.train.loop import build_optimizer, lr_factor
-from mfr_ray.train.model import FaceTrainModel, build_model
+from mfr_ray.train.model import FaceTrainModel, build_model, compute_loss
 from mfr_ray.train.objectives.margin_distill import MarginDistillObjective, margin_distill_loss
 from mfr_ray.train.objectives.triplet import TripletObjective
 
@@ -101,6 +102,21 @@ def test_optimizer_groups_skip_decay_on_vectors_and_use_head_lr():
     assert by_id[id(backbone.conv1.bn.weight)]["weight_decay"] == 0.0
     assert by_id[id(backbone.conv1.conv.weight)]["lr"] == 0.01
     assert len(by_id) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", OBJECTIVES.names())
+def test_every_objective_trains_a_fresh_model_from_its_defaults(kind):
+    """Each registered objective (a new one included), with its default settings: `build_model` builds what
+    it asks for, one step's loss is finite, logged as `loss_total`, and reaches the backbone's weights."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(data={"uri": "unused"}, model={"checkpoint": None}, loss={"kind": kind})
+    model = build_model(cfg, num_classes=2).train()
+    size = model.backbone.backbone_config.input_size
+    unmasked, masked = torch.randn(4, 3, *size), torch.randn(4, 3, *size)
+    terms = compute_loss(cfg.loss, model, unmasked, masked if cfg.loss.use_masked else None, torch.tensor([0, 0, 1, 1]))
+    assert torch.isfinite(terms.total) and terms.logged["loss_total"] == pytest.approx(terms.total.item())
+    terms.total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
 
 
 @pytest.mark.parametrize("name", ["train_mobilefacenet_distill", "train_nomask", "train_triplet"])

@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, create_model, model_validator
+from pydantic_core import PydanticCustomError, ValidationError
 
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
 from mfr_ray.data.config import AlignConfig
 from mfr_ray.evaluation.analyses.catalog import analyses_config_fields, configured_analyses
 from mfr_ray.imageio import UNMASKED
+from mfr_ray.models.backbone_config import backbone_config
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.registry import RUNTIMES
 from mfr_ray.runtime import DEFAULT_RUNTIME
@@ -52,14 +54,13 @@ class ProtocolSpec(StrictModel):
 
 
 # `analyses:` is the fields of every registered analysis (mfr_ray/evaluation/analyses/), flat as the shipped
-# YAML writes them (`analyses.identification: false`, `analyses.ranks: [1, 5]`), plus the upper-half baseline.
+# YAML writes them (`analyses.identification: false`, `analyses.ranks: [1, 5]`).
 AnalysesConfig = create_model(
     "AnalysesConfig",
     __base__=StrictModel,
     __module__=__name__,
     __doc__="The extra analyses: each is switched on by the bool named like it; its settings sit beside it.",
     **analyses_config_fields(),
-    upper_half=(bool, Field(False, description="also evaluate on crops whose lower half is blanked out")),
 )
 
 
@@ -120,7 +121,25 @@ class EvaluateConfig(StrictModel):
             analysis.check(self)
         if any(p.feature != "single" for p in self.protocols) and not self.flip:
             raise ValueError("protocols with feature sum/concat need flip: true")
+        _refuse_unfit_crops(self)
         return self
 
     def primary_variant(self) -> str:
         return UNMASKED if UNMASKED in self.sources else next(iter(self.sources))
+
+
+def _refuse_unfit_crops(cfg: EvaluateConfig) -> None:
+    """Every source's crop must be one the backbone's default config accepts; the error names each bad
+    `sources.<variant>.align.crop`. A `models:/` model names its backbone in the MLflow registry, which
+    loading a config does not reach: not checked."""
+    if cfg.model.registered():
+        return
+    config = backbone_config(cfg.model.backbone, cfg.model.kwargs)
+    errors = [
+        {"type": PydanticCustomError("crop_refused", "backbone {backbone}: {why}",
+                                     {"backbone": cfg.model.backbone, "why": why}),
+         "loc": ("sources", variant, "align", "crop"), "input": source.align.crop}
+        for variant, source in cfg.sources.items() if (why := config.crop_refusal(source.align.crop))
+    ]
+    if errors:
+        raise ValidationError.from_exception_data(type(cfg).__name__, errors)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from mfr_ray.config.common import StorageConfig
+from mfr_ray.models.backbone_config import Normalisation
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.runtime import DEFAULT_RUNTIME
 
@@ -52,7 +53,8 @@ class EmbeddingSet:
 class BatchEmbedder:
     """Batch UDF: {"crop": uint8 NHWC} -> {"embedding", "embedding_flip"}. Loads the model once and runs it
     on `runtime` (`mfr_ray.runtime`), exported to ONNX at `onnx_file` (a package's) or else in the cache,
-    keyed by the weights' fingerprint (fresh weights: a temporary export)."""
+    keyed by the weights' fingerprint (fresh weights: a temporary export). Crops are resized to the input
+    size and normalised as the backbone's config says (`normalisation`: a package's own record)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class BatchEmbedder:
         storage: StorageConfig | None = None,
         runtime: str = DEFAULT_RUNTIME,
         onnx_file: str | Path | None = None,
+        normalisation: Normalisation | None = None,
     ):
         from mfr_ray.runtime import RuntimeModel, open_session
         from mfr_ray.runtime.onnx import spec_onnx_file
@@ -72,20 +75,21 @@ class BatchEmbedder:
             use_threads(num_threads)
         self.flip = flip
         net = model.load(storage)
-        self.input_size = tuple(net.input_size)
+        self.input_size = net.backbone_config.input_size
+        self.normalisation = normalisation or net.backbone_config.normalisation
         onnx_file = Path(onnx_file) if onnx_file else spec_onnx_file(model, storage)
         self.session = open_session(runtime, RuntimeModel(net, onnx_file), num_threads, bf16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import cv2
 
-        from mfr_ray.models import preprocess
+        from mfr_ray.models.preprocessing import preprocess
 
         crops = batch["crop"]
         height, width = self.input_size
         if crops.shape[1:3] != (height, width):
             crops = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_AREA) for c in crops])
-        x = preprocess(crops).numpy()
+        x = preprocess(crops, self.normalisation).numpy()
         out = dict(batch)
         out.pop("crop")
         out["embedding"] = self.session(x)

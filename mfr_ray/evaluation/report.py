@@ -82,6 +82,27 @@ def pct_cell(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.2f}"
 
 
+def verification_table(rows: list[dict], far_targets: list[float]) -> list[str]:
+    """Markdown table of verification rows (one per protocol x variant), mean ± std over folds in %."""
+    header = ["protocol", "variant", "max accuracy"]
+    for t in far_targets:
+        header += [f"TPR@FAR={t:g}", f"ACC@FAR={t:g}", "FAR reached"]
+    header += ["EER", "AUC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def mean_std(row: dict, metric: str, far: float | None = None) -> str:
+        return f"{pct_cell(row[metric_key(metric, far)])} ± {pct_cell(row[metric_key(metric, far, 'std')])}"
+
+    for row in rows:
+        cells = [row["protocol"], row["variant"], mean_std(row, "accuracy")]
+        for t in far_targets:
+            cells += [mean_std(row, "tpr", t), mean_std(row, "accuracy", t)]
+            cells.append(pct_cell(row[metric_key("far", t)]))
+        cells += [pct_cell(row["eer"]), f"{row['auc']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(summary: dict) -> str:
     """One page a person reads first: headline numbers, per-fold table, FAR caveat, then the extras."""
     lines = [f"# Evaluation: {summary['name']}", ""]
@@ -90,22 +111,7 @@ def markdown_report(summary: dict) -> str:
               f"- pairs: `{summary['pairs_file']}` ({summary['n_pairs']} pairs, {summary['n_folds']} folds{folds_note})",
               f"- images: {summary['n_images']} per variant; alignment: {summary['alignment']}", ""]
     lines += ["## Verification (mean ± std over folds, %)", ""]
-    header = ["protocol", "variant", "max accuracy"]
-    for t in summary["far_targets"]:
-        header += [f"TPR@FAR={t:g}", f"ACC@FAR={t:g}", "FAR reached"]
-    header += ["EER", "AUC"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def mean_std(row: dict, metric: str, far: float | None = None) -> str:
-        return f"{pct_cell(row[metric_key(metric, far)])} ± {pct_cell(row[metric_key(metric, far, 'std')])}"
-
-    for row in summary["verification"]:
-        cells = [row["protocol"], row["variant"], mean_std(row, "accuracy")]
-        for t in summary["far_targets"]:
-            cells += [mean_std(row, "tpr", t), mean_std(row, "accuracy", t)]
-            cells.append(pct_cell(row[metric_key("far", t)]))
-        cells += [pct_cell(row["eer"]), f"{row['auc']:.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += verification_table(summary["verification"], summary["far_targets"])
     lines += ["", ("Scores are cosine similarities of L2-normalised embeddings; a pair is accepted when its score "
                    "is >= the threshold chosen on the other folds (max accuracy: best cut; FAR: the smallest "
                    "similarity whose FAR on the training folds is <= the target).")]

@@ -7,15 +7,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mfr_ray.evaluation.analyses.base import AnalysisResult
 from mfr_ray.evaluation.analyses.catalog import configured_analyses
-from mfr_ray.evaluation.analyses.context import UPPER_SUFFIX, AnalysisContext, VariantData, pair_features
-from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
-from mfr_ray.evaluation.embed import embed_crops
+from mfr_ray.evaluation.analyses.context import AnalysisContext, VariantData, pair_features
+from mfr_ray.evaluation.config import EvaluateConfig, ImageSourceConfig, ProtocolSpec
+from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
 from mfr_ray.evaluation.metric_names import far_tag, scoped
 from mfr_ray.evaluation.report import (
     log_to_mlflow,
@@ -37,13 +38,6 @@ from mfr_ray.evaluation.verification import (
 )
 from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.raycluster import init_ray
-
-
-def blank_lower_half(crops: np.ndarray) -> np.ndarray:
-    """The occlusion-removal baseline: keep the upper half of each crop, black out the rest."""
-    out = crops.copy()
-    out[:, crops.shape[1] // 2 :] = 0
-    return out
 
 
 def load_pairs(cfg: EvaluateConfig) -> PairList:
@@ -96,41 +90,49 @@ def _quiet_ray_data() -> Iterator[None]:
         context.enable_progress_bars = saved
 
 
+def _quiet(cfg: EvaluateConfig):
+    return _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
+
+
 def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True) -> dict[str, VariantData]:
-    """Crops and embeddings of every variant (and their upper-half versions when asked), a bar per stage."""
-    cache = _cache_dir(cfg)
-    quiet = _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
+    """Crops and embeddings of every variant, a bar per stage."""
     out = {}
     for variant, source in cfg.sources.items():
         if cfg.compute.torch_threads and source.align.num_threads is None:
             source = source.model_copy(
                 update={"align": source.align.model_copy(update={"num_threads": cfg.compute.torch_threads})}
             )
-        with stage_bar(f"align {variant}", len(keys), progress) as bar, quiet():
+        with stage_bar(f"align {variant}", len(keys), progress) as bar, _quiet(cfg)():
             crops = load_crops(
-                source, keys, cache, cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size,
+                source, keys, _cache_dir(cfg), cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size,
                 progress=bar.update,
             )
             bar.update(len(keys) - bar.n)
-        versions = {variant: crops.crops}
-        if cfg.analyses.upper_half:
-            versions[variant + UPPER_SUFFIX] = blank_lower_half(crops.crops)
-        for name, array in versions.items():
-            tag = (
-                f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
-                f"{'-bf16' if cfg.compute.bf16 else ''}-{cfg.compute.runtime}-{name}"
-            )
-            with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet():
-                embeddings = embed_crops(
-                    keys, array, cfg.model, cfg.flip,
-                    cache_path=cache / f"emb-{tag}.npz" if cache else None,
-                    num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
-                    num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
-                    storage=cfg.storage, runtime=cfg.compute.runtime,
-                )
-                bar.update(len(keys) - bar.n)  # from the cache: all at once
-            out[name] = VariantData(crops, embeddings)
+        embeddings = embed_version(cfg, keys, variant, crops.crops, source, progress)
+        out[variant] = VariantData(crops, embeddings, source)
     return out
+
+
+def embed_version(cfg: EvaluateConfig, keys: list[str], name: str, crops: np.ndarray, source: ImageSourceConfig,
+                  progress: bool = True) -> EmbeddingSet:
+    """Embeddings of one version `name` of a source's crops (the variant itself, or an analysis's altered
+    copy), cached by weights, source, flip, precision, runtime and name."""
+    cache = _cache_dir(cfg)
+    tag = (
+        f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
+        f"{'-bf16' if cfg.compute.bf16 else ''}-{cfg.compute.runtime}-{name}"
+    )
+    with stage_bar(f"embed {name}", len(keys), progress) as bar, _quiet(cfg)():
+        embeddings = embed_crops(
+            keys, crops, cfg.model, cfg.flip,
+            cache_path=cache / f"emb-{tag}.npz" if cache else None,
+            num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
+            num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
+            storage=cfg.storage, runtime=cfg.compute.runtime,
+        )
+        bar.update(len(keys) - bar.n)  # from the cache: all at once
+    return embeddings
+
 
 
 def protocol_scores(left, right, pairs: PairList, protocol: ProtocolSpec) -> np.ndarray:
@@ -153,6 +155,35 @@ def _verification_row(protocol, variant, result, scores, pairs, far_targets):
     row = {"protocol": protocol, "variant": variant} | result.summary().as_dict()
     row |= {"eer": equal_error_rate(far, tpr), "auc": auc(far, tpr), "tags": {str(t): far_tag(t) for t in far_targets}}
     return row, (far, tpr)
+
+
+@dataclass
+class Verification:
+    """The k-fold verification of every protocol x variant: report rows, ROC curves, MLflow metrics
+    (`<protocol>.<variant>.<metric>`) and the reference variant's per-fold table."""
+
+    rows: list[dict]
+    curves: dict[str, tuple]
+    metrics: dict[str, float]
+    fold_table: list[dict] | None
+
+
+def verify_variants(cfg: EvaluateConfig, pairs: PairList, data: dict[str, VariantData],
+                    primary: str | None = None) -> Verification:
+    """Every protocol on every variant of `data`; the per-fold table is `primary`'s under the first protocol."""
+    found = Verification([], {}, {}, None)
+    for protocol in cfg.protocols:
+        for variant, variant_data in data.items():
+            left, right = pair_features(variant_data, pairs, protocol)
+            scores = protocol_scores(left, right, pairs, protocol)
+            result = kfold_verification(scores, pairs.same, pairs.fold, cfg.far_targets)
+            row, curve = _verification_row(protocol.name, variant, result, scores, pairs, cfg.far_targets)
+            found.rows.append(row)
+            found.curves[f"{protocol.name} / {variant}"] = curve
+            found.metrics |= {scoped(protocol.name, variant, k): v for k, v in row.items() if isinstance(v, float)}
+            if found.fold_table is None and variant == primary:
+                found.fold_table = result.fold_table()
+    return found
 
 
 def _far_notes(pairs: PairList, far_targets: list[float]) -> list[str]:
@@ -220,19 +251,8 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
         init_ray(cfg.ray)
     data = prepare_variants(cfg, keys, progress)
     primary = cfg.primary_variant()
-    metrics: dict[str, float] = {}
-    rows, curves, fold_table = [], {}, None
-    for protocol in cfg.protocols:
-        for variant, variant_data in data.items():
-            left, right = pair_features(variant_data, pairs, protocol)
-            scores = protocol_scores(left, right, pairs, protocol)
-            result = kfold_verification(scores, pairs.same, pairs.fold, cfg.far_targets)
-            row, curve = _verification_row(protocol.name, variant, result, scores, pairs, cfg.far_targets)
-            rows.append(row)
-            curves[f"{protocol.name} / {variant}"] = curve
-            metrics |= {scoped(protocol.name, variant, k): v for k, v in row.items() if isinstance(v, float)}
-            if fold_table is None and variant == primary:
-                fold_table = result.fold_table()
+    found = verify_variants(cfg, pairs, data, primary)
+    rows, curves, metrics, fold_table = found.rows, found.curves, found.metrics, found.fold_table
     write_csv(output_dir / "folds.csv", fold_table)
     plot_roc(output_dir / "roc.png", curves, cfg.far_targets)
     summary = {
@@ -242,7 +262,7 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
         "far_notes": _far_notes(pairs, cfg.far_targets),
         "alignment": _alignment_summary(data), "notes": [],
     }
-    for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir)).items():
+    for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir, progress, embed_version)).items():
         summary[name] = result.section
         metrics |= result.metrics
     data[primary].embeddings.save(output_dir / "embeddings.npz")
@@ -263,16 +283,13 @@ def _save_kind_scores(cfg: EvaluateConfig, pairs: PairList, data: dict[str, Vari
     protocol = plain_protocol(cfg.protocols)
     if protocol is None:
         return
-    variants = [v for v in data if not v.endswith(UPPER_SUFFIX)]
-    features = {v: data[v].embeddings.features(protocol.feature) for v in variants}
+    features = {v: d.embeddings.features(protocol.feature) for v, d in data.items()}
     kind_scores(features, data[primary].embeddings.keys, pairs, primary).save(output_dir / PAIR_SCORES_FILE)
 
 
 def _alignment_summary(data: dict[str, VariantData]) -> str:
     parts = []
     for variant, d in data.items():
-        if variant.endswith(UPPER_SUFFIX):
-            continue
         methods, counts = np.unique(d.crops.method, return_counts=True)
         failed = int((~np.isin(d.crops.status, list(USABLE_STATUSES))).sum())
         fallback = int((d.crops.status == OK_FALLBACK).sum())

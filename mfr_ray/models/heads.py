@@ -20,10 +20,6 @@ def create_head(name: str, in_features: int, num_classes: int, **kwargs) -> nn.M
     return HEADS.create(name, in_features, num_classes, **kwargs)
 
 
-def list_heads() -> list[str]:
-    return HEADS.names()
-
-
 class _CosineHead(nn.Module):
     """Cosine between L2-normalised embeddings and L2-normalised class centres."""
 

@@ -5,9 +5,7 @@ registry (`models:/`), never unpickled."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +13,11 @@ from pydantic import Field, field_validator
 
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import StorageConfig
+from mfr_ray.models.store import StoredModel, is_registry_uri
 from mfr_ray.registry import BACKBONES
 
 if TYPE_CHECKING:
     from torch import nn
-
-MODEL_FILE = "model.pt"  # the bare backbone state dict in every training checkpoint: what evaluation reads
 
 
 class ModelSpec(StrictModel):
@@ -44,9 +41,12 @@ class ModelSpec(StrictModel):
     def _blank_is_none(cls, value: Any) -> Any:
         return value or None  # `model.checkpoint=` on the command line: no weights
 
-    def registered(self) -> bool:
-        from mfr_ray.models.registry import is_registry_uri
+    @classmethod
+    def of_stored(cls, stored: StoredModel, label: str | None = None) -> ModelSpec:
+        """The spec of a model-files folder's network (`mfr_ray.models.store`)."""
+        return cls(backbone=stored.backbone, kwargs=stored.kwargs, checkpoint=stored.weights, label=label)
 
+    def registered(self) -> bool:
         return is_registry_uri(self.checkpoint)
 
     def _tracking_uri(self) -> str:
@@ -65,7 +65,7 @@ class ModelSpec(StrictModel):
         from mfr_ray.storage import file_version
 
         if self.registered():
-            from mfr_ray.models.registry import registered_version
+            from mfr_ray.models.store import registered_version
 
             identity = list(registered_version(self.checkpoint, self._tracking_uri()))
         else:
@@ -75,28 +75,27 @@ class ModelSpec(StrictModel):
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def load(self, storage: StorageConfig | None = None) -> nn.Module:
-        """The backbone with its weights, in eval mode; `storage` reaches an `s3://` checkpoint. Weights
-        only: nothing from a file, a bucket or the registry is unpickled."""
-        from mfr_ray.models import create_backbone, extract_state_dict
-        from mfr_ray.models.registry import load_registered_model
-
+        """The backbone with its weights, in eval mode: the one loader of a network (a checkpoint file,
+        `s3://` through `storage`, or `models:/`). Weights only: nothing from a file, a bucket or the
+        registry is unpickled."""
         if self.registered():
-            return load_registered_model(self.checkpoint, self._tracking_uri()).eval()
+            import tempfile
+
+            from mfr_ray.models.store import download_model_files
+
+            with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
+                return load_stored(download_model_files(self.checkpoint, self._tracking_uri(), folder))
+        from mfr_ray.models.factory import create_backbone
+        from mfr_ray.models.weights import extract_state_dict, read_weights
+
         model = create_backbone(self.backbone, **self.kwargs)
         if self.checkpoint:
             model.load_state_dict(extract_state_dict(read_weights(self.checkpoint, storage)), strict=True)
         return model.eval()
 
 
-def read_weights(uri: str, storage: StorageConfig | None = None) -> dict:
-    """A checkpoint's tensors from a path, `file://` or `s3://` URI, loaded with weights_only=True: a
-    pickled object inside raises a ValueError and is never run."""
-    import torch
-
-    from mfr_ray.storage import read_bytes
-
-    data = read_bytes(uri, storage)
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"{uri} is not a plain state dict (refused, not unpickled): {type(exc).__name__}") from None
+def load_stored(stored: StoredModel) -> nn.Module:
+    """The network a model-files folder describes, checked against the sizes it was saved with."""
+    model = ModelSpec.of_stored(stored).load()
+    stored.check_sizes(model)
+    return model

@@ -1,6 +1,6 @@
 """One small session class per runtime, registered by name (`RUNTIMES`): `session.run(x)` maps a float32
 NCHW batch to the network's outputs as float32 arrays, `session(x)` to the first (a backbone's (n, d)
-embeddings of a batch preprocessed as `mfr_ray.models.preprocess` does)."""
+embeddings of a batch preprocessed as `mfr_ray.models.preprocessing` does)."""
 
 from __future__ import annotations
 

@@ -26,15 +26,8 @@ import numpy as np
 
 from mfr_ray.config.common import StorageConfig, TrackingConfig
 from mfr_ray.imageio import Status
-from mfr_ray.models.registry import (
-    MODEL_SPEC_FILE,
-    PIXEL_MEAN,
-    PIXEL_SCALE,
-    WEIGHTS_FILE,
-    is_registry_uri,
-    load_model_files,
-    save_model_files,
-)
+from mfr_ray.models.backbone_config import Normalisation
+from mfr_ray.models.store import WEIGHTS_FILE, download_model_files, is_registry_uri, save_model_files
 
 PACKAGE_FORMAT = "mfr-ray/model-package/1"
 PACKAGE_JSON = "package.json"
@@ -191,12 +184,13 @@ class ModelPackage:
     def _models(self):
         if self._aligner is None:
             from mfr_ray.data.align import AlignConfig, FaceAligner
-            from mfr_ray.evaluation.embed import BatchEmbedder as Embedder
+            from mfr_ray.evaluation.embed import BatchEmbedder
 
             self._aligner = FaceAligner(AlignConfig.model_validate(self.serving_align()))
-            self._embedder = Embedder(self.model_spec(), flip=self.preprocessing["flip"],
+            self._embedder = BatchEmbedder(self.model_spec(), flip=self.preprocessing["flip"],
                                       num_threads=self.num_threads, bf16=self.preprocessing["bf16"],
-                                      runtime=self.runtime, onnx_file=self.onnx_file())
+                                      runtime=self.runtime, onnx_file=self.onnx_file(),
+                                      normalisation=Normalisation.from_package(self.preprocessing))
         return self._aligner, self._embedder
 
     def model_spec(self):
@@ -548,20 +542,17 @@ class _Source:
 def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -> _Source:
     """What `mfr export` was given: a checkpoint (a path or s3://), a `models:/` URI, or an MLflow run id (a
     training run's `model/`, or an evaluation run's model)."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from mfr_ray.config.secrets import redact as redact_uri
-    from mfr_ray.models.spec import ModelSpec
+    from mfr_ray.models.spec import ModelSpec, load_stored
     from mfr_ray.storage import is_s3
 
     def from_model_files(uri: str, label: str) -> _Source:
         with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
-                                                             dst_path=folder))
-            spec = json.loads((local / MODEL_SPEC_FILE).read_text())
-            return _Source(load_model_files(local), spec["backbone"], spec.get("kwargs", {}), label)
+            stored = download_model_files(uri, tracking_uri, folder)
+            return _Source(load_stored(stored), stored.backbone, stored.kwargs, label)
 
     if is_registry_uri(source):
         return from_model_files(source, source)
@@ -675,8 +666,8 @@ def export_package(
         "align": align,
         "crop": align["crop"],
         "crop_size_hw": list(CROP_TEMPLATES[align["crop"]][0]),
-        "input_size_hw": list(model.input_size),
-        "normalisation": {"pixel_mean": PIXEL_MEAN, "pixel_scale": PIXEL_SCALE, "channels": "RGB",
+        "input_size_hw": list(model.backbone_config.input_size),
+        "normalisation": {**asdict(model.backbone_config.normalisation), "channels": "RGB",
                           "formula": "(x - pixel_mean) / pixel_scale"},
         "flip": flip,
         "feature": feature,
@@ -759,6 +750,7 @@ def _kinds_card(kinds: dict) -> list[str]:
 def model_card(spec: dict) -> str:
     """The package's MODEL_CARD.md: what it is, how it sees a face, where its thresholds hold."""
     pre = spec["preprocessing"]
+    pixels = Normalisation.from_package(pre)
     lines = [f"# Model card: {spec['model']}", "",
              f"- backbone: `{spec['backbone']}` {json.dumps(spec['kwargs'])}; embedding size {spec['embedding_size']}",
              f"- package id: `{spec['package_id']}` (weights, their ONNX export + preprocessing)",
@@ -766,7 +758,7 @@ def model_card(spec: dict) -> str:
               "--runtime` choose another)"),
              (f"- preprocessing: alignment `{pre['align']['crop']}` crop (MTCNN 5 points, fallbacks "
              f"{[f for f in pre['align']['fallbacks'] if f != CENTRE_FALLBACK] or 'none'}, landmark fit "
-             f"`{pre['align']['landmark_fit']}`), pixels (x - {PIXEL_MEAN}) / {PIXEL_SCALE}, RGB; flip "
+             f"`{pre['align']['landmark_fit']}`), pixels (x - {pixels.pixel_mean}) / {pixels.pixel_scale}, RGB; flip "
              f"{'on' if pre['flip'] else 'off'}, feature `{pre['feature']}`"),
              f"- no face: {pre['no_face']}", ""]
     calibration = spec.get("calibration")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfr_ray.evaluation.identification import fpir_threshold
+from mfr_ray.evaluation.analyses.open_set import fpir_threshold
 from mfr_ray.masking.presence import masked_states
 from mfr_ray.serve.package import PACKAGE_JSON, OperatingPoint, PackageError
 

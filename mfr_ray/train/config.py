@@ -82,7 +82,7 @@ class TrainModelConfig(ModelSpec):
 
     def trained(self, checkpoint: str, label: str | None = None) -> ModelSpec:
         """The ModelSpec of what a run trained: this backbone and its arguments with the run's weights
-        (a checkpoint folder's MODEL_FILE), as `mfr evaluate` takes it."""
+        (a checkpoint folder's `mfr_ray.models.weights.MODEL_FILE`), as `mfr evaluate` takes it."""
         spec = self.model_dump(include=set(ModelSpec.model_fields))
         return ModelSpec.model_validate({**spec, "checkpoint": checkpoint, "label": label})
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from mfr_ray.evaluation.metric_names import VAL_ACCURACY, VAL_TPR_AT_FAR, metric_key
-from mfr_ray.models import preprocess
-from mfr_ray.models.spec import MODEL_FILE
+from mfr_ray.models.backbone_config import BackboneConfig
+from mfr_ray.models.preprocessing import preprocess
+from mfr_ray.models.weights import MODEL_FILE
 from mfr_ray.threads import threads_for, use_threads
 from mfr_ray.train.augment import apply_occluders
 from mfr_ray.train.config import OptimConfig, ScheduleConfig, TrainConfig
@@ -68,7 +69,8 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
 @torch.no_grad()
 def embed(backbone: torch.nn.Module, crops: np.ndarray, device: torch.device, batch: int = 128) -> np.ndarray:
     out = [
-        backbone(preprocess(np.array(crops[i : i + batch])).to(device)).float().cpu().numpy()
+        backbone(preprocess(np.array(crops[i : i + batch]), backbone.backbone_config.normalisation).to(device))
+        .float().cpu().numpy()
         for i in range(0, len(crops), batch)
     ]
     return np.concatenate(out)
@@ -231,8 +233,9 @@ class Worker:
     resumed_from: int = -1  # the step restored from a checkpoint; -1: started afresh
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.model.backbone.input_size)
+    def backbone_config(self) -> BackboneConfig:
+        """Input size and normalisation of the backbone being trained."""
+        return self.model.backbone.backbone_config
 
 
 @dataclass
@@ -321,8 +324,9 @@ def train_step(worker: Worker, batch: dict[str, np.ndarray]) -> tuple[int, int, 
     loss terms as the objective logged them)."""
     cfg, device = worker.cfg, worker.device
     unmasked, masked, valid = decode_pairs(
-        list(batch["image_unmasked"]), list(batch["image_masked"]), worker.input_size
+        list(batch["image_unmasked"]), list(batch["image_masked"]), worker.backbone_config.input_size
     )
+    normalisation = worker.backbone_config.normalisation
     labels = torch.as_tensor(batch["identity_id"][valid].astype(np.int64), device=device)
     masked, _ = apply_occluders(unmasked, masked, cfg.data.occluders, worker.rng)
     if cfg.data.hflip:
@@ -334,8 +338,8 @@ def train_step(worker: Worker, batch: dict[str, np.ndarray]) -> tuple[int, int, 
         loss = compute_loss(
             cfg.loss,
             worker.ddp_model,
-            preprocess(unmasked).to(device, non_blocking=True),
-            preprocess(masked).to(device, non_blocking=True) if masked is not None else None,
+            preprocess(unmasked, normalisation).to(device, non_blocking=True),
+            preprocess(masked, normalisation).to(device, non_blocking=True) if masked is not None else None,
             labels,
         )
     worker.optimizer.zero_grad(set_to_none=True)

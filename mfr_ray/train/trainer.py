@@ -85,7 +85,7 @@ def _mlflow_run(
 
 def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
     """Final tags on the run; the final model logged as `model/` (state dict + JSON spec, loadable without
-    pickle: `mfr_ray.models.registry.load_registered_model`) and, if configured, registered as a new
+    pickle: `ModelSpec(checkpoint="models:/...").load()`) and, if configured, registered as a new
     version of `registered_model_name`. Returns the registered model version."""
     import tempfile
 
@@ -93,8 +93,8 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mfr_ray.models.registry import save_model_files
-    from mfr_ray.models.spec import MODEL_FILE
+    from mfr_ray.models.store import save_model_files
+    from mfr_ray.models.weights import MODEL_FILE
     from mfr_ray.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
@@ -178,13 +178,13 @@ class TrainingData:
 def training_data(cfg: TrainConfig) -> TrainingData:
     """Read the prepared dataset's labels, hold out the validation identities and size the epoch; raises
     ValueError when the data is less than one step."""
-    from mfr_ray.models import create_backbone
+    from mfr_ray.models.backbone_config import backbone_config
     from mfr_ray.train.data import label_count, training_dataset, validation_identities, validation_set
 
     with quiet_ingest():
         num_classes = label_count(cfg.data, cfg.storage)
         held_out = validation_identities(num_classes, cfg.data.val_identities, cfg.data.seed)
-        input_size = tuple(create_backbone(cfg.model.backbone, **cfg.model.kwargs).input_size)
+        input_size = backbone_config(cfg.model.backbone, cfg.model.kwargs).input_size
         validation = validation_set(cfg.data, cfg.storage, held_out, input_size)
         train_ds, rows = training_dataset(cfg.data, cfg.storage, held_out, use_masked=cfg.loss.use_masked)
     per_step = cfg.schedule.batch_size * cfg.scaling.num_workers

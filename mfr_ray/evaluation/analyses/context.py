@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
-    from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
+    from mfr_ray.evaluation.config import EvaluateConfig, ImageSourceConfig, ProtocolSpec
     from mfr_ray.evaluation.embed import EmbeddingSet
     from mfr_ray.evaluation.sources import CropSet
     from mfr_ray.evaluation.verification import PairList
-
-UPPER_SUFFIX = "_upper"
 
 
 @dataclass
 class VariantData:
     crops: CropSet
     embeddings: EmbeddingSet
+    source: ImageSourceConfig  # as the job aligned it: part of the embedding cache key
 
 
 def pair_features(
@@ -36,14 +36,16 @@ def pair_features(
 
 @dataclass
 class AnalysisContext:
-    """What an analysis reads: the config, the pair list, every variant's crops and embeddings (with the
-    upper-half copies), the reference variant and the folder its files go to."""
+    """What an analysis reads: the config, the pair list, every variant's crops and embeddings, the
+    reference variant and the folder its files go to; `embed` embeds an analysis's own copy of the crops."""
 
     cfg: EvaluateConfig
     pairs: PairList
     data: dict[str, VariantData]
     primary: str
     output_dir: Path
+    progress: bool = True
+    embed_version: Callable | None = None  # the runner's `embed_version`, given so analyses need not import it
 
     @property
     def protocol(self) -> ProtocolSpec:
@@ -52,8 +54,8 @@ class AnalysisContext:
 
     @property
     def source_variants(self) -> list[str]:
-        """The configured variants, without their upper-half copies."""
-        return [v for v in self.data if not v.endswith(UPPER_SUFFIX)]
+        """The configured variants, in config order."""
+        return list(self.data)
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -67,3 +69,7 @@ class AnalysisContext:
 
     def pair_features(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         return pair_features(self.data[variant], self.pairs, self.protocol)
+
+    def embed(self, name: str, crops: np.ndarray, variant: str) -> EmbeddingSet:
+        """Embeddings of `crops` (an altered copy of `variant`'s, one per key), cached under `name`."""
+        return self.embed_version(self.cfg, self.pairs.keys(), name, crops, self.data[variant].source, self.progress)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from mfr_ray.registry import BACKBONES
+from mfr_ray.models.backbone_config import BackboneConfig, register_backbone
+
+# FaceNet's 160x160 crop (box + margin); the square ArcFace 112x112 crop, upsampled, keeps its aspect ratio
+# (a tighter framing), so it is the one resize this backbone declares.
+INCEPTION_CONFIG = BackboneConfig(input_size=(160, 160), embedding_size=512, crops=("160x160",),
+                                  resized_crops=("112x112",))
 
 
-@BACKBONES.register("inception_resnet_v1")
+@register_backbone("inception_resnet_v1", INCEPTION_CONFIG)
 class InceptionResNetV1(nn.Module):
-    def __init__(self, embedding_size: int = 512, input_size=(160, 160), dropout: float = 0.6):
+    def __init__(self, embedding_size: int, input_size: tuple[int, int], dropout: float = 0.6):
         super().__init__()
         from facenet_pytorch import InceptionResnetV1
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from mfr_ray.models.backbone_config import ARCFACE_TORCH_CONFIG, register_backbone
 from mfr_ray.models.embedding_head import EmbeddingHead
-from mfr_ray.registry import BACKBONES
 
 STAGE_DEPTHS = {18: (2, 2, 2, 2), 50: (3, 4, 14, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -34,7 +34,7 @@ class IRBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, depth: int, embedding_size: int = 512, input_size=(112, 112), dropout: float = 0.0):
+    def __init__(self, depth: int, embedding_size: int, input_size: tuple[int, int], dropout: float = 0.0):
         super().__init__()
         self.input_size = tuple(input_size)
         self.embedding_size = embedding_size
@@ -51,11 +51,11 @@ class IResNet(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-@BACKBONES.register("iresnet18")
+@register_backbone("iresnet18", ARCFACE_TORCH_CONFIG)
 def iresnet18(**kwargs) -> IResNet:
     return IResNet(18, **kwargs)
 
 
-@BACKBONES.register("iresnet50")
+@register_backbone("iresnet50", ARCFACE_TORCH_CONFIG)
 def iresnet50(**kwargs) -> IResNet:
     return IResNet(50, **kwargs)

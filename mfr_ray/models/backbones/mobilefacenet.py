@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mfr_ray.registry import BACKBONES
+from mfr_ray.models.backbone_config import BackboneConfig, register_backbone
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 1.
 BOTTLENECK_SETTINGS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -48,9 +48,13 @@ class Bottleneck(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-@BACKBONES.register("mobilefacenet")
+# Built for the SphereFace 112x96 crop (the CASIA checkpoint); 112x112 with `kwargs: {input_size: [112, 112]}`.
+MOBILEFACENET_CONFIG = BackboneConfig(input_size=(112, 96), embedding_size=128, crops=("112x96", "112x112"))
+
+
+@register_backbone("mobilefacenet", MOBILEFACENET_CONFIG)
 class MobileFaceNet(nn.Module):
-    def __init__(self, embedding_size: int = 128, input_size: tuple[int, int] = (112, 96)):
+    def __init__(self, embedding_size: int, input_size: tuple[int, int]):
         super().__init__()
         self.input_size = tuple(input_size)
         self.embedding_size = embedding_size

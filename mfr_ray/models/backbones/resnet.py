@@ -6,12 +6,12 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
+from mfr_ray.models.backbone_config import ARCFACE_TORCH_CONFIG, register_backbone
 from mfr_ray.models.embedding_head import EmbeddingHead
-from mfr_ray.registry import BACKBONES
 
 
 class FaceResNet(nn.Module):
-    def __init__(self, depth: int, embedding_size: int = 512, input_size=(112, 112), dropout: float = 0.0):
+    def __init__(self, depth: int, embedding_size: int, input_size: tuple[int, int], dropout: float = 0.0):
         super().__init__()
         self.input_size = tuple(input_size)
         self.embedding_size = embedding_size
@@ -34,11 +34,11 @@ class FaceResNet(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-@BACKBONES.register("resnet18")
+@register_backbone("resnet18", ARCFACE_TORCH_CONFIG)
 def resnet18(**kwargs) -> FaceResNet:
     return FaceResNet(18, **kwargs)
 
 
-@BACKBONES.register("resnet50")
+@register_backbone("resnet50", ARCFACE_TORCH_CONFIG)
 def resnet50(**kwargs) -> FaceResNet:
     return FaceResNet(50, **kwargs)
