@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +25,7 @@ from mfr_ray.evaluation.report import (
     write_summary_json,
 )
 from mfr_ray.evaluation.sources import CropSet, load_crops, source_fingerprint
+from mfr_ray.evaluation.timing import EvaluationTimer
 from mfr_ray.evaluation.verification import (
     PairList,
     auc,
@@ -39,6 +40,7 @@ from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.raycluster import init_ray
 
 UPPER_SUFFIX = "_upper"
+TIMING_FILE = "timing.md"
 
 
 @dataclass
@@ -104,9 +106,12 @@ def _quiet_ray_data() -> Iterator[None]:
         context.enable_progress_bars = saved
 
 
-def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True) -> dict[str, VariantData]:
-    """Crops and embeddings of every variant (and their upper-half versions when asked), a bar per stage."""
+def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True,
+                     timer: EvaluationTimer | None = None) -> dict[str, VariantData]:
+    """Crops and embeddings of every variant (and their upper-half versions when asked), a bar per stage;
+    `timer` gets the stages `crops` and `embed` and the parts the workers report."""
     cache = _cache_dir(cfg)
+    timer = timer or EvaluationTimer()
     quiet = _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
     out = {}
     for variant, source in cfg.sources.items():
@@ -114,10 +119,10 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
             source = source.model_copy(
                 update={"align": source.align.model_copy(update={"num_threads": cfg.compute.torch_threads})}
             )
-        with stage_bar(f"align {variant}", len(keys), progress) as bar, quiet():
+        with stage_bar(f"align {variant}", len(keys), progress) as bar, quiet(), timer.stage("crops"):
             crops = load_crops(
                 source, keys, cache, cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size,
-                progress=bar.update,
+                progress=bar.update, timer=timer,
             )
             bar.update(len(keys) - bar.n)
         versions = {variant: crops.crops}
@@ -128,13 +133,13 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
                 f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
                 f"{'-bf16' if cfg.compute.bf16 else ''}-{cfg.compute.runtime}-{name}"
             )
-            with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet():
+            with stage_bar(f"embed {name}", len(keys), progress) as bar, quiet(), timer.stage("embed"):
                 embeddings = embed_crops(
                     keys, array, cfg.model, cfg.flip,
                     cache_path=cache / f"emb-{tag}.npz" if cache else None,
                     num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
                     num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
-                    storage=cfg.storage, runtime=cfg.compute.runtime,
+                    storage=cfg.storage, runtime=cfg.compute.runtime, timer=timer,
                 )
                 bar.update(len(keys) - bar.n)  # from the cache: all at once
             out[name] = VariantData(crops, embeddings)
@@ -237,38 +242,52 @@ def run_analyses(ctx: AnalysisContext) -> dict[str, AnalysisResult]:
 def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run the whole evaluation; returns the summary dict (also written as summary.json/report.md). The
     MLflow run opens first, so it shows as running while the work runs and ends with its real duration
-    (failed, if the evaluation raises)."""
+    (failed, if the evaluation raises). The seconds per stage end as `timing.md` and `timing/*` metrics."""
     output_dir = Path(output_dir or Path(cfg.output_dir) / cfg.name)
-    with _evaluation_run(cfg) as run:
-        summary = _run_evaluation(cfg, output_dir, progress)
+    timer = EvaluationTimer()
+    with _evaluation_run(cfg, timer) as run:
+        summary = _run_evaluation(cfg, output_dir, progress, timer)
         if run is not None:
-            log_to_mlflow(summary["metrics"], output_dir)
+            with timer.stage("mlflow"):
+                log_to_mlflow(summary["metrics"], output_dir)
             summary["run_id"] = run.info.run_id
+        _record_timing(timer, output_dir, run is not None, progress)
     return summary
 
 
 @contextmanager
-def _evaluation_run(cfg: EvaluateConfig) -> Iterator:
+def _evaluation_run(cfg: EvaluateConfig, timer: EvaluationTimer) -> Iterator:
     if not cfg.tracking.enabled:
         yield None
         return
     from mfr_ray.tracking import log_config_params, start_run
 
-    with start_run(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
-                   tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}) as run:
-        log_config_params(cfg)
+    with ExitStack() as stack:
+        with timer.stage("mlflow"):
+            run = stack.enter_context(start_run(
+                cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
+                tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}))
+            log_config_params(cfg)
         yield run
 
 
-def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> dict:
-    started = time.time()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pairs = load_pairs(cfg)
-    keys = pairs.keys()
-    if cfg.compute.num_actors > 1:
-        init_ray(cfg.ray)
-    data = prepare_variants(cfg, keys, progress)
-    primary = cfg.primary_variant()
+def _record_timing(timer: EvaluationTimer, output_dir: Path, tracked: bool, show: bool) -> None:
+    """`timing.md` beside the report, on the console when bars are, and in the MLflow run: what the time
+    of this evaluation went to (MLflow's own share counts everything logged before this)."""
+    table = timer.table()
+    (output_dir / TIMING_FILE).write_text(table + "\n")
+    if show:
+        print(f"\nwhere the time went ({TIMING_FILE}):\n{table}", file=sys.stderr, flush=True)
+    if tracked:
+        import mlflow
+
+        mlflow.log_metrics(timer.metrics())
+        mlflow.log_artifact(str(output_dir / TIMING_FILE))
+
+
+def _verify_all(cfg: EvaluateConfig, pairs: PairList, data: dict[str, VariantData], primary: str) -> dict:
+    """k-fold verification of every (protocol, variant): rows, ROC curves, the primary's fold table and
+    the metrics."""
     metrics: dict[str, float] = {}
     rows, curves, fold_table = [], {}, None
     for protocol in cfg.protocols:
@@ -282,23 +301,42 @@ def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> di
             metrics |= {scoped(protocol.name, variant, k): v for k, v in row.items() if isinstance(v, float)}
             if fold_table is None and variant == primary:
                 fold_table = result.fold_table()
-    write_csv(output_dir / "folds.csv", fold_table)
-    plot_roc(output_dir / "roc.png", curves, cfg.far_targets)
+    return {"rows": rows, "curves": curves, "fold_table": fold_table, "metrics": metrics}
+
+
+def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool, timer: EvaluationTimer) -> dict:
+    started = time.time()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(cfg)
+    keys = pairs.keys()
+    if cfg.compute.num_actors > 1:
+        with timer.stage("ray start"):
+            init_ray(cfg.ray)
+    data = prepare_variants(cfg, keys, progress, timer)
+    primary = cfg.primary_variant()
+    with timer.stage("scoring"):
+        verified = _verify_all(cfg, pairs, data, primary)
+    with timer.stage("report"):
+        write_csv(output_dir / "folds.csv", verified["fold_table"])
+        plot_roc(output_dir / "roc.png", verified["curves"], cfg.far_targets)
+    metrics = verified["metrics"]
     summary = {
         "name": cfg.name, "model": cfg.model.display_name(), "pairs_file": cfg.pairs.path,
         "n_pairs": len(pairs), "n_folds": pairs.n_folds, "official_folds": pairs.has_official_folds,
-        "n_images": len(keys), "far_targets": cfg.far_targets, "verification": rows, "fold_table": fold_table,
-        "far_notes": _far_notes(pairs, cfg.far_targets),
+        "n_images": len(keys), "far_targets": cfg.far_targets, "verification": verified["rows"],
+        "fold_table": verified["fold_table"], "far_notes": _far_notes(pairs, cfg.far_targets),
         "alignment": _alignment_summary(data), "notes": [],
     }
-    for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir)).items():
-        summary[name] = result.section
-        metrics |= result.metrics
-    data[primary].embeddings.save(output_dir / "embeddings.npz")
-    _save_kind_scores(cfg, pairs, data, primary, output_dir)
-    summary["seconds"] = round(time.time() - started, 1)
-    write_summary_json(output_dir / "summary.json", summary)
-    (output_dir / "report.md").write_text(markdown_report(summary))
+    with timer.stage("analyses"):
+        for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir)).items():
+            summary[name] = result.section
+            metrics |= result.metrics
+    with timer.stage("report"):
+        data[primary].embeddings.save(output_dir / "embeddings.npz")
+        _save_kind_scores(cfg, pairs, data, primary, output_dir)
+        summary["seconds"] = round(time.time() - started, 1)
+        write_summary_json(output_dir / "summary.json", summary)
+        (output_dir / "report.md").write_text(markdown_report(summary))
     summary["metrics"] = metrics
     return summary
 
