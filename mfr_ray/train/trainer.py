@@ -163,6 +163,18 @@ def ingest_cpu_shortfall(cfg: TrainConfig, cluster_cpus: float) -> str | None:
     )
 
 
+def ingest_config():
+    """Ray Train's default ingest options, passed explicitly: its default copies the deprecated
+    `exclude_resources` (a RayDeprecationWarning on every run), which this project never sets."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    current = DataContext.get_current().execution_options
+    return DataConfig(execution_options=ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress))
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -237,6 +249,7 @@ def run_training(
             callbacks=list(extra_callbacks),
         ),
         datasets={"train": train_ds},
+        dataset_config=ingest_config(),
     )
     try:
         result = trainer.fit()
