@@ -106,11 +106,26 @@ class Embedder:
         return out | per_row_seconds(seconds, len(crops))
 
 
-def _embedded_batches(crops: np.ndarray, embedder_kwargs: dict, num_actors: int, batch_size: int) -> Iterator[dict]:
+class SharedEmbedder:
+    """The in-process Embedder kept for the next `embed_crops` with the same settings: an evaluation's
+    variants load (and the runtime compiles) the network once, not once per variant."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict | None = None
+        self.embedder: Embedder | None = None
+
+    def get(self, kwargs: dict) -> Embedder:
+        if self.embedder is None or kwargs != self.kwargs:
+            self.embedder, self.kwargs = Embedder(**kwargs), kwargs
+        return self.embedder
+
+
+def _embedded_batches(crops: np.ndarray, embedder_kwargs: dict, num_actors: int, batch_size: int,
+                      shared: SharedEmbedder) -> Iterator[dict]:
     """The Embedder's output batches (each with its `row` numbers): in-process for one actor or one batch,
     else over a Ray Data actor pool."""
     if num_actors <= 1 or len(crops) <= batch_size:
-        embedder = Embedder(**embedder_kwargs)
+        embedder = shared.get(embedder_kwargs)
         for s in range(0, len(crops), batch_size):
             yield embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(crops)))})
         return
@@ -140,10 +155,11 @@ def embed_crops(
     runtime: str = DEFAULT_RUNTIME,
     onnx_file: str | Path | None = None,
     timer: EvaluationTimer | None = None,
+    shared: SharedEmbedder | None = None,
 ) -> EmbeddingSet:
     """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given. `progress(n)` is called as
     each batch of n crops is done (e.g. a tqdm bar's `update`); `storage` reaches an `s3://` checkpoint;
-    `runtime` and `onnx_file` are the Embedder's; `timer` sums the embedders' seconds per part."""
+    `runtime` and `onnx_file` are the Embedder's; `timer` sums the embedders' seconds per part; `shared` keeps the in-process Embedder for the next call."""
     if cache_path is not None and cache_path.is_file():
         return EmbeddingSet.load(cache_path)
     progress = progress or (lambda n: None)
@@ -151,7 +167,7 @@ def embed_crops(
     kwargs = {"model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
               "runtime": runtime, "onnx_file": onnx_file}
     parts = []
-    for part in _embedded_batches(crops, kwargs, num_actors, batch_size):
+    for part in _embedded_batches(crops, kwargs, num_actors, batch_size, shared or SharedEmbedder()):
         parts.append(timer.take(part))
         progress(len(part["row"]))
     rows = np.concatenate([p["row"] for p in parts])

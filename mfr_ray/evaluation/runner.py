@@ -15,7 +15,7 @@ import numpy as np
 
 from mfr_ray.evaluation.analyses.base import AnalysisResult, configured_analyses
 from mfr_ray.evaluation.config import EvaluateConfig, ProtocolSpec
-from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
+from mfr_ray.evaluation.embed import EmbeddingSet, SharedEmbedder, embed_crops
 from mfr_ray.evaluation.metric_names import far_tag, scoped
 from mfr_ray.evaluation.report import (
     log_to_mlflow,
@@ -113,7 +113,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
     cache = _cache_dir(cfg)
     timer = timer or EvaluationTimer()
     quiet = _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
-    out = {}
+    shared, out = SharedEmbedder(), {}
     for variant, source in cfg.sources.items():
         if cfg.compute.torch_threads and source.align.num_threads is None:
             source = source.model_copy(
@@ -139,7 +139,7 @@ def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True
                     cache_path=cache / f"emb-{tag}.npz" if cache else None,
                     num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
                     num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
-                    storage=cfg.storage, runtime=cfg.compute.runtime, timer=timer,
+                    storage=cfg.storage, runtime=cfg.compute.runtime, timer=timer, shared=shared,
                 )
                 bar.update(len(keys) - bar.n)  # from the cache: all at once
             out[name] = VariantData(crops, embeddings)
