@@ -59,13 +59,14 @@ def test_lfw_two_folds_reach_published_level_and_are_logged(tmp_path, tmp_tracki
 
 
 def test_evaluation_shows_stage_bars_and_its_run_spans_the_work(tmp_path, tmp_tracking_uri, capfd):
-    """16 LFW pairs (prealigned crops): a tqdm bar with a rate per stage and variant on stderr, and the
-    MLflow run opened before the work, so its duration covers the alignment and embedding."""
+    """16 LFW pairs (prealigned crops): a tqdm bar with a rate per stage and variant on stderr, the MLflow
+    run opened before the work, so its duration covers the alignment and embedding, and where the time
+    went: a table at the end, `timing.md` and `timing/*` metrics whose stages add up to no more than the run."""
     cfg = EvaluateConfig(
         name="lfw-progress", pairs={"limit_folds": 2, "max_pairs_per_fold": 8}, flip=False,
         sources={"unmasked": {"align": {"skip_detection": True}}},
         protocols=[{"name": "single", "feature": "single"}], analyses=NO_EXTRAS,
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(tmp_path / "out"), cache_dir=None,  # every stage runs: none is read from a cache
     )
     summary = evaluate(cfg)
     err = capfd.readouterr().err
@@ -75,6 +76,14 @@ def test_evaluation_shows_stage_bars_and_its_run_spans_the_work(tmp_path, tmp_tr
     run = mlflow.MlflowClient(tmp_tracking_uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert (run.info.end_time - run.info.start_time) / 1000 >= summary["seconds"] > 0
+    assert "where the time went (timing.md)" in err and "| embed |" in err, err[-2000:]
+    timing = run.data.metrics
+    stages = ("mlflow", "crops", "embed", "scoring", "report", "analyses")
+    assert all(timing[f"timing/{stage}_s"] >= 0 for stage in stages)
+    assert sum(timing[f"timing/{stage}_s"] for stage in stages) <= timing["timing/total_s"]
+    assert timing["timing/worker_embed_s"] > 0 and timing["timing/worker_load_embedder_s"] > 0
+    assert {"worker_read", "worker_align", "worker_decode"} <= {k[7:-2] for k in timing if k.startswith("timing/")}
+    assert "timing.md" in _artifacts(mlflow.MlflowClient(tmp_tracking_uri), run.info.run_id)
 
 
 def test_analyses_come_from_the_registry_and_keep_their_flat_keys(tmp_path):

@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mfr_ray.config.common import StorageConfig
+from mfr_ray.evaluation.timing import EvaluationTimer, per_row_seconds
 from mfr_ray.models.backbone_config import Normalisation
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.runtime import DEFAULT_RUNTIME
@@ -71,6 +73,7 @@ class BatchEmbedder:
         from mfr_ray.runtime.onnx import spec_onnx_file
         from mfr_ray.threads import use_threads
 
+        started = time.perf_counter()
         if num_threads:
             use_threads(num_threads)
         self.flip = flip
@@ -79,12 +82,16 @@ class BatchEmbedder:
         self.normalisation = normalisation or net.backbone_config.normalisation
         onnx_file = Path(onnx_file) if onnx_file else spec_onnx_file(model, storage)
         self.session = open_session(runtime, RuntimeModel(net, onnx_file), num_threads, bf16)
+        self.load_seconds = time.perf_counter() - started  # reported once, with the first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch with its embeddings, and its seconds per part as `seconds_*` columns
+        (`mfr_ray.evaluation.timing`)."""
         import cv2
 
         from mfr_ray.models.preprocessing import preprocess
 
+        ticks = [time.perf_counter()]
         crops = batch["crop"]
         height, width = self.input_size
         if crops.shape[1:3] != (height, width):
@@ -92,10 +99,49 @@ class BatchEmbedder:
         x = preprocess(crops, self.normalisation).numpy()
         out = dict(batch)
         out.pop("crop")
+        ticks.append(time.perf_counter())
         out["embedding"] = self.session(x)
+        ticks.append(time.perf_counter())
         if self.flip:
             out["embedding_flip"] = self.session(x[:, :, :, ::-1])
-        return out
+        ticks.append(time.perf_counter())
+        seconds = dict(zip(("preprocess", "embed", "flip"), np.diff(ticks), strict=True))
+        seconds["load_embedder"], self.load_seconds = self.load_seconds, 0.0
+        return out | per_row_seconds(seconds, len(crops))
+
+
+class SharedEmbedder:
+    """The in-process BatchEmbedder kept for the next `embed_crops` with the same settings: an evaluation's
+    variants load (and the runtime compiles) the network once, not once per variant."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict | None = None
+        self.embedder: BatchEmbedder | None = None
+
+    def get(self, kwargs: dict) -> BatchEmbedder:
+        if self.embedder is None or kwargs != self.kwargs:
+            self.embedder, self.kwargs = BatchEmbedder(**kwargs), kwargs
+        return self.embedder
+
+
+def _embedded_batches(crops: np.ndarray, embedder_kwargs: dict, num_actors: int, batch_size: int,
+                      shared: SharedEmbedder) -> Iterator[dict]:
+    """The BatchEmbedder's output batches (each with its `row` numbers): in-process for one actor or one batch,
+    else over a Ray Data actor pool."""
+    if num_actors <= 1 or len(crops) <= batch_size:
+        embedder = shared.get(embedder_kwargs)
+        for s in range(0, len(crops), batch_size):
+            yield embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(crops)))})
+        return
+    import ray
+
+    from mfr_ray.pools import map_batches_bounded
+
+    ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
+    ds = map_batches_bounded(ds, BatchEmbedder, constructor_kwargs=embedder_kwargs, batch_size=batch_size,
+                             num_actors=num_actors)
+    ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def embed_crops(
@@ -112,21 +158,22 @@ def embed_crops(
     storage: StorageConfig | None = None,
     runtime: str = DEFAULT_RUNTIME,
     onnx_file: str | Path | None = None,
+    timer: EvaluationTimer | None = None,
+    shared: SharedEmbedder | None = None,
 ) -> EmbeddingSet:
     """Embed `crops` (n, H, W, 3) uint8; cached at `cache_path` when given. `progress(n)` is called as
     each batch of n crops is done (e.g. a tqdm bar's `update`); `storage` reaches an `s3://` checkpoint;
-    `runtime` and `onnx_file` are the BatchEmbedder's."""
+    `runtime` and `onnx_file` are the BatchEmbedder's; `timer` sums the embedders' seconds per part; `shared` keeps the in-process BatchEmbedder for the next call."""
     if cache_path is not None and cache_path.is_file():
         return EmbeddingSet.load(cache_path)
     progress = progress or (lambda n: None)
-    embedder_kwargs = {
-        "model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
-        "runtime": runtime, "onnx_file": onnx_file,
-    }
-    if num_actors <= 1 or len(keys) <= batch_size:
-        parts = _embed_in_process(crops, embedder_kwargs, batch_size, progress)
-    else:
-        parts = _embed_on_actors(crops, embedder_kwargs, batch_size, num_actors, progress)
+    timer = timer or EvaluationTimer()
+    kwargs = {"model": model, "flip": flip, "num_threads": num_threads, "bf16": bf16, "storage": storage,
+              "runtime": runtime, "onnx_file": onnx_file}
+    parts = []
+    for part in _embedded_batches(crops, kwargs, num_actors, batch_size, shared or SharedEmbedder()):
+        parts.append(timer.take(part))
+        progress(len(part["row"]))
     rows = np.concatenate([p["row"] for p in parts])
     order = np.argsort(rows)
     embedding = np.concatenate([p["embedding"] for p in parts])[order]
@@ -135,32 +182,3 @@ def embed_crops(
     if cache_path is not None:
         result.save(cache_path)
     return result
-
-
-def _embed_in_process(crops: np.ndarray, embedder_kwargs: dict, batch_size: int, progress) -> list[dict]:
-    embedder = BatchEmbedder(**embedder_kwargs)
-    parts = []
-    for s in range(0, len(crops), batch_size):
-        rows = np.arange(s, min(s + batch_size, len(crops)))
-        parts.append(embedder({"crop": crops[s : s + batch_size], "row": rows}))
-        progress(len(parts[-1]["row"]))
-    return parts
-
-
-def _embed_on_actors(
-    crops: np.ndarray, embedder_kwargs: dict, batch_size: int, num_actors: int, progress
-) -> list[dict]:
-    """Ray Data over a bounded pool of BatchEmbedder actors (the model loaded once per actor)."""
-    import ray
-
-    from mfr_ray.pools import map_batches_bounded
-
-    ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
-    ds = map_batches_bounded(ds, BatchEmbedder, constructor_kwargs=embedder_kwargs, batch_size=batch_size,
-                             num_actors=num_actors)
-    ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
-    parts = []
-    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(part)
-        progress(len(part["row"]))
-    return parts

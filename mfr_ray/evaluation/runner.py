@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from mfr_ray.evaluation.analyses.base import AnalysisResult
 from mfr_ray.evaluation.analyses.catalog import configured_analyses
 from mfr_ray.evaluation.analyses.context import AnalysisContext, VariantData, pair_features
 from mfr_ray.evaluation.config import EvaluateConfig, ImageSourceConfig, ProtocolSpec
-from mfr_ray.evaluation.embed import EmbeddingSet, embed_crops
+from mfr_ray.evaluation.embed import EmbeddingSet, SharedEmbedder, embed_crops
 from mfr_ray.evaluation.metric_names import far_tag, scoped
 from mfr_ray.evaluation.report import (
     log_to_mlflow,
@@ -26,6 +26,7 @@ from mfr_ray.evaluation.report import (
     write_summary_json,
 )
 from mfr_ray.evaluation.sources import load_crops, source_fingerprint
+from mfr_ray.evaluation.timing import EvaluationTimer
 from mfr_ray.evaluation.verification import (
     PairList,
     auc,
@@ -38,6 +39,8 @@ from mfr_ray.evaluation.verification import (
 )
 from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.raycluster import init_ray
+
+TIMING_FILE = "timing.md"
 
 
 def load_pairs(cfg: EvaluateConfig) -> PairList:
@@ -94,41 +97,46 @@ def _quiet(cfg: EvaluateConfig):
     return _quiet_ray_data if cfg.compute.num_actors > 1 else nullcontext  # in-process: no Ray Data
 
 
-def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True) -> dict[str, VariantData]:
-    """Crops and embeddings of every variant, a bar per stage."""
-    out = {}
+def prepare_variants(cfg: EvaluateConfig, keys: list[str], progress: bool = True,
+                     timer: EvaluationTimer | None = None) -> dict[str, VariantData]:
+    """Crops and embeddings of every variant, a bar per stage; `timer` gets the stages `crops` and `embed`
+    and the parts the workers report. One network serves every variant (`SharedEmbedder`)."""
+    timer = timer or EvaluationTimer()
+    shared, out = SharedEmbedder(), {}
     for variant, source in cfg.sources.items():
         if cfg.compute.torch_threads and source.align.num_threads is None:
             source = source.model_copy(
                 update={"align": source.align.model_copy(update={"num_threads": cfg.compute.torch_threads})}
             )
-        with stage_bar(f"align {variant}", len(keys), progress) as bar, _quiet(cfg)():
+        with stage_bar(f"align {variant}", len(keys), progress) as bar, _quiet(cfg)(), timer.stage("crops"):
             crops = load_crops(
                 source, keys, _cache_dir(cfg), cfg.storage, cfg.compute.num_actors, cfg.compute.align_batch_size,
-                progress=bar.update,
+                progress=bar.update, timer=timer,
             )
             bar.update(len(keys) - bar.n)
-        embeddings = embed_version(cfg, keys, variant, crops.crops, source, progress)
+        embeddings = embed_version(cfg, keys, variant, crops.crops, source, progress, timer, shared)
         out[variant] = VariantData(crops, embeddings, source)
     return out
 
 
 def embed_version(cfg: EvaluateConfig, keys: list[str], name: str, crops: np.ndarray, source: ImageSourceConfig,
-                  progress: bool = True) -> EmbeddingSet:
+                  progress: bool = True, timer: EvaluationTimer | None = None,
+                  shared: SharedEmbedder | None = None) -> EmbeddingSet:
     """Embeddings of one version `name` of a source's crops (the variant itself, or an analysis's altered
     copy), cached by weights, source, flip, precision, runtime and name."""
     cache = _cache_dir(cfg)
+    timer = timer or EvaluationTimer()
     tag = (
         f"{cfg.model.fingerprint(cfg.storage)}-{source_fingerprint(source, keys)}-{int(cfg.flip)}"
         f"{'-bf16' if cfg.compute.bf16 else ''}-{cfg.compute.runtime}-{name}"
     )
-    with stage_bar(f"embed {name}", len(keys), progress) as bar, _quiet(cfg)():
+    with stage_bar(f"embed {name}", len(keys), progress) as bar, _quiet(cfg)(), timer.stage("embed"):
         embeddings = embed_crops(
             keys, crops, cfg.model, cfg.flip,
             cache_path=cache / f"emb-{tag}.npz" if cache else None,
             num_actors=cfg.compute.num_actors, batch_size=cfg.compute.embed_batch_size,
             num_threads=cfg.compute.torch_threads, bf16=cfg.compute.bf16, progress=bar.update,
-            storage=cfg.storage, runtime=cfg.compute.runtime,
+            storage=cfg.storage, runtime=cfg.compute.runtime, timer=timer, shared=shared,
         )
         bar.update(len(keys) - bar.n)  # from the cache: all at once
     return embeddings
@@ -219,57 +227,83 @@ def run_analyses(ctx: AnalysisContext) -> dict[str, AnalysisResult]:
 def evaluate(cfg: EvaluateConfig, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run the whole evaluation; returns the summary dict (also written as summary.json/report.md). The
     MLflow run opens first, so it shows as running while the work runs and ends with its real duration
-    (failed, if the evaluation raises)."""
+    (failed, if the evaluation raises). The seconds per stage end as `timing.md` and `timing/*` metrics."""
     output_dir = Path(output_dir or Path(cfg.output_dir) / cfg.name)
-    with _evaluation_run(cfg) as run:
-        summary = _run_evaluation(cfg, output_dir, progress)
+    timer = EvaluationTimer()
+    with _evaluation_run(cfg, timer) as run:
+        summary = _run_evaluation(cfg, output_dir, progress, timer)
         if run is not None:
-            log_to_mlflow(summary["metrics"], output_dir)
+            with timer.stage("mlflow"):
+                log_to_mlflow(summary["metrics"], output_dir)
             summary["run_id"] = run.info.run_id
+        _record_timing(timer, output_dir, run is not None, progress)
     return summary
 
 
 @contextmanager
-def _evaluation_run(cfg: EvaluateConfig) -> Iterator:
+def _evaluation_run(cfg: EvaluateConfig, timer: EvaluationTimer) -> Iterator:
     if not cfg.tracking.enabled:
         yield None
         return
     from mfr_ray.tracking import log_config_params, start_run
 
-    with start_run(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
-                   tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}) as run:
-        log_config_params(cfg)
+    with ExitStack() as stack:
+        with timer.stage("mlflow"):
+            run = stack.enter_context(start_run(
+                cfg.tracking, run_name=cfg.name, parent_run_id=cfg.parent_run_id,
+                tags={"mfr.stage": "evaluate", "mfr.model": cfg.model.display_name()}))
+            log_config_params(cfg)
         yield run
 
 
-def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool) -> dict:
+def _record_timing(timer: EvaluationTimer, output_dir: Path, tracked: bool, show: bool) -> None:
+    """`timing.md` beside the report, on the console when bars are, and in the MLflow run: what the time
+    of this evaluation went to (MLflow's own share counts everything logged before this)."""
+    table = timer.table()
+    (output_dir / TIMING_FILE).write_text(table + "\n")
+    if show:
+        print(f"\nwhere the time went ({TIMING_FILE}):\n{table}", file=sys.stderr, flush=True)
+    if tracked:
+        import mlflow
+
+        mlflow.log_metrics(timer.metrics())
+        mlflow.log_artifact(str(output_dir / TIMING_FILE))
+
+
+def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool, timer: EvaluationTimer) -> dict:
     started = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(cfg)
     keys = pairs.keys()
     if cfg.compute.num_actors > 1:
-        init_ray(cfg.ray)
-    data = prepare_variants(cfg, keys, progress)
+        with timer.stage("ray start"):
+            init_ray(cfg.ray)
+    data = prepare_variants(cfg, keys, progress, timer)
     primary = cfg.primary_variant()
-    found = verify_variants(cfg, pairs, data, primary)
+    with timer.stage("scoring"):
+        found = verify_variants(cfg, pairs, data, primary)
     rows, curves, metrics, fold_table = found.rows, found.curves, found.metrics, found.fold_table
-    write_csv(output_dir / "folds.csv", fold_table)
-    plot_roc(output_dir / "roc.png", curves, cfg.far_targets)
+    with timer.stage("report"):
+        write_csv(output_dir / "folds.csv", fold_table)
+        plot_roc(output_dir / "roc.png", curves, cfg.far_targets)
     summary = {
         "name": cfg.name, "model": cfg.model.display_name(), "pairs_file": cfg.pairs.path,
         "n_pairs": len(pairs), "n_folds": pairs.n_folds, "official_folds": pairs.has_official_folds,
-        "n_images": len(keys), "far_targets": cfg.far_targets, "verification": rows, "fold_table": fold_table,
-        "far_notes": _far_notes(pairs, cfg.far_targets),
+        "n_images": len(keys), "far_targets": cfg.far_targets, "verification": rows,
+        "fold_table": fold_table, "far_notes": _far_notes(pairs, cfg.far_targets),
         "alignment": _alignment_summary(data), "notes": [],
     }
-    for name, result in run_analyses(AnalysisContext(cfg, pairs, data, primary, output_dir, progress, embed_version)).items():
-        summary[name] = result.section
-        metrics |= result.metrics
-    data[primary].embeddings.save(output_dir / "embeddings.npz")
-    _save_kind_scores(cfg, pairs, data, primary, output_dir)
-    summary["seconds"] = round(time.time() - started, 1)
-    write_summary_json(output_dir / "summary.json", summary)
-    (output_dir / "report.md").write_text(markdown_report(summary))
+    with timer.stage("analyses"):
+        context = AnalysisContext(cfg, pairs, data, primary, output_dir, progress, embed_version)
+        for name, result in run_analyses(context).items():
+            summary[name] = result.section
+            metrics |= result.metrics
+    with timer.stage("report"):
+        data[primary].embeddings.save(output_dir / "embeddings.npz")
+        _save_kind_scores(cfg, pairs, data, primary, output_dir)
+        summary["seconds"] = round(time.time() - started, 1)
+        write_summary_json(output_dir / "summary.json", summary)
+        (output_dir / "report.md").write_text(markdown_report(summary))
     summary["metrics"] = metrics
     return summary
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import numpy as np
 
 from mfr_ray.config.common import StorageConfig
 from mfr_ray.data.align import CROP_TEMPLATES
-from mfr_ray.data.process import ReadResult, read_decode_align
+from mfr_ray.data.process import ReadResult, StageTimer, read_decode_align
 from mfr_ray.evaluation.config import ImageSourceConfig
+from mfr_ray.evaluation.timing import EvaluationTimer, per_row_seconds
 from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, decode_image
 
 # AlignConfig fields that cannot change an evaluation crop: speed settings and how prepare cuts masked
@@ -67,12 +69,16 @@ def source_fingerprint(source: ImageSourceConfig, keys: list[str]) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+CROPPER_PARTS = ("read", "decode", "mask", "align")  # what a cropper reports (mfr_ray.evaluation.timing)
+
+
 class FolderCropper:
     """Read -> (mask) -> align a batch of keys; holds the aligner and mask engine (one per Ray actor)."""
 
     def __init__(self, source: ImageSourceConfig, storage: StorageConfig | None = None):
         from mfr_ray.data.align import FaceAligner
 
+        started = time.perf_counter()
         self.source = source
         self.storage = storage
         self.aligner = FaceAligner(source.align)
@@ -81,6 +87,7 @@ class FolderCropper:
             from mfr_ray.masking import MaskEngine, MaskingConfig
 
             self.masker = MaskEngine(MaskingConfig(mask_type=source.variant, seed=source.mask_seed))
+        self.load_seconds = time.perf_counter() - started  # reported once, with the first batch
 
     def _read(self, key: str) -> ReadResult:
         from mfr_ray.storage import StorageError, join_uri, read_bytes
@@ -103,24 +110,29 @@ class FolderCropper:
         height, width = CROP_TEMPLATES[self.source.align.crop][0]
         crops = np.zeros((len(keys), height, width, 3), dtype=np.uint8)
         mask = self._mask_frame if self.masker is not None else None
-        found = read_decode_align(keys, self._read, self.aligner, mask)
+        timer = StageTimer()
+        found = read_decode_align(keys, self._read, self.aligner, mask, timer)
         for i, crop in enumerate(found):
             if crop.aligned is not None:
                 crops[i] = crop.aligned.crop
         columns = ("method", "status", "reason")
-        return {"key": np.array(keys), "crop": crops,
+        parts = {part: timer.seconds[part] for part in CROPPER_PARTS}
+        parts["load_cropper"], self.load_seconds = self.load_seconds, 0.0
+        return {"key": np.array(keys), "crop": crops, **per_row_seconds(parts, len(keys)),
                 **{name: np.array([str(getattr(c, name)) for c in found]) for name in columns}}
 
 
-def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, progress=None) -> CropSet:
+def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, progress=None,
+                       timer: EvaluationTimer | None = None) -> CropSet:
     """Align in-process for small sets, else on a pool of Ray actors (one aligner each); `progress(n)` is
-    called with the size of every finished batch."""
+    called with the size of every finished batch, `timer` sums the croppers' seconds per part."""
     progress = progress or (lambda n: None)
+    timer = timer or EvaluationTimer()
     parts = []
     if num_actors <= 1 or len(keys) <= batch_size:
         cropper = FolderCropper(source, storage)
         for s in range(0, len(keys), batch_size):
-            parts.append(cropper({"key": np.array(keys[s : s + batch_size])}))
+            parts.append(timer.take(cropper({"key": np.array(keys[s : s + batch_size])})))
             progress(len(parts[-1]["key"]))
     else:
         from mfr_ray.pools import run_on_actors
@@ -134,7 +146,7 @@ def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, 
         for part in run_on_actors([{"key": k} for k in keys], FolderCropper, key="key", batch_size=batch_size,
                                   constructor_kwargs={"source": source, "storage": storage},
                                   num_actors=num_actors, on_crash=crashed):
-            parts.append(part)
+            parts.append(timer.take(part))
             progress(len(part["key"]))
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     order = {k: i for i, k in enumerate(merged["key"].tolist())}
@@ -185,16 +197,20 @@ def load_crops(
     num_actors: int = 1,
     batch_size: int = 64,
     progress=None,
+    timer: EvaluationTimer | None = None,
 ) -> CropSet:
     """Crops for `keys` from `source`, read from / written to `cache_dir` when given; `progress(n)` counts
-    aligned images as they finish."""
+    aligned images as they finish, `timer` sums the seconds of each part (a Parquet source: `read`)."""
     cache = Path(cache_dir) / f"crops-{source_fingerprint(source, keys)}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         return CropSet.load(cache)
+    timer = timer or EvaluationTimer()
     if source.type == "folder":
-        crops = _crops_from_folder(source, keys, storage, num_actors, batch_size, progress)
+        crops = _crops_from_folder(source, keys, storage, num_actors, batch_size, progress, timer)
     else:
+        start = time.perf_counter()
         crops = _crops_from_parquet(source, keys, storage, CROP_TEMPLATES[source.align.crop][0])
+        timer.add_part("read", time.perf_counter() - start)
     if cache is not None:
         crops.save(cache)
     return crops

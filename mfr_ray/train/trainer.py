@@ -194,6 +194,18 @@ def training_data(cfg: TrainConfig) -> TrainingData:
     return TrainingData(num_classes, held_out, validation, train_ds, steps_per_epoch)
 
 
+def ingest_config():
+    """Ray Train's default ingest options, passed explicitly: its default copies the deprecated
+    `exclude_resources` (a RayDeprecationWarning on every run), which this project never sets."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    current = DataContext.get_current().execution_options
+    return DataConfig(execution_options=ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress))
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -275,6 +287,7 @@ def _torch_trainer(cfg: TrainConfig, name: str, data: TrainingData, mlflow_run_i
             callbacks=list(callbacks),
         ),
         datasets={"train": data.train_ds},
+        dataset_config=ingest_config(),
     )
 
 
