@@ -69,7 +69,9 @@ def demo_package(out: Path) -> Path:
     """The shared CASIA checkpoint as a package, thresholds calibrated on 8 + 8 LFW pairs."""
     from mfr_ray.config.common import TrackingConfig
     from mfr_ray.paths import shared_dir
-    from mfr_ray.serve.package import PACKAGE_JSON, calibrate, export_package, load_package
+    from mfr_ray.serve.calibration import calibrate
+    from mfr_ray.serve.export import export_package
+    from mfr_ray.serve.package import PACKAGE_JSON, load_package
 
     export_package(
         str(shared_dir() / "weights" / "mobilefacenet_casia.ckpt"),

@@ -204,7 +204,7 @@ def serve_package(cfg: QuickstartConfig, root: str, model, parent: str | None) -
     """Calibrate the served network on bare and masked photos aligned as deployed (the calibrate stage) and
     export it as a ready-to-serve package with a threshold per kind of comparison and, from never-enrolled
     CelebA-299 faces, per-search rates for identification."""
-    from mfr_ray.serve.package import export_package
+    from mfr_ray.serve.export import export_package
 
     calib = cfg.stage("calibrate", f"output_dir={join_uri(root, 'evaluation')}", f"name={cfg.name}-calibrate")
     calib.model, calib.parent_run_id = model, parent

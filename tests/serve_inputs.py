@@ -10,7 +10,7 @@ from mfr_ray.evaluation.config import EvaluateConfig
 from mfr_ray.evaluation.embed import EmbeddingSet
 from mfr_ray.evaluation.runner import evaluate, load_pairs
 from mfr_ray.evaluation.verification import cosine_scores
-from mfr_ray.serve.package import export_package
+from mfr_ray.serve.export import export_package
 
 NO_EXTRAS = {"identification": False, "open_set": False, "clustering": False, "classifiers": False,
              "mask_matrix": False}

@@ -51,7 +51,8 @@ def test_a_new_backbone_file_is_validated_evaluated_and_exported(tiny_net, lfw_d
     from mfr_ray.evaluation.runner import evaluate
     from mfr_ray.evaluation.sources import ImageSourceConfig, load_crops
     from mfr_ray.models import create_backbone
-    from mfr_ray.serve.package import PACKAGE_JSON, export_package, load_package
+    from mfr_ray.serve.export import export_package
+    from mfr_ray.serve.package import PACKAGE_JSON, load_package
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "tiny.pt"

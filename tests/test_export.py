@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mfr_ray.evaluation.verification import far_threshold
-from mfr_ray.serve.package import MODEL_CARD, PACKAGE_JSON, PackageError, export_package, load_package
+from mfr_ray.serve.export import export_package
+from mfr_ray.serve.package import MODEL_CARD, PACKAGE_JSON, PackageError, load_package
 from mfr_ray.serve.recognise import DIFFERENT, NO_DECISION, SAME, verify
 from tests.serve_inputs import FARS
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 from mfr_ray.config.common import TrackingConfig
 from mfr_ray.serve.enrolment import enrol
+from mfr_ray.serve.export import export_package
 from mfr_ray.serve.gallery import GALLERY_JSON, TEMPLATES_DIR, Gallery
-from mfr_ray.serve.package import PackageError, export_package, load_package
+from mfr_ray.serve.package import PackageError, load_package
 from mfr_ray.serve.recognise import MATCH, NO_DECISION, UNKNOWN, identify
 
 A, B, C, STRANGER = "Colin_Powell", "Tony_Blair", "Serena_Williams", "AJ_Cook"

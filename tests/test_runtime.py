@@ -146,7 +146,8 @@ def test_runtime_is_a_checked_setting_and_part_of_the_embedding_cache_key(lfw_di
 
 
 def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, onnx_cache, shared, tmp_path):
-    from mfr_ray.serve.package import PACKAGE_JSON, PACKAGE_ONNX, _package_id, export_package, load_package
+    from mfr_ray.serve.export import export_package
+    from mfr_ray.serve.package import PACKAGE_JSON, PACKAGE_ONNX, load_package, package_id_of
 
     out = tmp_path / "package"
     export_package(str(shared / "weights" / "mobilefacenet_casia.ckpt"), out, tracking=TrackingConfig(enabled=False))
@@ -165,7 +166,7 @@ def test_package_carries_its_export_and_an_older_package_still_loads(lfw_crops, 
     changed = tmp_path / "changed"
     shutil.copytree(out, changed)
     (changed / PACKAGE_ONNX).write_bytes((out / PACKAGE_ONNX).read_bytes() + b"\0")
-    assert _package_id(changed, spec["preprocessing"]) != spec["package_id"]
+    assert package_id_of(changed, spec["preprocessing"]) != spec["package_id"]
 
     # serving normalises as package.json says, not as a global constant
     rescaled = tmp_path / "rescaled"

@@ -77,7 +77,9 @@ def calibrated_package(tmp_path_factory, shared, lfw_dir, celeba_dir):
     """The CASIA checkpoint exported as a package, its thresholds calibrated as `mfr export` does
     (`calibrate` on pair scores of the package's own embedding path) on 8 + 8 LFW pairs."""
     from mfr_ray.config.common import TrackingConfig
-    from mfr_ray.serve.package import PACKAGE_JSON, calibrate, export_package, load_package
+    from mfr_ray.serve.calibration import calibrate
+    from mfr_ray.serve.export import export_package
+    from mfr_ray.serve.package import PACKAGE_JSON, load_package
     from mfr_ray.serve.search_calibration import add_search_calibration
 
     out = tmp_path_factory.mktemp("serve") / "package"

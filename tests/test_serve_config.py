@@ -104,7 +104,7 @@ def test_rayservice_manifest_builds_the_application(monkeypatch, shared, tmp_pat
 
     from mfr_ray.config.common import TrackingConfig
     from mfr_ray.serve.app import app_builder
-    from mfr_ray.serve.package import export_package
+    from mfr_ray.serve.export import export_package
 
     service = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"

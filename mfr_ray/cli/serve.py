@@ -102,7 +102,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """A model package: plain weights, preprocessing, thresholds at FARs, model card; logged to MLflow."""
         from mfr_ray.config.common import TrackingConfig
-        from mfr_ray.serve.package import DEFAULT_FARS, PackageError, export_package
+        from mfr_ray.serve.export import export_package
+        from mfr_ray.serve.package import DEFAULT_FARS, PackageError
 
         try:
             result = export_package(

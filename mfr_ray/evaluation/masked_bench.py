@@ -193,7 +193,8 @@ def enrol_gallery(package, plan: Plan, cache: Path, settings: BenchSettings, wor
 def package_for(source: str, cache: Path) -> str:
     """A package folder as it is; a checkpoint exported (no thresholds) into the cache once."""
     from mfr_ray.config.common import TrackingConfig
-    from mfr_ray.serve.package import PACKAGE_JSON, export_package
+    from mfr_ray.serve.export import export_package
+    from mfr_ray.serve.package import PACKAGE_JSON
 
     path = Path(source).expanduser().resolve()
     if (path / PACKAGE_JSON).is_file():

@@ -8,8 +8,9 @@ preprocessing of the evaluation (alignment config, crop, normalisation, flip and
 thresholds calibrated at fixed false accept rates on that evaluation's pairs - and `MODEL_CARD.md`.
 
 `load_package(...).embed_images` is the evaluation's path for an image (decode_image -> FaceAligner ->
-Embedder -> feature -> L2 norm), except that a centre box is never guessed: where the evaluation would have
-fallen back to one, the service answers `no_face`.
+BatchEmbedder -> feature -> L2 norm), except that a centre box is never guessed: where the evaluation would
+have fallen back to one, the service answers `no_face`. Making one is `serve.export` (thresholds from
+`serve.calibration`, the card from `serve.card`); this module loads and runs one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +28,14 @@ import numpy as np
 from mfr_ray.config.common import StorageConfig, TrackingConfig
 from mfr_ray.imageio import Status
 from mfr_ray.models.backbone_config import Normalisation
-from mfr_ray.models.store import WEIGHTS_FILE, download_model_files, is_registry_uri, save_model_files
+from mfr_ray.models.store import WEIGHTS_FILE, is_registry_uri
 
 PACKAGE_FORMAT = "mfr-ray/model-package/1"
 PACKAGE_JSON = "package.json"
 PACKAGE_ONNX = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
-SEARCH_CARD_HEADING = "## Per-search rates (identification)"
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 CENTRE_FALLBACK = "center"
-EVAL_ARTIFACT_EMBEDDINGS = "embeddings.npz"
-EVAL_ARTIFACT_SUMMARY = "summary.json"
-# Config sections of an evaluation run that cannot change a score (and may hold secrets).
-_EVAL_SECTIONS_IGNORED = ("storage", "tracking", "ray")
 
 
 class PackageError(ValueError):
@@ -378,7 +374,7 @@ def load_package(
     if spec.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{spec_path}: format {spec.get('format')!r} is not {PACKAGE_FORMAT!r}")
     if expect_id is not None:
-        actual = _package_id(folder, spec.get("preprocessing", {}))
+        actual = package_id_of(folder, spec.get("preprocessing", {}))
         if actual != spec.get("package_id") or actual != expect_id:
             raise PackageError(f"{path_or_uri} holds package {actual} (its package.json says "
                                f"{spec.get('package_id')}), not {expect_id} that this service was started with: "
@@ -386,208 +382,7 @@ def load_package(
     return ModelPackage(folder, spec, num_threads)
 
 
-# -- export ----------------------------------------------------------------------------------------------
-@dataclass
-class ExportResult:
-    path: str
-    operating_points: list[OperatingPoint]
-    run_id: str | None = None
-    model_version: str | None = None
-    kinds: dict = field(default_factory=dict)  # package.json's calibration.kinds
-
-
-def _parse_param(raw: str) -> Any:
-    """An MLflow param back to config data: '' was None, lists/dicts were logged as their repr; scalars stay
-    text for pydantic to coerce."""
-    import yaml
-
-    if raw == "":
-        return None
-    try:
-        parsed = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    return parsed if isinstance(parsed, list | dict) else raw
-
-
-def evaluation_config_from_params(params: dict[str, str]):
-    """Rebuild an evaluation run's EvaluateConfig from its logged params (all but storage/tracking/ray)."""
-    from mfr_ray.config.loader import set_dotted
-    from mfr_ray.evaluation.config import EvaluateConfig
-
-    data: dict[str, Any] = {}
-    for key, raw in sorted(params.items()):
-        if key.split(".", 1)[0] in _EVAL_SECTIONS_IGNORED:
-            continue
-        set_dotted(data, key, _parse_param(raw))
-    try:
-        return EvaluateConfig.model_validate(data)
-    except ValueError as exc:
-        raise PackageError(f"the evaluation run's params do not rebuild its config: {exc}") from None
-
-
-@dataclass
-class _Calibration:
-    config: Any  # EvaluateConfig
-    run_id: str
-    scores: np.ndarray
-    same: np.ndarray
-    protocol: Any  # ProtocolSpec
-    variant: str
-    summary: dict
-    kinds: Any = None  # comparison_kinds.KindScores, for evaluations that wrote pair_scores.npz
-
-
-def _download(eval_run: str, tracking_uri: str, folder: str, name: str) -> Path | None:
-    """One artifact of the evaluation run, or None when the run has none by that name."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path=name,
-                                                        tracking_uri=tracking_uri, dst_path=folder))
-    except (MlflowException, OSError):
-        return None
-
-
-def _evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
-    """The evaluation's pair scores, recomputed exactly as it did from its logged embeddings and config,
-    and its scores per kind of comparison where it logged them."""
-    from mlflow import MlflowClient
-
-    from mfr_ray.evaluation.comparison_kinds import PAIR_SCORES_FILE, KindScores, plain_protocol
-    from mfr_ray.evaluation.embed import EmbeddingSet
-    from mfr_ray.evaluation.runner import load_pairs
-    from mfr_ray.evaluation.verification import cosine_scores
-
-    run = MlflowClient(tracking_uri=tracking_uri).get_run(eval_run)
-    if run.data.tags.get("mfr.stage") != "evaluate":
-        raise PackageError(f"run {eval_run} is not an evaluation run (tag mfr.stage={run.data.tags.get('mfr.stage')!r})")
-    cfg = evaluation_config_from_params(run.data.params)
-    protocol = plain_protocol(cfg.protocols)
-    if protocol is None:
-        raise PackageError(f"evaluation {eval_run}: every protocol subtracts a training-fold mean, which a "
-                           "service cannot reproduce per pair; evaluate with a plain protocol (feature sum/single)")
-    with tempfile.TemporaryDirectory(prefix="mfr-eval-") as folder:
-        embeddings = EmbeddingSet.load(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_EMBEDDINGS))
-        summary = json.loads(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_SUMMARY).read_text())
-        kinds_file = _download(eval_run, tracking_uri, folder, PAIR_SCORES_FILE)
-        kinds = KindScores.load(kinds_file) if kinds_file else None
-    pairs = load_pairs(cfg)
-    index = {k: i for i, k in enumerate(embeddings.keys)}
-    pair_keys = pairs.keys()
-    missing = [k for k in pair_keys if k not in index]
-    if missing:
-        raise PackageError(f"evaluation {eval_run}: {len(missing)} pair images are not in its embeddings "
-                           f"(e.g. {missing[0]}); the pair list changed since it ran")
-    features = embeddings.features(protocol.feature)
-    scores = cosine_scores(features[[index[k] for k in pairs.left]], features[[index[k] for k in pairs.right]])
-    return _Calibration(cfg, eval_run, scores, pairs.same, protocol, cfg.primary_variant(), summary, kinds)
-
-
-def calibrate(scores: np.ndarray, same: np.ndarray, fars, calibration_set: str) -> list[OperatingPoint]:
-    """Thresholds at each FAR on all impostor pairs of the set, with the FAR and TPR they reach there."""
-    from mfr_ray.evaluation.verification import far_threshold, rates
-
-    impostor = scores[~same]
-    points = []
-    for target in fars:
-        threshold = far_threshold(impostor, target)
-        measured = rates(scores, same, threshold)
-        points.append(OperatingPoint(
-            far_target=float(target), threshold=float(threshold), far=float(measured["far"]),
-            tpr=float(measured["tpr"]), false_accepts=int(measured["false_accepts"]),
-            n_impostor=int(measured["n_impostor"]), n_genuine=int(same.sum()),
-            resolvable=bool(len(impostor) and 1.0 / len(impostor) <= target), calibration_set=calibration_set,
-        ))
-    return points
-
-
-def calibration_spec(calibration: _Calibration, fars) -> tuple[list[OperatingPoint], dict]:
-    """The bare pairs' operating points and `package.json`'s calibration section: those points, and one
-    list per kind of comparison the evaluation scored (masked-unmasked, masked-masked: its masked variants
-    pooled), each naming the set it was measured on."""
-    from mfr_ray.evaluation.comparison_kinds import KINDS, UNMASKED_UNMASKED
-
-    n = len(calibration.same)
-    where = f"evaluation run {calibration.run_id}"
-    points = calibrate(calibration.scores, calibration.same, fars, f"{Path(calibration.config.pairs.path).name} "
-                       f"({calibration.variant}, {n} pairs, {where})")
-    kinds = {UNMASKED_UNMASKED: {"variants": [calibration.variant], "operating_points": [asdict(p) for p in points]}}
-    for kind in KINDS[1:]:
-        pooled = calibration.kinds.pooled(kind) if calibration.kinds is not None else None
-        if pooled is not None:
-            variants = calibration.kinds.variants(kind)
-            kind_points = calibrate(*pooled, fars, f"{kind} pairs of {', '.join(variants)} ({len(pooled[1])} "
-                                    f"pairs, {where})")
-            kinds[kind] = {"variants": variants, "operating_points": [asdict(p) for p in kind_points]}
-    return points, {
-        "eval_run": calibration.run_id, "evaluation": calibration.summary.get("name"),
-        "pairs_file": calibration.config.pairs.path, "variant": calibration.variant,
-        "protocol": calibration.protocol.name, "n_pairs": n,
-        "score": "cosine similarity of L2-normalised features; accept when score >= threshold",
-        "operating_points": [asdict(p) for p in points], "kinds": kinds,
-    }
-
-
-@dataclass
-class _Source:
-    model: Any  # nn.Module
-    backbone: str
-    kwargs: dict
-    label: str
-    eval_run: str | None = None  # the source itself is an evaluation run
-
-
-def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -> _Source:
-    """What `mfr export` was given: a checkpoint (a path or s3://), a `models:/` URI, or an MLflow run id (a
-    training run's `model/`, or an evaluation run's model)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from mfr_ray.config.secrets import redact as redact_uri
-    from mfr_ray.models.spec import ModelSpec, load_stored
-    from mfr_ray.storage import is_s3
-
-    def from_model_files(uri: str, label: str) -> _Source:
-        with tempfile.TemporaryDirectory(prefix="mfr-model-") as folder:
-            stored = download_model_files(uri, tracking_uri, folder)
-            return _Source(load_stored(stored), stored.backbone, stored.kwargs, label)
-
-    if is_registry_uri(source):
-        return from_model_files(source, source)
-    if is_s3(source) or Path(source).expanduser().is_file():
-        spec = ModelSpec(backbone=backbone, checkpoint=source if is_s3(source) else str(Path(source).expanduser()),
-                         kwargs=kwargs)
-        return _Source(spec.load(), backbone, kwargs, spec.display_name())
-    try:
-        run = MlflowClient(tracking_uri=tracking_uri).get_run(source)
-    except MlflowException:
-        raise PackageError(f"{source!r} is neither a checkpoint file, a models:/ URI nor an MLflow run id "
-                           f"in {redact_uri(tracking_uri)}") from None
-    if run.data.tags.get("mfr.stage") == "evaluate":
-        spec = evaluation_config_from_params(run.data.params).model
-        return _Source(spec.load(), spec.backbone, dict(spec.kwargs), spec.display_name(), eval_run=source)
-    return from_model_files(f"runs:/{source}/model", f"run {source}")
-
-
-def _same_weights(a, b) -> bool:
-    import torch
-
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _copy_presence(out: Path) -> None:
-    """The mask-presence classifier goes into the package: the thresholds it chooses were exported with it."""
-    import shutil
-
-    from mfr_ray.masking.presence import PRESENCE_FILE
-
-    shutil.copyfile(PRESENCE_FILE, out / PRESENCE_FILE.name)
-
-
-def _package_id(folder: Path, preprocessing: dict) -> str:
+def package_id_of(folder: Path, preprocessing: dict) -> str:
     """Weights, their ONNX export (when the backbone exports), the mask-presence classifier (it picks
     thresholds) and preprocessing."""
     from mfr_ray.masking.presence import PRESENCE_FILE
@@ -598,203 +393,3 @@ def _package_id(folder: Path, preprocessing: dict) -> str:
             digest.update((folder / extra).read_bytes())
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     return digest.hexdigest()[:16]
-
-
-def _export_runtime(model, out: Path, runtime: str) -> str:
-    """Write `model.onnx` into the package; the runtime it will run on (torch where it cannot export)."""
-    import warnings
-
-    from mfr_ray.registry import RUNTIMES
-    from mfr_ray.runtime import ExportError, export_onnx
-
-    RUNTIMES.check(runtime)
-    (out / PACKAGE_ONNX).unlink(missing_ok=True)  # a previous export's file must not outlive its weights
-    try:
-        export_onnx(model, out / PACKAGE_ONNX)
-    except ExportError as exc:
-        warnings.warn(f"{exc}; the package runs on torch", RuntimeWarning, stacklevel=2)
-        return "torch"
-    return runtime
-
-
-def export_package(
-    source: str,
-    out: str | Path,
-    eval_run: str | None = None,
-    fars: tuple[float, ...] | list[float] = DEFAULT_FARS,
-    backbone: str = "mobilefacenet",
-    backbone_kwargs: dict | None = None,
-    tracking: TrackingConfig | None = None,
-    register_name: str | None = None,
-    runtime: str | None = None,
-) -> ExportResult:
-    """Write the package for `source` (checkpoint file, `models:/` URI or MLflow run id) into `out`, with
-    thresholds at `fars` calibrated on evaluation run `eval_run` (an evaluation run as `source` is its own
-    eval_run); the evaluation must have evaluated these very weights. Logged to MLflow as artifacts
-    `package/` of an `export` run (unless tracking.enabled is false) and, with `register_name`, registered
-    as a new version of that model (its source is the package folder, which is also plain model files).
-    `runtime` (default: `mfr_ray.runtime.DEFAULT_RUNTIME`) is what loading the package runs it on."""
-    from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
-    from mfr_ray.runtime import DEFAULT_RUNTIME
-    from mfr_ray.tracking import resolve_tracking_uri
-
-    tracking = tracking or TrackingConfig()
-    tracking_uri = resolve_tracking_uri(tracking)
-    found = _source_model(str(source), backbone, dict(backbone_kwargs or {}), tracking_uri)
-    model, backbone, kwargs, label = found.model, found.backbone, found.kwargs, found.label
-    eval_run = eval_run or found.eval_run
-    calibration = _evaluation_scores(eval_run, tracking_uri) if eval_run else None
-    if calibration is not None:
-        evaluated = calibration.config.model.load()
-        if not _same_weights(model, evaluated):
-            raise PackageError(f"evaluation {eval_run} evaluated {calibration.config.model.display_name()}, not "
-                               f"{label}: its thresholds would not hold for these weights")
-        source_cfg = calibration.config.sources[calibration.variant]
-        align = source_cfg.align.model_dump(mode="json")
-        flip, feature, bf16 = calibration.config.flip, calibration.protocol.feature, calibration.config.compute.bf16
-        if source_cfg.type != "folder" or source_cfg.align.skip_detection:
-            raise PackageError(f"evaluation {eval_run} read prepared or pre-aligned crops ({source_cfg.uri}); "
-                               "export from an evaluation that detects and aligns faces in an image folder: its "
-                               "alignment is what a service applies to a camera image")
-    else:
-        align, flip, feature, bf16 = AlignConfig().model_dump(mode="json"), True, "sum", False
-    out = Path(out).expanduser()
-    save_model_files(model, backbone, kwargs, out)
-    _copy_presence(out)
-    runtime = _export_runtime(model, out, runtime or DEFAULT_RUNTIME)
-    preprocessing = {
-        "align": align,
-        "crop": align["crop"],
-        "crop_size_hw": list(CROP_TEMPLATES[align["crop"]][0]),
-        "input_size_hw": list(model.backbone_config.input_size),
-        "normalisation": {**asdict(model.backbone_config.normalisation), "channels": "RGB",
-                          "formula": "(x - pixel_mean) / pixel_scale"},
-        "flip": flip,
-        "feature": feature,
-        "bf16": bf16,
-        "no_face": "a face no detector finds is refused (no_face); the centre-box fallback is never used",
-    }
-    points: list[OperatingPoint] = []
-    spec: dict[str, Any] = {
-        "format": PACKAGE_FORMAT,
-        "model": label,
-        "backbone": backbone,
-        "kwargs": kwargs,
-        "embedding_size": int(model.embedding_size) * (2 if feature == "concat" else 1),
-        "preprocessing": preprocessing,
-        "runtime": runtime,
-        "package_id": _package_id(out, preprocessing),
-    }
-    if calibration is not None:
-        points, spec["calibration"] = calibration_spec(calibration, fars)
-    (out / PACKAGE_JSON).write_text(json.dumps(spec, indent=2, sort_keys=True))
-    (out / MODEL_CARD).write_text(model_card(spec))
-    result = ExportResult(str(out), points, kinds=spec.get("calibration", {}).get("kinds", {}))
-    if tracking.enabled:
-        result.run_id, result.model_version = _log_package(out, spec, tracking, register_name)
-    return result
-
-
-def _log_package(out: Path, spec: dict, tracking: TrackingConfig, register_name: str | None):
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from mfr_ray.tracking import start_run
-
-    tags = {"mfr.stage": "export", "mfr.model": spec["model"], "mfr.package_id": spec["package_id"]}
-    if spec.get("calibration"):
-        tags["mfr.eval_run"] = spec["calibration"]["eval_run"]
-    with start_run(tracking, run_name=f"export-{out.name}", tags=tags) as run:
-        mlflow.log_params({"backbone": spec["backbone"], "feature": spec["preprocessing"]["feature"],
-                           "flip": spec["preprocessing"]["flip"], "crop": spec["preprocessing"]["crop"]})
-        for point in spec.get("calibration", {}).get("operating_points", []):
-            tag = f"far{point['far_target'] * 100:g}pct"
-            mlflow.log_metrics({f"threshold_at_{tag}": point["threshold"], f"tpr_at_{tag}": point["tpr"],
-                                f"far_at_{tag}": point["far"]})
-        mlflow.log_artifacts(str(out), artifact_path="package")
-        version = None
-        if register_name:
-            client = MlflowClient()
-            try:
-                client.create_registered_model(register_name)
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = str(client.create_model_version(
-                register_name, source=mlflow.get_artifact_uri("package"), run_id=run.info.run_id,
-                tags={"mfr.format": PACKAGE_FORMAT, "mfr.backbone": spec["backbone"]},
-            ).version)
-        return run.info.run_id, version
-
-
-def _kinds_card(kinds: dict) -> list[str]:
-    """The model card's thresholds per kind of comparison, each with the set it was measured on."""
-    if len(kinds) <= 1:
-        return ["", ("Only bare pairs were calibrated: a masked face is judged by the strictest threshold above "
-                     "and answers say `kind_calibrated: false`. Export from an evaluation with masked variants "
-                     "aligned as deployed to calibrate masked-unmasked and masked-masked comparisons.")]
-    lines = ["", "### Per kind of comparison", "",
-             ("The service judges each face masked or bare (the packaged mask-presence classifier: masked at "
-              "p >= 0.7, bare at p <= 0.3, else unsure) and uses the threshold of the comparison's kind; "
-              "unsure, the stricter of the kinds it could be."), "",
-             "| kind | FAR target | threshold | FAR measured | TPR measured | impostor pairs | resolvable | set |",
-             "|---|---|---|---|---|---|---|---|"]
-    for kind, entry in kinds.items():
-        for p in entry["operating_points"]:
-            lines.append(f"| {kind} | {p['far_target']:g} | {p['threshold']:.4f} | {p['far']:.5f} | {p['tpr']:.4f} "
-                         f"| {p['n_impostor']} | {'yes' if p['resolvable'] else '**no**'} | {p['calibration_set']} |")
-    return lines
-
-
-def model_card(spec: dict) -> str:
-    """The package's MODEL_CARD.md: what it is, how it sees a face, where its thresholds hold."""
-    pre = spec["preprocessing"]
-    pixels = Normalisation.from_package(pre)
-    lines = [f"# Model card: {spec['model']}", "",
-             f"- backbone: `{spec['backbone']}` {json.dumps(spec['kwargs'])}; embedding size {spec['embedding_size']}",
-             f"- package id: `{spec['package_id']}` (weights, their ONNX export + preprocessing)",
-             (f"- inference runtime: `{spec.get('runtime', 'default')}` (`mfr serve|enrol|verify|identify "
-              "--runtime` choose another)"),
-             (f"- preprocessing: alignment `{pre['align']['crop']}` crop (MTCNN 5 points, fallbacks "
-             f"{[f for f in pre['align']['fallbacks'] if f != CENTRE_FALLBACK] or 'none'}, landmark fit "
-             f"`{pre['align']['landmark_fit']}`), pixels (x - {pixels.pixel_mean}) / {pixels.pixel_scale}, RGB; flip "
-             f"{'on' if pre['flip'] else 'off'}, feature `{pre['feature']}`"),
-             f"- no face: {pre['no_face']}", ""]
-    calibration = spec.get("calibration")
-    if not calibration:
-        lines += ["## Thresholds", "", "None: exported without an evaluation run (`mfr export ... --eval-run RUN`)."]
-        return "\n".join(lines + search_card(spec)) + "\n"
-    lines += ["## Thresholds", "",
-              (f"Calibrated on evaluation run `{calibration['eval_run']}` ({calibration['evaluation']}): "
-              f"`{calibration['pairs_file']}`, variant `{calibration['variant']}`, protocol "
-              f"`{calibration['protocol']}`, {calibration['n_pairs']} pairs. {calibration['score']}."), "",
-              "| FAR target | threshold | FAR measured | TPR measured | false accepts | impostor pairs | resolvable |",
-              "|---|---|---|---|---|---|---|"]
-    for p in calibration["operating_points"]:
-        lines.append(f"| {p['far_target']:g} | {p['threshold']:.4f} | {p['far']:.5f} | {p['tpr']:.4f} | "
-                     f"{p['false_accepts']} | {p['n_impostor']} | {'yes' if p['resolvable'] else '**no**'} |")
-    lines += _kinds_card(calibration.get("kinds", {}))
-    lines += ["", ("Thresholds and rates are measured on the same pairs (in-sample); the evaluation report has "
-              "the held-out k-fold figures. A FAR marked **no** is below 1 / impostor pairs: the set cannot "
-              "show that FAR, only that no impostor got through; calibrate on a larger set before relying on it."),
-              "", "## Intended use", "",
-              ("1:1 verification and open-set 1:N identification of cooperative, frontal faces, masked or not, "
-              "at the FARs above. Not for surveillance of people who have not enrolled. Check the evaluation's "
-              "mask-pair table for the masks your users wear.")]
-    return "\n".join(lines + search_card(spec)) + "\n"
-
-
-def search_card(spec: dict) -> list[str]:
-    """The model card's per-search operating points: what they are calibrated on and how."""
-    search = spec.get("search_calibration")
-    if not search:
-        return ["", SEARCH_CARD_HEADING, "",
-                ("None: `/identify?fpir=` is refused. Add never-enrolled calibration faces with `mfr export ... "
-                 "--search-calibration FOLDER` to decide searches at a false-positive identification rate.")]
-    return ["", SEARCH_CARD_HEADING, "",
-            (f"`/identify?fpir=F` (or `mfr serve --fpir F`) decides a search at a per-search false-positive "
-             f"identification rate F: the share of people never enrolled who are answered `match`. Calibrated on "
-             f"{search['faces']} never-enrolled faces ({search['calibration_set']}; {search['masked']} judged masked "
-             f"or unsure, {search['bare']} bare or unsure; by mask: {json.dumps(search['faces_by_mask'])}). "
-             f"Rule: {search['rule']}. A rate below 1 / faces of a state is not resolvable: answers say so.")]

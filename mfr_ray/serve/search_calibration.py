@@ -142,7 +142,8 @@ def add_search_calibration(package_folder: str | Path, root: str | Path, per_ide
                            max_identities: int | None = None, seed: int = 0) -> SearchCalibration:
     """Write the calibration faces into the package and say so in `package.json` (its model card lists
     them); the package id is unchanged (weights and preprocessing are)."""
-    from mfr_ray.serve.package import MODEL_CARD, SEARCH_CARD_HEADING, load_package, search_card
+    from mfr_ray.serve.card import SEARCH_CARD_HEADING, search_card
+    from mfr_ray.serve.package import MODEL_CARD, load_package
 
     package = load_package(str(package_folder))
     calibration = build_search_calibration(package, root, per_identity, max_identities, seed)
