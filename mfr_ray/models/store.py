@@ -103,3 +103,21 @@ def download_model_files(uri: str, tracking_uri: str, folder: str | Path) -> Sto
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, dst_path=str(folder))
     return read_model_files(local)
+
+
+def register_model_version(name: str, artifact_path: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name` (created on first use) whose source is `artifact_path` of the
+    active MLflow run `run_id`; returns the version number. The one place trained models and packages are
+    registered."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path), run_id=run_id, tags=tags)
+    return str(version.version)

@@ -188,9 +188,8 @@ def export_package(
 
 def _log_package(out: Path, spec: dict, tracking: TrackingConfig, register_name: str | None):
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
+    from mfr_ray.models.store import register_model_version
     from mfr_ray.tracking import start_run
 
     tags = {"mfr.stage": "export", "mfr.model": spec["model"], "mfr.package_id": spec["package_id"]}
@@ -206,14 +205,6 @@ def _log_package(out: Path, spec: dict, tracking: TrackingConfig, register_name:
         mlflow.log_artifacts(str(out), artifact_path="package")
         version = None
         if register_name:
-            client = MlflowClient()
-            try:
-                client.create_registered_model(register_name)
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = str(client.create_model_version(
-                register_name, source=mlflow.get_artifact_uri("package"), run_id=run.info.run_id,
-                tags={"mfr.format": PACKAGE_FORMAT, "mfr.backbone": spec["backbone"]},
-            ).version)
+            version = register_model_version(register_name, "package", run.info.run_id,
+                                             {"mfr.format": PACKAGE_FORMAT, "mfr.backbone": spec["backbone"]})
         return run.info.run_id, version

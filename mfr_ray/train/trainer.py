@@ -90,10 +90,8 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
     import tempfile
 
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from mfr_ray.models.store import save_model_files
+    from mfr_ray.models.store import register_model_version, save_model_files
     from mfr_ray.models.weights import MODEL_FILE
     from mfr_ray.tracking import resolve_tracking_uri
 
@@ -115,17 +113,8 @@ def _finish_mlflow(cfg: TrainConfig, run_id: str, result) -> str | None:
         mlflow.log_dict(dump_config(cfg), "train_config.json")
         if not cfg.registered_model_name:
             return None
-        client = MlflowClient()
-        try:
-            client.create_registered_model(cfg.registered_model_name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(
-            cfg.registered_model_name, source=mlflow.get_artifact_uri("model"), run_id=run_id,
-            tags={"mfr.format": "state_dict+spec", "mfr.backbone": cfg.model.backbone},
-        )
-        return str(version.version)
+        return register_model_version(cfg.registered_model_name, "model", run_id,
+                                      {"mfr.format": "state_dict+spec", "mfr.backbone": cfg.model.backbone})
 
 
 @contextmanager
