@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 
 from mfr_ray.config import load_config
-from mfr_ray.data.align import (
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
+from mfr_ray.faces.geometry import (
     CROP_TEMPLATES,
-    USABLE_STATUSES,
-    AlignConfig,
     ARCFACE_112x112,
-    FaceAligner,
     SPHEREFACE_96x112,
     fit_targets,
     fit_weights,
-    mtcnn_detect,
     pick_face,
     residual_similarity,
     similarity_transform,
     template_matrix,
 )
+from mfr_ray.faces.mtcnn import mtcnn_detect
+from mfr_ray.imageio import USABLE_STATUSES
 from tests.prepare_inputs import REPO
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0001.jpg",
@@ -169,7 +169,7 @@ def test_evaluation_configs_keep_a_marked_centre_crop(faces, name):
 def test_large_image_detects_on_a_shrunk_copy(faces, monkeypatch):
     """A 3000x3000 photo: MTCNN sees at most detect_max_side px, the crop still comes from the full frame
     and matches the 250 px original's."""
-    import mfr_ray.data.align as align_module
+    import mfr_ray.faces.aligner as align_module
 
     aligner = FaceAligner(AlignConfig(fallbacks=[]))
     seen = []

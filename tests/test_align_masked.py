@@ -7,8 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig, FaceAligner, residual_similarity, warp_with
 from mfr_ray.data.twins import masked_twins
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
+from mfr_ray.faces.geometry import CROP_TEMPLATES, residual_similarity, warp_with
 from mfr_ray.masking import MaskEngine, MaskingConfig
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "George_W_Bush/George_W_Bush_0001.jpg"]
@@ -78,7 +80,7 @@ def test_jitter_twin_is_moved_deterministically_per_key(faces, engine):
     (reused,) = masked_twins(_aligner("reuse"), engine, aligned, requests[:1])
     assert not np.array_equal(first[0].result.image, reused.result.image)
     # the jitter is the crop difference the benchmark measures, drawn with the configured means and spreads
-    from mfr_ray.data.align import jitter_matrix
+    from mfr_ray.faces.geometry import jitter_matrix
 
     cfg = cfg.model_copy(update={"jitter_shift_y_mean": 0.1, "jitter_scale_mean": 0.05})
     template = CROP_TEMPLATES["112x96"][1]

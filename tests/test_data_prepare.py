@@ -38,11 +38,11 @@ def test_prepare_and_evaluation_share_one_read_decode_align_path(tmp_path, lfw_d
     """A real face, the same face as grey JPEG, a grey non-face, a truncated JPEG and a file gone since
     listing: prepare's `read_decode_align` gives each its status, reason (decode note first, then the
     aligner's) and method, and evaluation's FolderCropper gives the same rows and crops."""
-    from mfr_ray.data.align import FaceAligner
-    from mfr_ray.data.config import AlignConfig
-    from mfr_ray.data.process import read_decode_align
     from mfr_ray.evaluation.config import ImageSourceConfig
     from mfr_ray.evaluation.sources import FolderCropper
+    from mfr_ray.faces.aligner import FaceAligner
+    from mfr_ray.faces.config import AlignConfig
+    from mfr_ray.faces.reading import read_decode_align
 
     root = tmp_path / "in"
     face_key, *_ = make_face_tree(lfw_dir, root, count=1, per_identity=1)

@@ -9,8 +9,8 @@ from pydantic import Field, create_model, model_validator
 
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
-from mfr_ray.data.config import AlignConfig
 from mfr_ray.evaluation.analyses.base import analyses_config_fields, configured_analyses
+from mfr_ray.faces.config import AlignConfig
 from mfr_ray.imageio import UNMASKED
 from mfr_ray.models.spec import ModelSpec
 from mfr_ray.registry import RUNTIMES

@@ -189,8 +189,9 @@ class ModelPackage:
     # -- embedding and scoring -------------------------------------------------------------------------
     def _models(self):
         if self._aligner is None:
-            from mfr_ray.data.align import AlignConfig, FaceAligner
             from mfr_ray.evaluation.embed import Embedder
+            from mfr_ray.faces.aligner import FaceAligner
+            from mfr_ray.faces.config import AlignConfig
 
             self._aligner = FaceAligner(AlignConfig.model_validate(self.serving_align()))
             self._embedder = Embedder(self.model_spec(), flip=self.preprocessing["flip"],
@@ -222,7 +223,7 @@ class ModelPackage:
         exception, never a guessed box). `max_pixels` (a service's limit) refuses larger images from their
         header, before decoding; the alignment config's own limit applies either way. `synthetic`
         (`synthetic.SyntheticMasks`, enrolment) adds masked copies of each face as extra templates."""
-        from mfr_ray.data.process import read_decode_align
+        from mfr_ray.faces.reading import read_decode_align
 
         def read(key: str) -> tuple[bytes | None, str, str]:
             data = images[int(key)]
@@ -642,7 +643,8 @@ def export_package(
     `package/` of an `export` run (unless tracking.enabled is false) and, with `register_name`, registered
     as a new version of that model (its source is the package folder, which is also plain model files).
     `runtime` (default: `mfr_ray.runtime.DEFAULT_RUNTIME`) is what loading the package runs it on."""
-    from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
+    from mfr_ray.faces.config import AlignConfig
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
     from mfr_ray.runtime import DEFAULT_RUNTIME
     from mfr_ray.tracking import resolve_tracking_uri
 

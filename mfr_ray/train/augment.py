@@ -52,7 +52,7 @@ class OccluderConfig(StrictModel):
 
 
 def _template(size: tuple[int, int]) -> np.ndarray:
-    from mfr_ray.data.align import CROP_TEMPLATES
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
 
     for hw, points in CROP_TEMPLATES.values():
         if tuple(hw) == tuple(size):
