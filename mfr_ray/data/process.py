@@ -54,7 +54,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 STAGES = ("read", "decode", "align", "mask", "encode", "write")
-DETECTED_METHODS = ("mtcnn", "dlib", "prealigned")
+DETECTED_METHODS = ("mtcnn", "dlib", "mtcnn_rescue", "prealigned")
 # Fault injection for the tests: the actor processing this source key exits on the spot, like an image
 # that crashes a native decoder would make it.
 EXIT_ON_KEY_ENV = "MFR_TEST_EXIT_ON_KEY"

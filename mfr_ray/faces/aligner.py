@@ -15,6 +15,7 @@ place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,14 @@ from mfr_ray.faces.geometry import (
 from mfr_ray.faces.mtcnn import mtcnn_detect
 from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES, Status, to_rgb_uint8
 from mfr_ray.threads import use_threads
+
+# The rescue pass (`AlignConfig.rescue`): black border added on each side, as a share of the frame's longer
+# side, and MTCNN's stage thresholds on the padded frame (the first pass: 0.6, 0.7, 0.7). Chosen on 800
+# held-out-N95 LFW photos (seed 24): of the 64 the chain missed, padding found 29 at the default thresholds,
+# 43 with these; the non-face set's best score stayed 0.72 against the 0.9 acceptance.
+RESCUE_PAD = 0.25
+RESCUE_THRESHOLDS = (0.3, 0.4, 0.4)
+RESCUE_METHOD = "mtcnn_rescue"
 
 
 @dataclass
@@ -205,7 +214,8 @@ class FaceAligner:
         return boxes[best], float(probs[best]), np.asarray(points[best], dtype=np.float64)
 
     def _finish(self, image: np.ndarray, shrunk: tuple[np.ndarray, float] | None, detection) -> AlignResult:
-        """Crop from MTCNN's detection on the (shrunk) copy, else from the fallbacks in order."""
+        """Crop from MTCNN's detection on the (shrunk) copy, else from the second chances in order (dlib, the
+        rescue pass), else the centre guess where configured: a real detection always beats a guess."""
         small, scale = shrunk if shrunk is not None else (image, 1.0)
         notes = []
         if isinstance(detection, str):
@@ -215,20 +225,51 @@ class FaceAligner:
             return self._result(image, "mtcnn", landmarks / scale, np.asarray(box) / scale, score)
         else:
             notes.append("mtcnn found no face")
-        for fallback in self.config.fallbacks:
-            if fallback == "dlib" and self._dlib is not None:
-                found = self._detect_dlib(small)
-                if found is not None:
-                    box, score, landmarks = found
-                    return self._result(
-                        image, "dlib", landmarks / scale, np.asarray(box) / scale, score, "; ".join(notes)
-                    )
-                notes.append("dlib found no face")
-            elif fallback == "center":
-                box, landmarks = self._centre_guess(image.shape)
-                notes.append("centre box guessed")
-                return self._result(image, "center", landmarks, box, None, "; ".join(notes), OK_FALLBACK)
+        for method, detect, miss in self._second_chances():
+            found = detect(small)
+            if found is not None:
+                box, score, landmarks = found
+                reason = "; ".join(notes)
+                return self._result(image, method, landmarks / scale, np.asarray(box) / scale, score, reason)
+            notes.append(miss)
+        if "center" in self.config.fallbacks:
+            box, landmarks = self._centre_guess(image.shape)
+            notes.append("centre box guessed")
+            return self._result(image, "center", landmarks, box, None, "; ".join(notes), OK_FALLBACK)
         return AlignResult(None, "none", status="no_face", reason="; ".join(notes))
+
+    def _second_chances(self) -> list[tuple[str, Callable, str]]:
+        """(method, detector, note when it finds nothing) to try where MTCNN found no face, in order."""
+        chances = [("dlib", self._detect_dlib, "dlib found no face")] if self._dlib is not None else []
+        if self.config.rescue:
+            chances.append((RESCUE_METHOD, self._rescue, "rescue pass (padded, mirrored) found no face"))
+        return chances
+
+    def _rescue(self, image: np.ndarray):
+        """MTCNN again, accepting only faces scored mtcnn_min_score as the first pass does: on the frame padded
+        with black by RESCUE_PAD of its longer side with looser stage thresholds (RESCUE_THRESHOLDS: more
+        candidates reach the last stage, which still scores them), then on the mirror image. Masked faces
+        the first pass misses are found this way, non-faces are not (benchmarks/bench_detect_masked.py)."""
+        import cv2
+
+        pad = round(RESCUE_PAD * max(image.shape[:2]))
+        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        found = self._detect_once(padded, RESCUE_THRESHOLDS)
+        if found is not None:
+            box, score, landmarks = found
+            return np.asarray(box) - pad, score, landmarks - pad
+        found = self._detect_once(np.ascontiguousarray(image[:, ::-1]), None)
+        if found is None:
+            return None
+        box, score, landmarks = found
+        right = image.shape[1] - 1  # column x of the mirror image is column right - x of the frame
+        box = np.array([right - box[2], box[1], right - box[0], box[3]])
+        landmarks = np.column_stack([right - landmarks[:, 0], landmarks[:, 1]])[[1, 0, 2, 4, 3]]  # sides swap
+        return box, score, landmarks
+
+    def _detect_once(self, image: np.ndarray, thresholds: tuple[float, float, float] | None):
+        boxes, probs, points = mtcnn_detect(self._mtcnn, image[None], thresholds)
+        return self._choose(boxes[0], probs[0], points[0], image.shape)
 
     def _result(self, image, method, landmarks, box, score, reason="", status="ok") -> AlignResult:
         upper = self._upper_face(image, landmarks) if self._predictor is not None and method != "center" else None

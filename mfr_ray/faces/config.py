@@ -24,6 +24,11 @@ class AlignConfig(StrictModel):
     min_face_size: int = Field(20, ge=8, description="smallest face side in pixels the detectors accept")
     mtcnn_thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.7], min_length=3, max_length=3)
     mtcnn_min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scored below this are ignored")
+    rescue: bool = Field(
+        True, description="where MTCNN and dlib find no face, run MTCNN again on the frame padded with black "
+        "(looser stage thresholds) and on its mirror image, accepting only faces scored mtcnn_min_score: finds "
+        "masked faces the first pass misses (benchmarks/bench_detect_masked.py); before the centre guess"
+    )
     dlib_upsample: int = Field(1, ge=0, le=3, description="HOG detector upsampling steps")
     center_box_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="centre fallback: face box side as a fraction of the image's shorter side"

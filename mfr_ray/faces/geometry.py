@@ -31,7 +31,6 @@ CROP_TEMPLATES: dict[str, tuple[tuple[int, int], np.ndarray]] = {
     "160x160": ((160, 160), _facenet_template()),
 }
 
-ALIGN_METHODS = ("mtcnn", "dlib", "center", "prealigned")
 # Landmark order of every 5-point array: image-left eye, image-right eye, nose tip, left/right mouth corner.
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 

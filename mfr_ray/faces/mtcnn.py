@@ -85,7 +85,7 @@ class _Stack:
         return boxes, image_inds, _normalised(crops)
 
 
-def _proposals(mtcnn, stack: _Stack):
+def _proposals(mtcnn, stack: _Stack, threshold: float):
     """Stage 1: P-Net over the pyramid, NMS per scale and across scales, boxes regressed and squared."""
     import torch
     from facenet_pytorch.models.utils.detect_face import batched_nms, generateBoundingBox, rerec
@@ -93,7 +93,7 @@ def _proposals(mtcnn, stack: _Stack):
     boxes, image_inds, picks, offset = [], [], [], 0
     for scale in pyramid_scales(stack.height, stack.width, mtcnn.min_face_size, mtcnn.factor):
         reg, probs = mtcnn.pnet(stack.level(scale))
-        boxes_scale, inds_scale = generateBoundingBox(reg, probs[:, 1], scale, mtcnn.thresholds[0])
+        boxes_scale, inds_scale = generateBoundingBox(reg, probs[:, 1], scale, threshold)
         boxes.append(boxes_scale)
         image_inds.append(inds_scale)
         picks.append(batched_nms(boxes_scale[:, :4], boxes_scale[:, 4], inds_scale, 0.5) + offset)
@@ -110,7 +110,7 @@ def _proposals(mtcnn, stack: _Stack):
     return rerec(boxes), image_inds
 
 
-def _refine(mtcnn, stack: _Stack, boxes, image_inds):
+def _refine(mtcnn, stack: _Stack, boxes, image_inds, threshold: float):
     """Stage 2: R-Net scores and regresses the proposals' 24x24 crops."""
     import torch
     from facenet_pytorch.models.utils.detect_face import batched_nms, bbreg, rerec
@@ -118,14 +118,14 @@ def _refine(mtcnn, stack: _Stack, boxes, image_inds):
     boxes, image_inds, im_data = stack.boxes(boxes, image_inds, 24)
     out0, out1 = (o.permute(1, 0) for o in mtcnn.rnet(im_data))
     score = out1[1, :]
-    ipass = score > mtcnn.thresholds[1]
+    ipass = score > threshold
     boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
     image_inds, mv = image_inds[ipass], out0[:, ipass].permute(1, 0)
     pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
     return rerec(bbreg(boxes[pick], mv[pick])), image_inds[pick]
 
 
-def _output(mtcnn, stack: _Stack, boxes, image_inds):
+def _output(mtcnn, stack: _Stack, boxes, image_inds, threshold: float):
     """Stage 3: O-Net scores the 48x48 crops and places the five landmarks; final NMS ("Min" overlap)."""
     import torch
     from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg
@@ -133,7 +133,7 @@ def _output(mtcnn, stack: _Stack, boxes, image_inds):
     boxes, image_inds, im_data = stack.boxes(boxes, image_inds, 48)
     out0, out1, out2 = (o.permute(1, 0) for o in mtcnn.onet(im_data))
     score = out2[1, :]
-    ipass = score > mtcnn.thresholds[2]
+    ipass = score > threshold
     points = out1[:, ipass]
     boxes = torch.cat((boxes[ipass, :4], score[ipass].unsqueeze(1)), dim=1)
     image_inds, mv = image_inds[ipass], out0[:, ipass].permute(1, 0)
@@ -146,20 +146,22 @@ def _output(mtcnn, stack: _Stack, boxes, image_inds):
     return boxes[pick], image_inds[pick], points[pick]
 
 
-def mtcnn_detect(mtcnn, images: np.ndarray):
+def mtcnn_detect(mtcnn, images: np.ndarray, thresholds: tuple[float, float, float] | None = None):
     """`MTCNN.detect(images, landmarks=True)` for a (B, H, W, 3) uint8 stack (keep_all, no sorting),
     with the boxes of the second and third stage resampled together (`area_crops`); same stages,
-    thresholds and NMS as facenet-pytorch's `detect_face`, landmarks equal to 0.01 px."""
+    thresholds and NMS as facenet-pytorch's `detect_face`, landmarks equal to 0.01 px. `thresholds`
+    replaces the three stage thresholds of `mtcnn` for this call (the aligner's rescue pass)."""
     import torch
 
     stack = _Stack(images)
+    first, second, third = thresholds or mtcnn.thresholds
     with torch.no_grad():
-        boxes, image_inds = _proposals(mtcnn, stack)
+        boxes, image_inds = _proposals(mtcnn, stack, first)
         points = torch.zeros(0, 5, 2)
         if len(boxes) > 0:
-            boxes, image_inds = _refine(mtcnn, stack, boxes, image_inds)
+            boxes, image_inds = _refine(mtcnn, stack, boxes, image_inds, second)
         if len(boxes) > 0:
-            boxes, image_inds, points = _output(mtcnn, stack, boxes, image_inds)
+            boxes, image_inds, points = _output(mtcnn, stack, boxes, image_inds, third)
     boxes, points, image_inds = boxes.numpy(), points.numpy(), image_inds.numpy()
     found = [np.flatnonzero(image_inds == i) for i in range(stack.batch)]
     return (
