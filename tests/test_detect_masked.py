@@ -81,7 +81,10 @@ def test_masked_faces_the_first_pass_misses_are_found_by_the_rescue(masked):
         assert bare_crop.method == "mtcnn"
         crop.method = "mtcnn"  # compare the rescued points (mapped back from padding / mirror) with the bare
         shift = landmark_shift(bare_crop, crop)
-        assert shift[:2].max() < 0.2, shift  # the eyes, which the mask leaves, land where they were
+        # The eyes, which the mask leaves, land near where they were (MTCNN moves them up to ~0.37 of their
+        # distance on these four, bench_detect_masked.py: p90 0.29); a point left in the padded frame's
+        # coordinates (+62 px) or a mirror not undone (eyes swapped) would be more than one distance away.
+        assert shift[:2].max() < 0.5, shift
 
 
 def test_the_rescue_leaves_faces_the_first_pass_finds_as_they_were(masked):

@@ -45,6 +45,7 @@ from mfr_ray.threads import use_threads
 RESCUE_PAD = 0.25
 RESCUE_THRESHOLDS = (0.3, 0.4, 0.4)
 RESCUE_METHOD = "mtcnn_rescue"
+RESCUE_MISS = "rescue pass (padded, mirrored) found no face"
 
 
 @dataclass
@@ -242,7 +243,7 @@ class FaceAligner:
         """(method, detector, note when it finds nothing) to try where MTCNN found no face, in order."""
         chances = [("dlib", self._detect_dlib, "dlib found no face")] if self._dlib is not None else []
         if self.config.rescue:
-            chances.append((RESCUE_METHOD, self._rescue, "rescue pass (padded, mirrored) found no face"))
+            chances.append((RESCUE_METHOD, self._rescue, RESCUE_MISS))
         return chances
 
     def _rescue(self, image: np.ndarray):
