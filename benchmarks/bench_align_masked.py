@@ -25,12 +25,12 @@ import time
 
 import numpy as np
 
-from mfr_ray.data.align import (
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
+from mfr_ray.faces.geometry import (
     CROP_TEMPLATES,
     LANDMARK_NAMES,
     UPPER_FACE_68,
-    AlignConfig,
-    FaceAligner,
     fit_weights,
     residual_similarity,
     similarity_transform,

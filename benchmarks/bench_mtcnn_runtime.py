@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _align(runtime: str, images: list[np.ndarray]) -> list:
-    from mfr_ray.data.align import FaceAligner
-    from mfr_ray.data.config import AlignConfig
+    from mfr_ray.faces.aligner import FaceAligner
+    from mfr_ray.faces.config import AlignConfig
 
     aligner = FaceAligner(AlignConfig(runtime=runtime, num_threads=1))
     aligner.align_batch(images[:8])  # warm-up (and the ONNX export, once)

@@ -141,7 +141,8 @@ def detector_rounds(config: str, count: int, rounds: int) -> None:
     import numpy as np
 
     from mfr_ray.config import load_config
-    from mfr_ray.data.align import FaceAligner, mtcnn_detect
+    from mfr_ray.faces.aligner import FaceAligner
+    from mfr_ray.faces.mtcnn import mtcnn_detect
     from mfr_ray.imageio import read_image_file
     from mfr_ray.masking.quality import lfw_files
     from mfr_ray.threads import use_threads

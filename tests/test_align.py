@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 
 from mfr_ray.config import load_config
-from mfr_ray.data.align import (
+from mfr_ray.faces.aligner import RESCUE_MISS, FaceAligner
+from mfr_ray.faces.config import AlignConfig
+from mfr_ray.faces.geometry import (
     CROP_TEMPLATES,
-    USABLE_STATUSES,
-    AlignConfig,
     ARCFACE_112x112,
-    FaceAligner,
     SPHEREFACE_96x112,
     fit_targets,
     fit_weights,
-    mtcnn_detect,
     pick_face,
     residual_similarity,
     similarity_transform,
     template_matrix,
 )
+from mfr_ray.faces.mtcnn import mtcnn_detect
+from mfr_ray.imageio import USABLE_STATUSES
 from tests.prepare_inputs import REPO
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0001.jpg",
@@ -137,7 +137,7 @@ def test_no_face_falls_back_to_centre_or_reports(faces):
     for blank in non_faces():
         centre = FaceAligner(AlignConfig(fallbacks=["center"])).align(blank)
         assert centre.status == "ok_fallback" and centre.method == "center" and centre.crop.shape == (112, 96, 3)
-        assert centre.reason == "mtcnn found no face; centre box guessed" and centre.usable
+        assert centre.reason == f"mtcnn found no face; {RESCUE_MISS}; centre box guessed" and centre.usable
         none = FaceAligner(AlignConfig(fallbacks=[])).align(blank)
         assert none.status == "no_face" and none.crop is None and "mtcnn found no face" in none.reason
     assert USABLE_STATUSES == {"ok", "ok_fallback"}
@@ -154,7 +154,7 @@ def test_training_configs_turn_non_faces_into_no_face(faces, name):
     aligner = FaceAligner(_shipped_align(name))
     results = aligner.align_batch(non_faces() + faces[:2])
     assert [r.status for r in results] == ["no_face", "no_face", "ok", "ok"]
-    assert results[0].reason == "mtcnn found no face; dlib found no face"
+    assert results[0].reason == f"mtcnn found no face; dlib found no face; {RESCUE_MISS}"
 
 
 @pytest.mark.parametrize("name", ["prepare_lfw_eval.yaml", "eval_lfw.yaml"])
@@ -162,14 +162,14 @@ def test_evaluation_configs_keep_a_marked_centre_crop(faces, name):
     """The LFW protocol needs a crop for every pair image: evaluation keeps the centre box, marked."""
     results = FaceAligner(_shipped_align(name)).align_batch(non_faces() + faces[:1])
     assert [r.status for r in results] == ["ok_fallback", "ok_fallback", "ok"]
-    assert results[1].reason == "mtcnn found no face; dlib found no face; centre box guessed"
+    assert results[1].reason == f"mtcnn found no face; dlib found no face; {RESCUE_MISS}; centre box guessed"
     assert results[2].reason == ""
 
 
 def test_large_image_detects_on_a_shrunk_copy(faces, monkeypatch):
     """A 3000x3000 photo: MTCNN sees at most detect_max_side px, the crop still comes from the full frame
     and matches the 250 px original's."""
-    import mfr_ray.data.align as align_module
+    import mfr_ray.faces.aligner as align_module
 
     aligner = FaceAligner(AlignConfig(fallbacks=[]))
     seen = []

@@ -7,8 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig, FaceAligner, residual_similarity, warp_with
 from mfr_ray.data.twins import masked_twins
+from mfr_ray.faces.aligner import RESCUE_MISS, FaceAligner
+from mfr_ray.faces.config import AlignConfig
+from mfr_ray.faces.geometry import CROP_TEMPLATES, residual_similarity, warp_with
 from mfr_ray.masking import MaskEngine, MaskingConfig
 
 KEYS = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "George_W_Bush/George_W_Bush_0001.jpg"]
@@ -78,7 +80,7 @@ def test_jitter_twin_is_moved_deterministically_per_key(faces, engine):
     (reused,) = masked_twins(_aligner("reuse"), engine, aligned, requests[:1])
     assert not np.array_equal(first[0].result.image, reused.result.image)
     # the jitter is the crop difference the benchmark measures, drawn with the configured means and spreads
-    from mfr_ray.data.align import jitter_matrix
+    from mfr_ray.faces.geometry import jitter_matrix
 
     cfg = cfg.model_copy(update={"jitter_shift_y_mean": 0.1, "jitter_scale_mean": 0.05})
     template = CROP_TEMPLATES["112x96"][1]
@@ -106,7 +108,7 @@ def test_folder_source_keeps_centre_guesses_marked(tmp_path, lfw_dir):
     crops = load_crops(source, [KEYS[0], "Grey/Grey_0001.png"])
     assert crops.status.tolist() == ["ok", "ok_fallback"]
     assert crops.method.tolist() == ["mtcnn", "center"]
-    assert crops.reason[1] == "mtcnn found no face; dlib found no face; centre box guessed"
+    assert crops.reason[1] == f"mtcnn found no face; dlib found no face; {RESCUE_MISS}; centre box guessed"
     assert crops.crops[1].mean() == pytest.approx(128, abs=1)
 
 
@@ -139,7 +141,7 @@ def test_prepare_detect_twin_end_to_end(tmp_path, lfw_dir, ray_local):
     masked = {r["source_key"]: r for r in read_variant(tmp_path / "out", "masked").to_pylist()}
     assert sorted(unmasked) == sorted([*KEYS, "Grey/Grey_0001.png"])
     assert unmasked["Grey/Grey_0001.png"]["status"] == "no_face" and "Grey/Grey_0001.png" not in masked
-    assert unmasked["Grey/Grey_0001.png"]["reason"] == "mtcnn found no face; dlib found no face"
+    assert unmasked["Grey/Grey_0001.png"]["reason"] == f"mtcnn found no face; dlib found no face; {RESCUE_MISS}"
     engine = MaskEngine(cfg.masking)
     aligner = FaceAligner(cfg.align)
     for key, face in zip(KEYS, [cv2.cvtColor(cv2.imread(str(lfw_dir / k)), cv2.COLOR_BGR2RGB) for k in KEYS]):

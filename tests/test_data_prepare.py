@@ -38,11 +38,11 @@ def test_prepare_and_evaluation_share_one_read_decode_align_path(tmp_path, lfw_d
     """A real face, the same face as grey JPEG, a grey non-face, a truncated JPEG and a file gone since
     listing: prepare's `read_decode_align` gives each its status, reason (decode note first, then the
     aligner's) and method, and evaluation's FolderCropper gives the same rows and crops."""
-    from mfr_ray.data.align import FaceAligner
-    from mfr_ray.data.config import AlignConfig
-    from mfr_ray.data.process import read_decode_align
     from mfr_ray.evaluation.config import ImageSourceConfig
     from mfr_ray.evaluation.sources import FolderCropper
+    from mfr_ray.faces.aligner import RESCUE_MISS, FaceAligner
+    from mfr_ray.faces.config import AlignConfig
+    from mfr_ray.faces.reading import read_decode_align
 
     root = tmp_path / "in"
     face_key, *_ = make_face_tree(lfw_dir, root, count=1, per_identity=1)
@@ -62,7 +62,7 @@ def test_prepare_and_evaluation_share_one_read_decode_align_path(tmp_path, lfw_d
     assert crops[face_key].aligned.crop.shape == (112, 96, 3)
     assert (crops[grey_face].status, crops[grey_face].reason) == ("ok", "converted from L")
     assert crops[grey_blank].status == "ok_fallback" and crops[grey_blank].method == "center"
-    assert crops[grey_blank].reason == "converted from L; mtcnn found no face; centre box guessed"
+    assert crops[grey_blank].reason == f"converted from L; mtcnn found no face; {RESCUE_MISS}; centre box guessed"
     for key in (BAD_KEY, gone):
         assert (crops[key].status, crops[key].method, crops[key].aligned) == ("decode_error", "none", None)
     assert crops[BAD_KEY].reason and crops[gone].reason == "file disappeared"

@@ -195,7 +195,8 @@ def test_parquet_source_reads_prepared_crops(lfw_dir, tmp_path):
     import pyarrow.compute
     import pyarrow.parquet as pq
 
-    from mfr_ray.data.align import AlignConfig, FaceAligner
+    from mfr_ray.faces.aligner import FaceAligner
+    from mfr_ray.faces.config import AlignConfig
     from mfr_ray.imageio import encode_image, read_image_file
 
     keys = ["Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0002.jpg"]

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from mfr_ray.data.align import AlignConfig, FaceAligner
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
 from mfr_ray.imageio import read_image_file
 from mfr_ray.masking import MaskEngine, MaskingConfig, available_mask_types
 from mfr_ray.masking.config import COVERAGE_STYLES, PRINT_STYLES

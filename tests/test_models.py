@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mfr_ray.data.align import CROP_TEMPLATES
 from mfr_ray.evaluation.config import EvaluateConfig
+from mfr_ray.faces.geometry import CROP_TEMPLATES
 from mfr_ray.models import create_backbone, preprocess
 from mfr_ray.models.backbone_config import Normalisation, backbone_config
 from mfr_ray.models.spec import ModelSpec

@@ -11,7 +11,8 @@ import torch
 from mfr_ray.config import load_config
 from mfr_ray.config.common import StorageConfig
 from mfr_ray.data import paired_dataset
-from mfr_ray.data.align import AlignConfig, FaceAligner
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
 from mfr_ray.imageio import read_image_file
 from mfr_ray.models import preprocess
 from mfr_ray.paths import PROJECT_ROOT

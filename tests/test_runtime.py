@@ -209,8 +209,8 @@ def test_mtcnn_on_a_runtime_finds_the_same_landmarks(runtime, lfw_dir, onnx_cach
     landmarks within 0.5 px of the torch stages' (facenet-pytorch's weights, exported once)."""
     import cv2
 
-    from mfr_ray.data.align import FaceAligner
-    from mfr_ray.data.config import AlignConfig
+    from mfr_ray.faces.aligner import FaceAligner
+    from mfr_ray.faces.config import AlignConfig
     from mfr_ray.runtime.mtcnn import RuntimeStage
 
     paths = sorted(lfw_dir.glob("*/*_0001.jpg"))[::100][:48]

@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 
 from mfr_ray.config import load_config
-from mfr_ray.data.align import AlignConfig, FaceAligner
+from mfr_ray.faces.aligner import FaceAligner
+from mfr_ray.faces.config import AlignConfig
 from mfr_ray.imageio import read_image_file
 from mfr_ray.masking.config import MaskingConfig
 from mfr_ray.masking.engine import MaskEngine

@@ -1,8 +1,7 @@
 """Stages 2-4 inside a Ray Data actor: read + decode, align, mask, encode and write one shard at a time.
 
-`read_decode_align` is the one read -> decode -> (mask) -> align path of the package: prepare's shards
-and evaluation's folder crops (`evaluation.sources.FolderCropper`) both go through it, so an input gets
-the same status and reason in either.
+Images are read, decoded and aligned by `mfr_ray.faces.reading.read_decode_align`, the path evaluation
+and serving take too, so an input gets the same status and reason in each.
 
 `ShardProcessor` is the class UDF of `map_batches(..., compute=ActorPoolStrategy)`: MTCNN, dlib and the
 mask templates load once per actor in `__init__`; each call gets shard ids and writes those shards
@@ -20,10 +19,9 @@ import os
 import posixpath
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,11 +29,9 @@ import pyarrow as pa
 from mfr_ray.data.config import PrepareConfig
 from mfr_ray.data.index import read_index_shard
 from mfr_ray.data.layout import DatasetLayout, with_retry
-from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, decode_image, encode_image, join_reasons
+from mfr_ray.faces.reading import ReadResult, read_decode_align
+from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, encode_image, join_reasons
 from mfr_ray.storage import filesystem_for
-
-if TYPE_CHECKING:
-    from mfr_ray.data.align import AlignResult, FaceAligner
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -58,7 +54,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 STAGES = ("read", "decode", "align", "mask", "encode", "write")
-DETECTED_METHODS = ("mtcnn", "dlib", "prealigned")
+DETECTED_METHODS = ("mtcnn", "dlib", "mtcnn_rescue", "prealigned")
 # Fault injection for the tests: the actor processing this source key exits on the spot, like an image
 # that crashes a native decoder would make it.
 EXIT_ON_KEY_ENV = "MFR_TEST_EXIT_ON_KEY"
@@ -77,81 +73,6 @@ class StageTimer:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - start
-
-
-# (bytes, "", "") of one input, or (None, status, reason) when there are none to decode.
-ReadResult = tuple[bytes | None, str, str]
-
-
-@dataclass
-class FaceCrop:
-    """What one input became on the read -> decode -> (mask) -> align path: its row's status, reason and
-    align method ("none" where it never reached the aligner); `aligned` is the alignment when it gave a
-    usable crop, else None."""
-
-    status: str
-    reason: str
-    method: str
-    aligned: AlignResult | None = None
-
-
-def read_decode_align(
-    keys: list[str],
-    read: Callable[[str], ReadResult],
-    aligner: FaceAligner,
-    before_align: Callable[[np.ndarray, str], tuple[np.ndarray, str]] | None = None,
-    timer: StageTimer | None = None,
-) -> list[FaceCrop]:
-    """One FaceCrop per key, in order. `read(key)` gives the file's bytes or why there are none; they are
-    decoded within the aligner's pixel budget; `before_align(frame, key)` may replace a decoded frame and
-    add a note (evaluation masks the full frame there); the frames are aligned in one batch. A crop's
-    reason joins the decode note, the note of `before_align` and the alignment's reason, in that order."""
-    timer = timer or StageTimer()
-    crops: list[FaceCrop | None] = [None] * len(keys)
-    frames, notes, slots = [], [], []
-    for i, key in enumerate(keys):
-        with timer("read"):
-            data, status, reason = read(key)
-        if data is None:
-            crops[i] = FaceCrop(status, reason, "none")
-            continue
-        with timer("decode"):
-            decoded = decode_image(data, max_pixels=aligner.config.max_pixels)
-        if not decoded.ok:
-            crops[i] = FaceCrop(decoded.status, decoded.reason, "none")
-            continue
-        frame, note = decoded.image, decoded.reason
-        if before_align is not None:
-            with timer("mask"):
-                frame, extra = before_align(frame, key)
-            note = join_reasons(note, extra)
-        frames.append(frame)
-        notes.append(note)
-        slots.append(i)
-    with timer("align"):
-        results = align_each_on_failure(aligner, frames)
-    for i, note, result in zip(slots, notes, results, strict=True):
-        usable = result if result.usable else None
-        crops[i] = FaceCrop(result.status, join_reasons(note, result.reason), result.method, usable)
-    return crops  # type: ignore[return-value]
-
-
-def align_each_on_failure(aligner: FaceAligner, images: list[np.ndarray]) -> list[AlignResult]:
-    """Batched alignment; if the batch raises, align one by one so only the culprit fails."""
-    from mfr_ray.data.align import AlignResult
-
-    try:
-        return aligner.align_batch(images)
-    except Exception:  # noqa: BLE001 - one bad image must not fail its batch
-        results = []
-        for image in images:
-            try:
-                results.append(aligner.align(image))
-            except Exception as exc:  # noqa: BLE001 - becomes this image's status
-                results.append(
-                    AlignResult(None, "none", status=Status.UNSUPPORTED, reason=f"alignment failed: {exc!r}")
-                )
-        return results
 
 
 def color_text(color: Any) -> str | None:
@@ -249,7 +170,7 @@ class ShardProcessor:
     def __init__(self, config: PrepareConfig, identities: list[str]):
         import ray
 
-        from mfr_ray.data.align import FaceAligner
+        from mfr_ray.faces.aligner import FaceAligner
         from mfr_ray.threads import threads_for, use_threads
 
         use_threads(config.align.num_threads or threads_for(config.compute.cpus_per_actor))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mfr_ray.data.align import AlignResult, FaceAligner, jitter_matrix, warp_with
+from mfr_ray.faces.aligner import AlignResult, FaceAligner
+from mfr_ray.faces.geometry import jitter_matrix, warp_with
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pydantic_core import PydanticCustomError, ValidationError
 
 from mfr_ray.config.base import SharedPath, StrictModel
 from mfr_ray.config.common import RayConfig, StorageConfig, TrackingConfig
-from mfr_ray.data.config import AlignConfig
 from mfr_ray.evaluation.analyses.catalog import analyses_config_fields, configured_analyses
+from mfr_ray.faces.config import AlignConfig
 from mfr_ray.imageio import UNMASKED
 from mfr_ray.models.backbone_config import backbone_config
 from mfr_ray.models.spec import ModelSpec

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from mfr_ray.config.common import StorageConfig
-from mfr_ray.data.align import CROP_TEMPLATES
-from mfr_ray.data.process import ReadResult, StageTimer, read_decode_align
+from mfr_ray.data.process import StageTimer
 from mfr_ray.evaluation.config import ImageSourceConfig
 from mfr_ray.evaluation.timing import EvaluationTimer, per_row_seconds
+from mfr_ray.faces.geometry import CROP_TEMPLATES
+from mfr_ray.faces.reading import ReadResult, read_decode_align
 from mfr_ray.imageio import UNMASKED, USABLE_STATUSES, Status, decode_image
 
 # AlignConfig fields that cannot change an evaluation crop: speed settings and how prepare cuts masked
@@ -76,7 +77,7 @@ class FolderCropper:
     """Read -> (mask) -> align a batch of keys; holds the aligner and mask engine (one per Ray actor)."""
 
     def __init__(self, source: ImageSourceConfig, storage: StorageConfig | None = None):
-        from mfr_ray.data.align import FaceAligner
+        from mfr_ray.faces.aligner import FaceAligner
 
         started = time.perf_counter()
         self.source = source

@@ -35,8 +35,8 @@ def _tools(seed: int):
     if _TOOLS.get("seed") != seed:
         import cv2
 
-        from mfr_ray.data.align import FaceAligner
-        from mfr_ray.data.config import AlignConfig
+        from mfr_ray.faces.aligner import FaceAligner
+        from mfr_ray.faces.config import AlignConfig
         from mfr_ray.masking import MaskEngine
 
         cv2.setNumThreads(1)
@@ -69,7 +69,7 @@ def occlude_frame(frame: np.ndarray, matrix: np.ndarray, crop_hw: tuple[int, int
 def mask_photo(source: str, kind: str, out: str, seed: int) -> str:
     """Write the masked copy of `source` to `out` (JPEG q95); returns the kind drawn: the planned one, an
     occluder when no N95 could be fitted (dlib found no face), or MASK_FAILED when neither could."""
-    from mfr_ray.data.align import CROP_TEMPLATES
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
     from mfr_ray.imageio import decode_image, encode_image
 
     engine, aligner = _tools(seed)

@@ -30,8 +30,8 @@ class CropMaker:
     """Bare and masked aligned crops of photos, by the service's detect-and-align path."""
 
     def __init__(self, mask_types: list[str], seed: int = 0):
-        from mfr_ray.data.align import FaceAligner
-        from mfr_ray.data.config import AlignConfig
+        from mfr_ray.faces.aligner import FaceAligner
+        from mfr_ray.faces.config import AlignConfig
         from mfr_ray.masking import MaskEngine, MaskingConfig
 
         self.aligner = FaceAligner(AlignConfig(fallbacks=["dlib"]))

@@ -1,5 +1,5 @@
 """What a backbone says about itself, as timm's `pretrained_cfg` does: the input size, pixel normalisation and
-embedding size it was built for and the crop layouts (`mfr_ray.data.align.CROP_TEMPLATES`) it takes. Each
+embedding size it was built for and the crop layouts (`mfr_ray.faces.geometry.CROP_TEMPLATES`) it takes. Each
 backbone registers with its default config (`@register_backbone(name, BackboneConfig(...))`); preprocessing,
 evaluation, export and serving read it from there, and an evaluate config that pairs a backbone with a crop it
 cannot take is refused at load. No torch here: configs import this module."""
@@ -53,7 +53,7 @@ class BackboneConfig:
 
     def accepted_crops(self) -> list[str]:
         """The crop layouts this config takes: its own layouts of its input size, then the declared resizes."""
-        from mfr_ray.data.align import CROP_TEMPLATES
+        from mfr_ray.faces.geometry import CROP_TEMPLATES
 
         native = [c for c in self.crops if tuple(CROP_TEMPLATES[c][0]) == self.input_size]
         return native + [c for c in self.resized_crops if c not in native]

@@ -1,6 +1,6 @@
 """MTCNN's three stages (facenet-pytorch's weights) on an inference runtime: each exported once into the
 ONNX cache, keyed by its weights file's hash, and put back in place of the torch stage as a module that
-returns what that stage returns, so `mfr_ray.data.align.mtcnn_detect` runs unchanged on any runtime."""
+returns what that stage returns, so `mfr_ray.faces.mtcnn.mtcnn_detect` runs unchanged on any runtime."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def export_package(
     `package/` of an `export` run (unless tracking.enabled is false) and, with `register_name`, registered
     as a new version of that model (its source is the package folder, which is also plain model files).
     `runtime` (default: `mfr_ray.runtime.DEFAULT_RUNTIME`) is what loading the package runs it on."""
-    from mfr_ray.data.align import CROP_TEMPLATES, AlignConfig
+    from mfr_ray.faces.config import AlignConfig
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
     from mfr_ray.runtime import DEFAULT_RUNTIME
     from mfr_ray.tracking import resolve_tracking_uri
 

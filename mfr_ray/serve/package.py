@@ -179,8 +179,9 @@ class ModelPackage:
     # -- embedding and scoring -------------------------------------------------------------------------
     def _models(self):
         if self._aligner is None:
-            from mfr_ray.data.align import AlignConfig, FaceAligner
             from mfr_ray.evaluation.embed import BatchEmbedder
+            from mfr_ray.faces.aligner import FaceAligner
+            from mfr_ray.faces.config import AlignConfig
 
             self._aligner = FaceAligner(AlignConfig.model_validate(self.serving_align()))
             self._embedder = BatchEmbedder(self.model_spec(), flip=self.preprocessing["flip"],
@@ -213,7 +214,7 @@ class ModelPackage:
         exception, never a guessed box). `max_pixels` (a service's limit) refuses larger images from their
         header, before decoding; the alignment config's own limit applies either way. `synthetic`
         (`synthetic.SyntheticMasks`, enrolment) adds masked copies of each face as extra templates."""
-        from mfr_ray.data.process import read_decode_align
+        from mfr_ray.faces.reading import read_decode_align
 
         def read(key: str) -> tuple[bytes | None, str, str]:
             data = images[int(key)]

@@ -5,7 +5,7 @@ edge). The network is pulled toward ignoring whatever covers the mouth and nose,
 renderer's masks, which is what a mask nobody here drew asks of it.
 
 Geometry is set in the aligned crop's own template (eyes, nose tip and mouth corners of
-`mfr_ray.data.align.CROP_TEMPLATES`), so the same settings fit every crop layout. Runs in the training
+`mfr_ray.faces.geometry.CROP_TEMPLATES`), so the same settings fit every crop layout. Runs in the training
 worker on decoded uint8 crops, about 1 ms per occluded crop."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class OccluderConfig(StrictModel):
 
 
 def _template(size: tuple[int, int]) -> np.ndarray:
-    from mfr_ray.data.align import CROP_TEMPLATES
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
 
     for hw, points in CROP_TEMPLATES.values():
         if tuple(hw) == tuple(size):
