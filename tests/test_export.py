@@ -154,3 +154,22 @@ def test_masked_comparisons_get_thresholds_of_their_own(calibrated):
     np.testing.assert_allclose(scores.pooled("unmasked-unmasked")[0], calibrated["scores"], atol=1e-5)
     assert "| masked-masked | 0.1 |" in (Path(calibrated["package"]) / MODEL_CARD).read_text()
     assert package.operating_point(0.1, MASKED_MASKED).calibration_set.startswith("masked-masked pairs of N95")
+
+
+def test_export_reads_the_config_the_evaluation_logged(calibrated, tmp_path):
+    """The evaluation logs its resolved config (`evaluate_config.json`); export rebuilds the config from it
+    (params are the fallback of older runs), and a file that no longer loads is refused naming it."""
+    from mfr_ray.evaluation.runner import CONFIG_FILE
+    from mfr_ray.serve.calibration import _evaluation_config
+
+    run_id = calibrated["summary"]["run_id"]
+    mlflow.set_tracking_uri(calibrated["tracking"].tracking_uri)
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_FILE, dst_path=str(tmp_path)))
+    rebuilt = _evaluation_config(logged, {})  # no params at all: the file alone rebuilds it
+    ignored = {"storage", "tracking", "ray"}
+    assert rebuilt.model_dump(exclude=ignored) == calibrated["cfg"].model_dump(exclude=ignored)
+    bad = tmp_path / "bad" / CONFIG_FILE
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(json.loads(logged.read_text()) | {"not_a_key": 1}))
+    with pytest.raises(PackageError, match=CONFIG_FILE):
+        _evaluation_config(bad, {})

@@ -78,6 +78,27 @@ def _add_search_calibration(package: str, folder: Path, per_identity: int) -> No
                f"{found['bare']} bare or unsure) from {folder}")
 
 
+def _print_export(result, register_name: str | None) -> None:
+    """What `mfr export` wrote: the thresholds per FAR and kind, and where it logged or registered them."""
+    typer.echo(f"package: {result.path}")
+    for p in result.operating_points:
+        flag = "" if p.resolvable else f"  NOT RESOLVABLE ({p.n_impostor} impostor pairs < 1/FAR)"
+        typer.echo(f"  FAR {p.far_target:g}: threshold {p.threshold:.4f}  measured FAR {p.far:.5f}  "
+                   f"TPR {p.tpr * 100:.2f}%  ({p.n_impostor} impostor pairs){flag}")
+    for kind, entry in list(result.kinds.items())[1:]:
+        typer.echo(f"  {kind} ({', '.join(entry['variants'])}): " + ", ".join(
+            f"FAR {p['far_target']:g} threshold {p['threshold']:.4f}" for p in entry["operating_points"]))
+    if result.operating_points and len(result.kinds) <= 1:
+        typer.echo("  masked comparisons not calibrated (the evaluation had no masked variants): a masked face "
+                   "is judged by the strictest threshold")
+    if not result.operating_points:
+        typer.echo("  no thresholds (no --eval-run): verify/identify need a calibrated package")
+    if result.run_id:
+        typer.echo(f"mlflow run: {result.run_id} (artifacts package/)")
+    if result.model_version:
+        typer.echo(f"registered: models:/{register_name}/{result.model_version}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
@@ -116,23 +137,7 @@ def register(app: typer.Typer) -> None:
         except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        typer.echo(f"package: {result.path}")
-        for p in result.operating_points:
-            flag = "" if p.resolvable else f"  NOT RESOLVABLE ({p.n_impostor} impostor pairs < 1/FAR)"
-            typer.echo(f"  FAR {p.far_target:g}: threshold {p.threshold:.4f}  measured FAR {p.far:.5f}  "
-                       f"TPR {p.tpr * 100:.2f}%  ({p.n_impostor} impostor pairs){flag}")
-        for kind, entry in list(result.kinds.items())[1:]:
-            typer.echo(f"  {kind} ({', '.join(entry['variants'])}): " + ", ".join(
-                f"FAR {p['far_target']:g} threshold {p['threshold']:.4f}" for p in entry["operating_points"]))
-        if result.operating_points and len(result.kinds) <= 1:
-            typer.echo("  masked comparisons not calibrated (the evaluation had no masked variants): a masked face "
-                       "is judged by the strictest threshold")
-        if not result.operating_points:
-            typer.echo("  no thresholds (no --eval-run): verify/identify need a calibrated package")
-        if result.run_id:
-            typer.echo(f"mlflow run: {result.run_id} (artifacts package/)")
-        if result.model_version:
-            typer.echo(f"registered: models:/{register_name}/{result.model_version}")
+        _print_export(result, register_name)
 
     @app.command("enrol")
     def enrol(

@@ -126,22 +126,17 @@ class SharedEmbedder:
 
 def _embedded_batches(crops: np.ndarray, embedder_kwargs: dict, num_actors: int, batch_size: int,
                       shared: SharedEmbedder) -> Iterator[dict]:
-    """The BatchEmbedder's output batches (each with its `row` numbers): in-process for one actor or one batch,
-    else over a Ray Data actor pool."""
-    if num_actors <= 1 or len(crops) <= batch_size:
-        embedder = shared.get(embedder_kwargs)
-        for s in range(0, len(crops), batch_size):
-            yield embedder({"crop": crops[s : s + batch_size], "row": np.arange(s, min(s + batch_size, len(crops)))})
-        return
-    import ray
+    """The BatchEmbedder's output batches (each with its `row` numbers), in this process (the shared
+    embedder) or on an actor pool (`pools.run_batches`)."""
+    from mfr_ray.pools import run_batches
 
-    from mfr_ray.pools import map_batches_bounded
+    def crashed(item: dict, reason: str) -> dict:
+        raise RuntimeError(f"embedding crop {item['row']} {reason}: an aligned crop cannot be skipped")
 
-    ds = ray.data.from_items([{"row": i, "crop": crop} for i, crop in enumerate(crops)])
-    ds = map_batches_bounded(ds, BatchEmbedder, constructor_kwargs=embedder_kwargs, batch_size=batch_size,
-                             num_actors=num_actors)
-    ds.context.enable_progress_bars = False  # the caller's bar counts the crops instead
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    local = shared.get(embedder_kwargs) if num_actors <= 1 or len(crops) <= batch_size else None
+    items = [{"row": i, "crop": crop} for i, crop in enumerate(crops)]
+    yield from run_batches(items, BatchEmbedder, constructor_kwargs=embedder_kwargs, key="row",
+                           batch_size=batch_size, num_actors=num_actors, on_crash=crashed, local=local)
 
 
 def embed_crops(

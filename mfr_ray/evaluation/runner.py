@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfr_ray.config.loader import dump_config
 from mfr_ray.evaluation.analyses.base import AnalysisResult
 from mfr_ray.evaluation.analyses.catalog import configured_analyses
 from mfr_ray.evaluation.analyses.context import AnalysisContext, VariantData, pair_features
@@ -41,6 +43,7 @@ from mfr_ray.imageio import OK_FALLBACK, USABLE_STATUSES
 from mfr_ray.raycluster import init_ray
 
 TIMING_FILE = "timing.md"
+CONFIG_FILE = "evaluate_config.json"  # the resolved config, secrets redacted (an MLflow artifact)
 
 
 def load_pairs(cfg: EvaluateConfig) -> PairList:
@@ -273,6 +276,7 @@ def _record_timing(timer: EvaluationTimer, output_dir: Path, tracked: bool, show
 def _run_evaluation(cfg: EvaluateConfig, output_dir: Path, progress: bool, timer: EvaluationTimer) -> dict:
     started = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(json.dumps(dump_config(cfg), indent=2))  # what `mfr export` rebuilds
     pairs = load_pairs(cfg)
     keys = pairs.keys()
     if cfg.compute.num_actors > 1:

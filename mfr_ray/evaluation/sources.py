@@ -127,28 +127,22 @@ def _crops_from_folder(source, keys, storage, num_actors: int, batch_size: int, 
                        timer: EvaluationTimer | None = None) -> CropSet:
     """Align in-process for small sets, else on a pool of Ray actors (one aligner each); `progress(n)` is
     called with the size of every finished batch, `timer` sums the croppers' seconds per part."""
+    from mfr_ray.pools import run_batches
+
     progress = progress or (lambda n: None)
     timer = timer or EvaluationTimer()
+    height, width = CROP_TEMPLATES[source.align.crop][0]
+
+    def crashed(item: dict, reason: str) -> dict[str, np.ndarray]:
+        return {"key": np.array([item["key"]]), "crop": np.zeros((1, height, width, 3), dtype=np.uint8),
+                "method": np.array(["none"]), "status": np.array([Status.CRASHED]), "reason": np.array([reason])}
+
     parts = []
-    if num_actors <= 1 or len(keys) <= batch_size:
-        cropper = FolderCropper(source, storage)
-        for s in range(0, len(keys), batch_size):
-            parts.append(timer.take(cropper({"key": np.array(keys[s : s + batch_size])})))
-            progress(len(parts[-1]["key"]))
-    else:
-        from mfr_ray.pools import run_on_actors
-
-        height, width = CROP_TEMPLATES[source.align.crop][0]
-
-        def crashed(item: dict, reason: str) -> dict[str, np.ndarray]:
-            return {"key": np.array([item["key"]]), "crop": np.zeros((1, height, width, 3), dtype=np.uint8),
-                    "method": np.array(["none"]), "status": np.array([Status.CRASHED]), "reason": np.array([reason])}
-
-        for part in run_on_actors([{"key": k} for k in keys], FolderCropper, key="key", batch_size=batch_size,
-                                  constructor_kwargs={"source": source, "storage": storage},
-                                  num_actors=num_actors, on_crash=crashed):
-            parts.append(timer.take(part))
-            progress(len(part["key"]))
+    for part in run_batches([{"key": k} for k in keys], FolderCropper, key="key", batch_size=batch_size,
+                            constructor_kwargs={"source": source, "storage": storage}, num_actors=num_actors,
+                            on_crash=crashed):
+        parts.append(timer.take(part))
+        progress(len(part["key"]))
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     order = {k: i for i, k in enumerate(merged["key"].tolist())}
     idx = np.array([order[k] for k in keys])

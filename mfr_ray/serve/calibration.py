@@ -49,6 +49,20 @@ def evaluation_config_from_params(params: dict[str, str]):
         raise PackageError(f"the evaluation run's params do not rebuild its config: {exc}") from None
 
 
+def _evaluation_config(config_file: Path | None, params: dict[str, str]):
+    """The evaluation's config from the resolved config it logged (`evaluate_config.json`), or, for runs made
+    before it did, rebuilt from its params; the sections that cannot change a score are left out."""
+    from mfr_ray.evaluation.config import EvaluateConfig
+
+    if config_file is None:
+        return evaluation_config_from_params(params)
+    data = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in _EVAL_SECTIONS_IGNORED}
+    try:
+        return EvaluateConfig.model_validate(data)
+    except ValueError as exc:
+        raise PackageError(f"the evaluation run's {config_file.name} does not load: {exc}") from None
+
+
 @dataclass
 class _Calibration:
     config: Any  # EvaluateConfig
@@ -80,18 +94,17 @@ def evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
 
     from mfr_ray.evaluation.comparison_kinds import PAIR_SCORES_FILE, KindScores, plain_protocol
     from mfr_ray.evaluation.embed import EmbeddingSet
-    from mfr_ray.evaluation.runner import load_pairs
-    from mfr_ray.evaluation.verification import cosine_scores
+    from mfr_ray.evaluation.runner import CONFIG_FILE, load_pairs, protocol_scores
 
     run = MlflowClient(tracking_uri=tracking_uri).get_run(eval_run)
     if run.data.tags.get("mfr.stage") != "evaluate":
         raise PackageError(f"run {eval_run} is not an evaluation run (tag mfr.stage={run.data.tags.get('mfr.stage')!r})")
-    cfg = evaluation_config_from_params(run.data.params)
-    protocol = plain_protocol(cfg.protocols)
-    if protocol is None:
-        raise PackageError(f"evaluation {eval_run}: every protocol subtracts a training-fold mean, which a "
-                           "service cannot reproduce per pair; evaluate with a plain protocol (feature sum/single)")
     with tempfile.TemporaryDirectory(prefix="mfr-eval-") as folder:
+        cfg = _evaluation_config(_download(eval_run, tracking_uri, folder, CONFIG_FILE), run.data.params)
+        protocol = plain_protocol(cfg.protocols)
+        if protocol is None:
+            raise PackageError(f"evaluation {eval_run}: every protocol subtracts a training-fold mean, which a "
+                               "service cannot reproduce per pair; evaluate with a plain protocol (feature sum/single)")
         embeddings = EmbeddingSet.load(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_EMBEDDINGS))
         summary = json.loads(_download(eval_run, tracking_uri, folder, EVAL_ARTIFACT_SUMMARY).read_text())
         kinds_file = _download(eval_run, tracking_uri, folder, PAIR_SCORES_FILE)
@@ -104,7 +117,8 @@ def evaluation_scores(eval_run: str, tracking_uri: str) -> _Calibration:
         raise PackageError(f"evaluation {eval_run}: {len(missing)} pair images are not in its embeddings "
                            f"(e.g. {missing[0]}); the pair list changed since it ran")
     features = embeddings.features(protocol.feature)
-    scores = cosine_scores(features[[index[k] for k in pairs.left]], features[[index[k] for k in pairs.right]])
+    left, right = features[[index[k] for k in pairs.left]], features[[index[k] for k in pairs.right]]
+    scores = protocol_scores(left, right, pairs, protocol)  # the runner's own scoring
     return _Calibration(cfg, eval_run, scores, pairs.same, protocol, cfg.primary_variant(), summary, kinds)
 
 

@@ -125,58 +125,20 @@ def export_package(
     `package/` of an `export` run (unless tracking.enabled is false) and, with `register_name`, registered
     as a new version of that model (its source is the package folder, which is also plain model files).
     `runtime` (default: `mfr_ray.runtime.DEFAULT_RUNTIME`) is what loading the package runs it on."""
-    from mfr_ray.faces.config import AlignConfig
-    from mfr_ray.faces.geometry import CROP_TEMPLATES
     from mfr_ray.runtime import DEFAULT_RUNTIME
     from mfr_ray.tracking import resolve_tracking_uri
 
     tracking = tracking or TrackingConfig()
     tracking_uri = resolve_tracking_uri(tracking)
     found = _source_model(str(source), backbone, dict(backbone_kwargs or {}), tracking_uri)
-    model, backbone, kwargs, label = found.model, found.backbone, found.kwargs, found.label
     eval_run = eval_run or found.eval_run
     calibration = evaluation_scores(eval_run, tracking_uri) if eval_run else None
-    if calibration is not None:
-        evaluated = calibration.config.model.load()
-        if not _same_weights(model, evaluated):
-            raise PackageError(f"evaluation {eval_run} evaluated {calibration.config.model.display_name()}, not "
-                               f"{label}: its thresholds would not hold for these weights")
-        source_cfg = calibration.config.sources[calibration.variant]
-        align = source_cfg.align.model_dump(mode="json")
-        flip, feature, bf16 = calibration.config.flip, calibration.protocol.feature, calibration.config.compute.bf16
-        if source_cfg.type != "folder" or source_cfg.align.skip_detection:
-            raise PackageError(f"evaluation {eval_run} read prepared or pre-aligned crops ({source_cfg.uri}); "
-                               "export from an evaluation that detects and aligns faces in an image folder: its "
-                               "alignment is what a service applies to a camera image")
-    else:
-        align, flip, feature, bf16 = AlignConfig().model_dump(mode="json"), True, "sum", False
     out = Path(out).expanduser()
-    save_model_files(model, backbone, kwargs, out)
+    save_model_files(found.model, found.backbone, found.kwargs, out)
     _copy_presence(out)
-    runtime = _export_runtime(model, out, runtime or DEFAULT_RUNTIME)
-    preprocessing = {
-        "align": align,
-        "crop": align["crop"],
-        "crop_size_hw": list(CROP_TEMPLATES[align["crop"]][0]),
-        "input_size_hw": list(model.backbone_config.input_size),
-        "normalisation": {**asdict(model.backbone_config.normalisation), "channels": "RGB",
-                          "formula": "(x - pixel_mean) / pixel_scale"},
-        "flip": flip,
-        "feature": feature,
-        "bf16": bf16,
-        "no_face": "a face no detector finds is refused (no_face); the centre-box fallback is never used",
-    }
+    runtime = _export_runtime(found.model, out, runtime or DEFAULT_RUNTIME)
+    spec = _package_spec(found, _preprocessing(found, calibration, eval_run), runtime, out)
     points: list[OperatingPoint] = []
-    spec: dict[str, Any] = {
-        "format": PACKAGE_FORMAT,
-        "model": label,
-        "backbone": backbone,
-        "kwargs": kwargs,
-        "embedding_size": int(model.embedding_size) * (2 if feature == "concat" else 1),
-        "preprocessing": preprocessing,
-        "runtime": runtime,
-        "package_id": package_id_of(out, preprocessing),
-    }
     if calibration is not None:
         points, spec["calibration"] = calibration_spec(calibration, fars)
     (out / PACKAGE_JSON).write_text(json.dumps(spec, indent=2, sort_keys=True))
@@ -185,6 +147,59 @@ def export_package(
     if tracking.enabled:
         result.run_id, result.model_version = _log_package(out, spec, tracking, register_name)
     return result
+
+
+def _evaluated_policy(found: _Source, calibration, eval_run: str) -> tuple[dict, bool, str, bool]:
+    """The calibrating evaluation's alignment, flip, feature and precision, once it is shown to have scored
+    these weights on faces it detected and aligned itself (what a service does to a camera image)."""
+    if not _same_weights(found.model, calibration.config.model.load()):
+        raise PackageError(f"evaluation {eval_run} evaluated {calibration.config.model.display_name()}, not "
+                           f"{found.label}: its thresholds would not hold for these weights")
+    source_cfg = calibration.config.sources[calibration.variant]
+    if source_cfg.type != "folder" or source_cfg.align.skip_detection:
+        raise PackageError(f"evaluation {eval_run} read prepared or pre-aligned crops ({source_cfg.uri}); "
+                           "export from an evaluation that detects and aligns faces in an image folder: its "
+                           "alignment is what a service applies to a camera image")
+    config = calibration.config
+    return source_cfg.align.model_dump(mode="json"), config.flip, calibration.protocol.feature, config.compute.bf16
+
+
+def _preprocessing(found: _Source, calibration, eval_run: str | None) -> dict[str, Any]:
+    """package.json's `preprocessing`: the evaluation's (defaults without one) and the backbone's input."""
+    from mfr_ray.faces.config import AlignConfig
+    from mfr_ray.faces.geometry import CROP_TEMPLATES
+
+    if calibration is not None:
+        align, flip, feature, bf16 = _evaluated_policy(found, calibration, eval_run)
+    else:
+        align, flip, feature, bf16 = AlignConfig().model_dump(mode="json"), True, "sum", False
+    config = found.model.backbone_config
+    return {
+        "align": align,
+        "crop": align["crop"],
+        "crop_size_hw": list(CROP_TEMPLATES[align["crop"]][0]),
+        "input_size_hw": list(config.input_size),
+        "normalisation": {**asdict(config.normalisation), "channels": "RGB",
+                          "formula": "(x - pixel_mean) / pixel_scale"},
+        "flip": flip,
+        "feature": feature,
+        "bf16": bf16,
+        "no_face": "a face no detector finds is refused (no_face); the centre-box fallback is never used",
+    }
+
+
+def _package_spec(found: _Source, preprocessing: dict, runtime: str, out: Path) -> dict[str, Any]:
+    concat = preprocessing["feature"] == "concat"
+    return {
+        "format": PACKAGE_FORMAT,
+        "model": found.label,
+        "backbone": found.backbone,
+        "kwargs": found.kwargs,
+        "embedding_size": int(found.model.embedding_size) * (2 if concat else 1),
+        "preprocessing": preprocessing,
+        "runtime": runtime,
+        "package_id": package_id_of(out, preprocessing),
+    }
 
 
 def _log_package(out: Path, spec: dict, tracking: TrackingConfig, register_name: str | None):
