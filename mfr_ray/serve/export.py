@@ -49,7 +49,7 @@ def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mfr_ray.config.secrets import redact as redact_uri
+    from mfr_ray.config.secrets import redact
     from mfr_ray.models.spec import ModelSpec, load_stored
     from mfr_ray.storage import is_s3
 
@@ -68,7 +68,7 @@ def _source_model(source: str, backbone: str, kwargs: dict, tracking_uri: str) -
         run = MlflowClient(tracking_uri=tracking_uri).get_run(source)
     except MlflowException:
         raise PackageError(f"{source!r} is neither a checkpoint file, a models:/ URI nor an MLflow run id "
-                           f"in {redact_uri(tracking_uri)}") from None
+                           f"in {redact(tracking_uri)}") from None
     if run.data.tags.get("mfr.stage") == "evaluate":
         spec = evaluation_config_from_params(run.data.params).model
         return _Source(spec.load(), spec.backbone, dict(spec.kwargs), spec.display_name(), eval_run=source)

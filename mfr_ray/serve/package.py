@@ -315,7 +315,7 @@ def _temporary_folder() -> Path:
 def pin_package_uri(uri: str, tracking_uri: str | None = None) -> str:
     """`models:/NAME@ALIAS` resolved to the version the alias names now (`models:/NAME/VERSION`), so every
     replica started later loads the same weights; any other URI is returned as it is."""
-    from mfr_ray.config.secrets import redact as redact_uri
+    from mfr_ray.config.secrets import redact
 
     if not (is_registry_uri(uri) and "@" in uri):
         return uri
@@ -329,7 +329,7 @@ def pin_package_uri(uri: str, tracking_uri: str | None = None) -> str:
     try:
         version = client.get_model_version_by_alias(name, alias).version
     except MlflowException as exc:
-        raise PackageError(f"{uri}: cannot resolve the alias: {redact_uri(str(exc))[:300]}") from None
+        raise PackageError(f"{uri}: cannot resolve the alias: {redact(str(exc))[:300]}") from None
     return f"models:/{name}/{version}"
 
 
