@@ -550,13 +550,12 @@ class Frontend:
         for the gallery as it is) and the embedded images (a 4xx when one has no usable face)."""
         key_id = await self._guard(request)
         params, images = await self._payload(request, names)
-        asked = Asked(key_id, None)
-        if identify:
-            asked.k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k)
-            asked.fpir = self._fpir(params)
-            asked.search = await self._search_points(asked.fpir) if asked.fpir is not None else None
+        asked = Asked(key_id, None, fpir=self._fpir(params) if identify else None)
         if asked.fpir is None:
             asked.far, _ = self._far(params)
+        if identify:
+            asked.k = parse_k(params.get("k", self.cfg.top_k), self.cfg.limits.max_k)
+            asked.search = await self._search_points(asked.fpir) if asked.fpir is not None else None
         asked.faces = await self._embed([images[name] for name in names])
         self._refuse_images(asked.faces, names)
         return asked
