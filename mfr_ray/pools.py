@@ -89,14 +89,14 @@ def _one_at_a_time(items, udf, constructor_kwargs, on_crash, num_cpus, parallel:
 
 
 def run_batches(items: list[dict[str, Any]], udf, *, constructor_kwargs: dict, key: str, batch_size: int,
-                num_actors: int, on_crash: Callable[[dict[str, Any], str], Batch], local=None,
+                num_actors: int, on_crash: Callable[[dict[str, Any], str], Batch], local: Callable | None = None,
                 num_cpus: float | None = None) -> Iterator[Batch]:
-    """`udf`'s output batches for `items`: here, by one `udf` (`local`, or built from `constructor_kwargs`),
-    when one actor is asked for or the inputs fit one batch - a pool would only cost its start-up -, else on
-    a bounded actor pool (`run_on_actors`). The one "in process or on actors" choice of evaluation's
-    cropping and embedding."""
+    """`udf`'s output batches for `items`: here, by one `udf` (made by `local()`, e.g. one kept for reuse, or
+    built from `constructor_kwargs`), when one actor is asked for or the inputs fit one batch - a pool would
+    only cost its start-up -, else on a bounded actor pool (`run_on_actors`). The one "in process or on
+    actors" choice of evaluation's cropping and embedding."""
     if num_actors <= 1 or len(items) <= batch_size:
-        worker = local if local is not None else udf(**constructor_kwargs)
+        worker = local() if local is not None else udf(**constructor_kwargs)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             yield worker({name: np.array([item[name] for item in chunk]) for name in chunk[0]})

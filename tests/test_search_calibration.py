@@ -51,7 +51,7 @@ def _lfw(lfw_dir: Path, name: str, number: int) -> bytes:
 def test_thresholds_follow_the_live_gallery(package_with_calibration, lfw_dir, celeba_dir, tmp_path):
     from mfr_ray.serve.gallery import Gallery
     from mfr_ray.serve.recognise import identify
-    from mfr_ray.serve.search_calibration import gallery_points
+    from mfr_ray.serve.search_calibration import SearchCalibration, gallery_points
 
     package, calibration = package_with_calibration
     faces = len(calibration.embeddings)
@@ -61,7 +61,7 @@ def test_thresholds_follow_the_live_gallery(package_with_calibration, lfw_dir, c
     for name in ("Colin_Powell", "Tony_Blair", "Gloria_Macapagal_Arroyo"):
         gallery.enrol_images(package, name, [(f"{name}/1.jpg", _lfw(lfw_dir, name, 1))])
     fpir = 0.2
-    before, identities = gallery_points(package, gallery, fpir)
+    before, identities = gallery_points(SearchCalibration.of(package), gallery, fpir)
     assert identities == 3 and all(p.far_target == fpir for p in before.values())
     for masked, point in before.items():  # at most 20% of the calibration faces of that state reach it
         assert point.false_accepts <= fpir * point.n_impostor and point.n_impostor == calibration.in_state(masked).sum()
@@ -71,7 +71,7 @@ def test_thresholds_follow_the_live_gallery(package_with_calibration, lfw_dir, c
     for folder in sorted(p for p in Path(celeba_dir).iterdir() if p.is_dir())[:CALIBRATION_IDENTITIES]:
         photo = sorted(folder.iterdir())[1]
         gallery.enrol_images(package, folder.name, [(f"{folder.name}/{photo.name}", photo.read_bytes())])
-    after, identities = gallery_points(package, gallery, fpir)
+    after, identities = gallery_points(SearchCalibration.of(package), gallery, fpir)
     assert identities > 3 + CALIBRATION_IDENTITIES // 2
     assert after[False].threshold > before[False].threshold + 0.05
 

@@ -133,10 +133,10 @@ def _embedded_batches(crops: np.ndarray, embedder_kwargs: dict, num_actors: int,
     def crashed(item: dict, reason: str) -> dict:
         raise RuntimeError(f"embedding crop {item['row']} {reason}: an aligned crop cannot be skipped")
 
-    local = shared.get(embedder_kwargs) if num_actors <= 1 or len(crops) <= batch_size else None
     items = [{"row": i, "crop": crop} for i, crop in enumerate(crops)]
     yield from run_batches(items, BatchEmbedder, constructor_kwargs=embedder_kwargs, key="row",
-                           batch_size=batch_size, num_actors=num_actors, on_crash=crashed, local=local)
+                           batch_size=batch_size, num_actors=num_actors, on_crash=crashed,
+                           local=lambda: shared.get(embedder_kwargs))
 
 
 def embed_crops(

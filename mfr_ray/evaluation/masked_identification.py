@@ -28,7 +28,7 @@ import numpy as np
 
 from mfr_ray.masking.held_out import MASKED_KINDS, UNMASKED, masked_kind
 from mfr_ray.serve.package import EmbedResult, OperatingPoint
-from mfr_ray.serve.search_calibration import STATE_NAMES, search_point, state_points
+from mfr_ray.serve.search_calibration import points_as_dict, search_point, state_points
 
 ENROLLED, NEVER_ENROLLED, CALIBRATION = "enrolled", "never_enrolled", "calibration"
 OUTCOMES = ("match_right", "match_wrong", "unknown", "no_face")
@@ -159,12 +159,17 @@ def _select(answers: list[Answer], group: str, masked: bool | None = None, kind:
             and (kind is None or a.probe.kind == kind)]
 
 
+def _calibration_faces(answers: list[Answer]) -> tuple[list[Answer], np.ndarray]:
+    """The calibration probes with a face, and their mask probabilities (NaN: none)."""
+    calib = [a for a in _select(answers, CALIBRATION) if a.status == "ok"]
+    return calib, np.array([np.nan if a.mask_probability is None else a.mask_probability for a in calib])
+
+
 def calibrate(answers: list[Answer], fpirs: Iterable[float], n_gallery: int) -> dict[str, dict]:
     """Per FPIR, the two rules from the calibration probes' best scores: `one threshold` (masked and bare
     pooled) and `per mask state` (the service's: `search_calibration.state_points`)."""
-    calib = [a for a in _select(answers, CALIBRATION) if a.status == "ok"]
+    calib, probabilities = _calibration_faces(answers)
     scores = np.array([a.top_score for a in calib], dtype=np.float64)
-    probabilities = np.array([np.nan if a.mask_probability is None else a.mask_probability for a in calib])
     label = f"CelebA-299, {len(calib)} never-enrolled probes (masked and not)"
     return {f"{fpir:g}": {"one threshold": one_threshold(search_point(scores, fpir, label)),
                           "per mask state": state_points(scores, probabilities, fpir, "CelebA-299", n_gallery)}
@@ -179,8 +184,7 @@ def margin_study(answers: list[Answer], fpirs: Iterable[float], margins: Iterabl
     """Would a margin rule (match only when the best identity leads the second by >= m) help? Per FPIR and m,
     the per-mask-state thresholds recalibrated for the combined rule (a calibration probe counts as accepted
     only when it passes both) and the outcome counts of enrolled masked and unmasked probes."""
-    calib = [a for a in _select(answers, CALIBRATION) if a.status == "ok"]
-    probabilities = np.array([np.nan if a.mask_probability is None else a.mask_probability for a in calib])
+    calib, probabilities = _calibration_faces(answers)
     rows = {"enrolled masked": _select(answers, ENROLLED, True), "enrolled unmasked": _select(answers, ENROLLED, False),
             "never enrolled": _select(answers, NEVER_ENROLLED)}
     out = {}
@@ -206,7 +210,7 @@ def summarise(answers: list[Answer], rules: dict[str, dict], n_gallery: int) -> 
            "thresholds": {}, "counts": {}}
     for fpir, by_rule in rules.items():
         for rule, points in by_rule.items():
-            out["thresholds"][f"{fpir} {rule}"] = {STATE_NAMES[s]: asdict(p) for s, p in points.items()}
+            out["thresholds"][f"{fpir} {rule}"] = points_as_dict(points)
             out["counts"][f"{fpir} {rule}"] = {name: tally(rows[name], points) for name in rows}
     out["margin_study"] = margin_study(answers, [float(f) for f in rules], MARGINS, n_gallery)
     return out

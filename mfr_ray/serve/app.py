@@ -163,6 +163,10 @@ class ServeConfig(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
 
+    def request_fpirs(self) -> list[float]:
+        """The per-search rates an /identify request may name: the operator's list and the default."""
+        return sorted({*self.allowed_fpirs, *([self.fpir] if self.fpir is not None else [])})
+
     def audit_path(self) -> str | None:
         from mfr_ray.serve.audit import default_audit_path
 
@@ -268,13 +272,15 @@ class GalleryKeeper:
     def __init__(self, package: str, package_id: str, gallery: str, poll_s: float = 2.0):
         from mfr_ray.serve.gallery import Gallery
         from mfr_ray.serve.package import load_package
+        from mfr_ray.serve.search_calibration import SearchCalibration
 
         keep_replica_server_on_loopback()
         self.package = load_package(package, expect_id=package_id)
         self.gallery = Gallery.create_or_open(gallery, self.package, package_uri=package)
         self._enrolling = threading.Lock()
         self._compacting = threading.Lock()
-        self._search_points: dict = {}  # (gallery change key, fpir) -> per-search thresholds
+        self._calibration = SearchCalibration.load(self.package.folder)  # None: no per-search rates
+        self._search_points: dict = {}  # fpir -> per-search thresholds, for the gallery version in the key
         threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="gallery-poll").start()
 
     def _poll(self, every_s: float) -> None:
@@ -293,15 +299,15 @@ class GalleryKeeper:
     async def search_points(self, fpir: float) -> dict:
         """Per-search thresholds at `fpir` for the gallery as it is (recomputed when it changes, off the event
         loop), or {"error": why} for a package without search calibration."""
-        from mfr_ray.serve.search_calibration import SearchCalibrationError, gallery_points, points_as_dict
+        from mfr_ray.serve.search_calibration import gallery_points, missing, points_as_dict
 
+        if self._calibration is None:
+            return {"error": str(missing(self.package))}
         key = (self.gallery.state.change_key, fpir)
         if key not in self._search_points:
-            try:
-                points, identities = await asyncio.to_thread(gallery_points, self.package, self.gallery, fpir)
-            except SearchCalibrationError as exc:
-                return {"error": str(exc)}
-            self._search_points = {key: {"points": points_as_dict(points), "identities": identities}}
+            points, identities = await asyncio.to_thread(gallery_points, self._calibration, self.gallery, fpir)
+            fresh = {k: v for k, v in self._search_points.items() if k[0] == key[0]}  # other rates, same gallery
+            self._search_points = fresh | {key: {"points": points_as_dict(points), "identities": identities}}
         return self._search_points[key]
 
     async def enrol(self, identity: str, source_key: str, wire: dict) -> dict:
@@ -531,7 +537,7 @@ class Frontend:
         out: dict[str, Any] = {"status": "ok"}
         if authorised:
             out |= {"package_id": self.package.package_id, "default_far": self.cfg.far, "default_fpir": self.cfg.fpir,
-                    "fpirs": sorted({*self.cfg.allowed_fpirs, *([self.cfg.fpir] if self.cfg.fpir else [])}),
+                    "fpirs": self.cfg.request_fpirs(),
                     "search_calibration": self.package.spec.get("search_calibration", {}).get("faces"),
                     "fars": [p.far_target for p in self.package.operating_points],
                     "gallery": await self.keeper.stats.remote(), "batching": self.cfg.batching.model_dump(),
@@ -568,9 +574,9 @@ class Frontend:
         if "far" in params:
             raise RequestError(400, "far_and_fpir", "ask for one rate: far (per comparison) or fpir (per search)")
         fpir = parse_far(params["fpir"], "fpir")
-        if not any(math.isclose(fpir, a) for a in [*self.cfg.allowed_fpirs, *([self.cfg.fpir] if self.cfg.fpir else [])]):
+        if not any(math.isclose(fpir, a) for a in self.cfg.request_fpirs()):
             raise RequestError(400, "fpir_not_allowed", f"this service decides searches at FPIR "
-                               f"{', '.join(map(str, self.cfg.allowed_fpirs))}")
+                               f"{', '.join(map(str, self.cfg.request_fpirs()))}")
         return fpir
 
     async def _search_points(self, fpir: float) -> dict:

@@ -315,6 +315,12 @@ class Gallery:
         return removed
 
     # -- search ----------------------------------------------------------------------------------------
+    def template_matrix(self, state: GalleryState | None = None) -> np.ndarray:
+        """The usable templates' embeddings as one (n, embedding_size) float32 array, in row order."""
+        templates = (state or self.state).templates
+        flat = np.asarray(templates.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+        return flat.reshape(templates.num_rows, self.embedding_size)
+
     def search(self, queries: np.ndarray, k: int, state: GalleryState | None = None) -> list[list[Match]]:
         """The k best templates for each (n, d) L2-normalised query, best first."""
         state = state or self.state
@@ -322,8 +328,7 @@ class Gallery:
         if templates.num_rows == 0:
             return [[] for _ in range(len(queries))]
         if state.index is None:
-            embeddings = np.asarray(templates.column("embedding").combine_chunks().flatten(), dtype=np.float32)
-            state.index = build_index(embeddings.reshape(templates.num_rows, self.embedding_size))
+            state.index = build_index(self.template_matrix(state))
         scores, ids = state.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, templates.num_rows))
         names = templates.column("identity").to_pylist()
         tids = templates.column("template_id").to_pylist()

@@ -188,10 +188,10 @@ def identify(package: ModelPackage, gallery: Gallery, image_bytes: bytes, far: f
     """Who is this, among the gallery's enrolled identities, at false accept rate `far` per comparison (one
     of the package's calibrated FARs) or, given `fpir`, at that per-search rate (the package's search
     calibration against this gallery)? The top `k` identities come back as candidates either way."""
-    from mfr_ray.serve.search_calibration import gallery_points
+    from mfr_ray.serve.search_calibration import SearchCalibration, gallery_points
 
     gallery.check_package(package)
-    points, identities = gallery_points(package, gallery, fpir) if fpir is not None else (None, 0)
+    points, identities = (None, 0) if fpir is None else gallery_points(SearchCalibration.of(package), gallery, fpir)
     if points is None:
         package.operating_point(far)
     (probe,) = package.embed_images([image_bytes])

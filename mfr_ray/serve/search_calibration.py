@@ -33,6 +33,11 @@ class SearchCalibrationError(PackageError):
     """A package without search calibration was asked for a per-search rate."""
 
 
+def missing(package) -> SearchCalibrationError:
+    return SearchCalibrationError(f"package {package.package_id} has no search calibration: no per-search rate "
+                                  "(fpir) can be promised; re-export with --search-calibration FOLDER")
+
+
 @dataclass(frozen=True)
 class SearchCalibration:
     """Never-enrolled faces as the service would embed them: (n, d) L2-normalised embeddings, each one's
@@ -42,6 +47,14 @@ class SearchCalibration:
     mask_probability: np.ndarray
     kinds: np.ndarray
     calibration_set: str
+
+    @classmethod
+    def of(cls, package) -> SearchCalibration:
+        """The package's calibration faces, or a SearchCalibrationError naming what to do."""
+        found = cls.load(package.folder)
+        if found is None:
+            raise missing(package)
+        return found
 
     @classmethod
     def load(cls, folder: str | Path) -> SearchCalibration | None:
@@ -176,26 +189,20 @@ def points_from_dict(data: dict[str, dict]) -> dict[bool, OperatingPoint]:
     return {s: OperatingPoint(**data[name]) for s, name in STATE_NAMES.items()}
 
 
-def gallery_points(package, gallery, fpir: float) -> tuple[dict[bool, OperatingPoint], int]:
-    """The package's per-search thresholds at `fpir` against `gallery` as it is now (every calibration face's
-    exact best score: an approximate index could miss its best template and promise too much); a
-    SearchCalibrationError when the package has no calibration faces. Returns the points and the number of
-    identities they hold for."""
-    calibration = SearchCalibration.load(package.folder)
-    if calibration is None:
-        raise SearchCalibrationError(f"package {package.package_id} has no search calibration: no per-search "
-                                     "rate (fpir) can be promised; re-export with --search-calibration FOLDER")
-    templates = gallery.state.templates
-    best = best_scores(calibration.embeddings, templates.column("embedding").to_numpy(zero_copy_only=False))
-    identities = len(set(templates.column("identity").to_pylist()))
+def gallery_points(calibration: SearchCalibration, gallery, fpir: float) -> tuple[dict[bool, OperatingPoint], int]:
+    """Per-search thresholds at `fpir` against `gallery` as it is now, from every calibration face's exact
+    best score (an approximate index could miss its best template and promise too much). Returns the points
+    and the number of identities they hold for."""
+    state = gallery.state
+    best = best_scores(calibration.embeddings, gallery.template_matrix(state))
+    identities = len(set(state.templates.column("identity").to_pylist()))
     return calibration.points(best, fpir, identities), identities
 
 
-def best_scores(queries: np.ndarray, templates, chunk: int = 65_536) -> np.ndarray:
-    """Each query's highest cosine score over every template (-1 for an empty gallery), in chunks of
-    templates so a large gallery needs little memory."""
+def best_scores(queries: np.ndarray, templates: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Each query's highest cosine score over the (n, d) templates (-1 for an empty gallery), a chunk of
+    templates at a time so a large gallery needs little extra memory."""
     best = np.full(len(queries), -1.0, dtype=np.float32)
     for start in range(0, len(templates), chunk):
-        block = np.stack(templates[start : start + chunk]).astype(np.float32)
-        best = np.maximum(best, (queries @ block.T).max(axis=1))
+        best = np.maximum(best, (queries @ templates[start : start + chunk].T).max(axis=1))
     return best
