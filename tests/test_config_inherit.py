@@ -112,7 +112,7 @@ def test_quickstart_stage_overrides_still_work_with_a_one_line_notice(tmp_path, 
 
     _NOTICES.clear()
     old = put(tmp_path / "q.yaml", {"kind": "quickstart", "train_nomask": {
-        "config": "configs/train_nomask.yaml", "overrides": ["schedule.epochs=2", "registered_model_name=null"]}})
+        "config": "configs/train_nomask.yaml", "overrides": ["schedule.epochs=1", "registered_model_name=null"]}})
     cfg = load_config(old, expected=QuickstartConfig)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("deprecated: a quickstart stage's `overrides:`")
