@@ -239,6 +239,28 @@ def test_audit_lines_hold_decisions_and_no_biometrics(tmp_path):
     assert oct(os.stat(tmp_path / "audit.jsonl").st_mode & 0o777) == "0o600"
 
 
+def test_a_command_line_audit_with_a_file_keeps_its_lines_off_the_console(tmp_path):
+    """`mfr enrol` of thousands of people must not print an audit line per person: with a file, echo=False
+    writes only the file; without one (an S3 gallery) and in a replica (echo on) the log line stays."""
+    import logging
+
+    from mfr_ray.serve.audit import AuditLog, read_events
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    AuditLog(None)  # the logger and its own handler exist before ours is added
+    logging.getLogger("mfr_ray.audit").addHandler(handler)
+    try:
+        AuditLog(str(tmp_path / "a.jsonl"), echo=False).record("enrol", key_id="cli", identity="Quiet", decision="ok")
+        AuditLog(None, echo=False).record("enrol", key_id="cli", identity="OnS3", decision="ok")
+        AuditLog(str(tmp_path / "b.jsonl")).record("enrol", key_id="k", identity="Replica", decision="ok")
+    finally:
+        logging.getLogger("mfr_ray.audit").removeHandler(handler)
+    assert [json.loads(line)["identity"] for line in seen] == ["OnS3", "Replica"]
+    assert read_events(str(tmp_path / "a.jsonl"))[0]["identity"] == "Quiet"
+
+
 def test_a_held_lease_is_renewed_and_a_writer_that_lost_its_lock_commits_nothing(tmp_path):
     """A long write keeps its lock (the lease is renewed while held); a writer whose lock was taken over
     (forced here) fails its fencing check and its commit changes nothing; a lock file left unreadable by a

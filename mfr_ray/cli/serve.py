@@ -162,9 +162,11 @@ def register(app: typer.Typer) -> None:
         except (PackageError, ValueError) as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        audit = AuditLog(default_audit_path(out))
+        audit = AuditLog(default_audit_path(out), echo=False)
         for identity in summary.identities_added:
             audit.record("enrol", key_id="cli", identity=identity, decision="ok")
+        if audit.path and summary.identities_added:
+            typer.echo(f"audit: {len(summary.identities_added)} enrol events appended to {audit.path}")
         if summary.files != summary.rows_written + summary.already_enrolled:
             raise typer.Exit(1)
 
@@ -183,7 +185,7 @@ def register(app: typer.Typer) -> None:
         except PackageError as exc:
             typer.secho(str(exc), fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        AuditLog(default_audit_path(gallery)).record("unenrol", key_id="cli", identity=identity,
+        AuditLog(default_audit_path(gallery), echo=False).record("unenrol", key_id="cli", identity=identity,
                                                      decision="removed" if removed else "absent", rows=removed)
         typer.echo(f"removed {removed} rows of {identity!r} from {gallery}; a running `mfr serve` on this "
                    "gallery stops returning them within its --gallery-poll-s (2 s by default)")

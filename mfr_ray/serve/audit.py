@@ -40,17 +40,20 @@ def _audit_logger() -> logging.Logger:
 
 
 class AuditLog:
-    """Appends events; one `write` per line (O_APPEND), so lines from several processes never interleave."""
+    """Appends events; one `write` per line (O_APPEND), so lines from several processes never interleave.
+    `echo=False` keeps the lines off stderr when the file holds them (a command line enrolling thousands of
+    people); a replica echoes always (Ray keeps its log), and so does anything without a file."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, echo: bool = True):
         self.path = path
         self._lock = threading.Lock()
-        self._logger = _audit_logger()
+        self._logger = _audit_logger() if echo or not path else None
 
     def record(self, action: str, **fields: Any) -> dict:
         event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, **fields}
         line = json.dumps(event, ensure_ascii=False, sort_keys=True, default=str)
-        self._logger.info(line)
+        if self._logger:
+            self._logger.info(line)
         if self.path:
             with self._lock:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
