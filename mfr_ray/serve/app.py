@@ -299,10 +299,10 @@ class GalleryKeeper:
     async def search_points(self, fpir: float) -> dict:
         """Per-search thresholds at `fpir` for the gallery as it is (recomputed when it changes, off the event
         loop), or {"error": why} for a package without search calibration."""
-        from mfr_ray.serve.search_calibration import gallery_points, missing, points_as_dict
+        from mfr_ray.serve.search_calibration import gallery_points, no_calibration_error, points_as_dict
 
         if self._calibration is None:
-            return {"error": str(missing(self.package))}
+            return {"error": str(no_calibration_error(self.package))}
         key = (self.gallery.state.change_key, fpir)
         if key not in self._search_points:
             points, identities = await asyncio.to_thread(gallery_points, self._calibration, self.gallery, fpir)

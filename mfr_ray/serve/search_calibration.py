@@ -33,7 +33,9 @@ class SearchCalibrationError(PackageError):
     """A package without search calibration was asked for a per-search rate."""
 
 
-def missing(package) -> SearchCalibrationError:
+def no_calibration_error(package) -> SearchCalibrationError:
+    """What a per-search rate asked of a package without calibration faces answers: the one wording for
+    `SearchCalibration.of` and the gallery keeper (which loads the faces once and reports this per request)."""
     return SearchCalibrationError(f"package {package.package_id} has no search calibration: no per-search rate "
                                   "(fpir) can be promised; re-export with --search-calibration FOLDER")
 
@@ -53,7 +55,7 @@ class SearchCalibration:
         """The package's calibration faces, or a SearchCalibrationError naming what to do."""
         found = cls.load(package.folder)
         if found is None:
-            raise missing(package)
+            raise no_calibration_error(package)
         return found
 
     @classmethod
