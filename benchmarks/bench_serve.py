@@ -2,18 +2,18 @@
 p50/p95 for one client on an otherwise idle service, throughput (and latency) for concurrent clients.
 
     python benchmarks/bench_serve.py [--runtimes openvino onnxruntime torch] [--rounds 2] [--requests 40]
-        [--concurrent 4] [--people 40] [--torch-threads 1] [--package PKG]
+        [--concurrent 4] [--people 40] [--torch-threads 1] [--max-batch-size 8] [--wait-ms 0] [--package PKG]
 
 The probes are LFW photos of people with two or more photos: the first photo of each person is enrolled
 unmasked (`mfr enrol`), the second is masked by the project's masking engine on the full photo (the default
 surgical mask, seeded), cut to the central 160x160 pixels (the face and a margin, a typical face photo) and
 sent as a PNG. Every round starts `mfr serve` once per runtime (its own process and local Ray, loopback,
-Serve's default batching: up to 8 images, 10 ms wait), in turn, the order reversed every other round, so a
+the default continuous batching: up to 8 images, no wait), in turn, the order reversed every other round, so a
 neighbour's load falls on all runtimes alike; prints per runtime the medians over the rounds and their
 ratio to torch, and how the service answered (match right / wrong, unknown, no face).
 
     python benchmarks/bench_serve.py --verify-batching [--requests 32] [--clients 1 2 4] [--replicas 1]
-        [--max-batch-size 8] [--wait-ms 10]
+        [--max-batch-size 8] [--wait-ms 0]
 
 `/verify` throughput and latency at 1, 2 and 4 concurrent clients, with and without request batching (the
 application started in this process's Ray, two LFW images per request). Without --package both export the
@@ -178,12 +178,13 @@ def enrol_gallery(package: str, people: list[tuple[str, Path, Path]], work: Path
 
 
 @contextmanager
-def serving(package: str, gallery: str, runtime: str, threads: int, log: Path) -> Iterator[str]:
+def serving(package: str, gallery: str, runtime: str, threads: int, log: Path,
+            batching: tuple[str, ...] = ()) -> Iterator[str]:
     """`mfr serve` on a free loopback port with `runtime`, as a user starts it, until /healthz answers;
     yields its URL and stops it with Ctrl-C (SIGINT to its pid), as a user does."""
     port = free_port()
     command = mfr_command("serve", package, "--gallery", gallery, "--port", str(port), "--runtime", runtime,
-                          "--torch-threads", str(threads))
+                          "--torch-threads", str(threads), *batching)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -248,7 +249,9 @@ def identify_rounds(args, package: str, gallery: str, probes, work: Path) -> dic
         for round_ in range(args.rounds):
             for runtime in args.runtimes if round_ % 2 == 0 else reversed(args.runtimes):
                 started = time.perf_counter()
-                with serving(package, gallery, runtime, args.torch_threads, work / f"serve-{runtime}.log") as url:
+                batching = ("--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.wait_ms))
+                with serving(package, gallery, runtime, args.torch_threads, work / f"serve-{runtime}.log",
+                             batching) as url:
                     startup = time.perf_counter() - started
                     results[runtime].append(measure_identify(url, probes, args) | {"start": startup})
                 bar.update(1)
@@ -261,7 +264,8 @@ def report_identify(args, results: dict[str, list[dict]], n_probes: int, n_galle
     base = med.get("torch")
     print(f"\n/identify, {n_probes} masked LFW photos (160x160 PNG) against {n_gallery} enrolled people; "
           f"{args.requests} requests per setting, medians of {args.rounds} alternated rounds; one Embedder "
-          f"replica of {args.torch_threads} thread(s), batching up to 8 images / 10 ms")
+          f"replica of {args.torch_threads} thread(s), continuous batching up to {args.max_batch_size} images, "
+          f"{args.wait_ms:g} ms wait")
     print(f"{'runtime':<12} {'1 client p50':>12} {'p95 ms':>7} {'x torch':>7} | {args.concurrent} clients req/s "
           f"{'x torch':>7} {'p50 ms':>7} {'p95 ms':>7} | {'start s':>7}  answers (first round, 1 client)")
     for runtime, m in med.items():
@@ -343,7 +347,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4], help="--verify-batching clients")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--wait-ms", type=float, default=10.0)
+    parser.add_argument("--wait-ms", type=float, default=0.0)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (--verify-batching)")
     args = parser.parse_args()

@@ -260,7 +260,9 @@ def register(app: typer.Typer) -> None:
                                           "this many replicas."),
         no_batching: bool = typer.Option(False, "--no-batching", help="One forward pass per request."),
         max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
-        batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long a batch waits to fill."),
+        batch_wait_ms: float = typer.Option(0.0, "--batch-wait-ms", min=0, help="How long a pass that "
+                                            "starts on an idle network waits for company (under load batches "
+                                            "fill while a pass runs)."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=1, help="Threads of each embedder replica."),
         enrol_key_file: str = typer.Option(None, "--enrol-key-file", help="File holding the key /enrol "
                                            "requires (else $MFR_SERVE_ENROL_KEY_FILE); without one /enrol is off."),

@@ -1,9 +1,9 @@
 """`mfr serve`: the recogniser as a Ray Serve application.
 
 Three deployments: `Frontend` (HTTP: auth, rate and size limits, parsing, the decisions; cheap, scales with
-`frontend_replicas`), `Embedder` (the network behind `ModelPackage.embed_images`, `@serve.batch` request
-batching, `num_replicas` or autoscaling) and `GalleryKeeper` (one replica: the single writer of the Parquet
-gallery and the owner of its search index, so every frontend sees every enrolment).
+`frontend_replicas`), `Embedder` (the network behind `ModelPackage.embed_images`, continuous request batching
+(`serve.batching`), `num_replicas` or autoscaling) and `GalleryKeeper` (one replica: the single writer of the
+Parquet gallery and the owner of its search index, so every frontend sees every enrolment).
 
 Endpoints (JSON out; images as base64 in a JSON body, or as the raw body where one image is sent):
   POST /verify    {"a": B64, "b": B64, "far": 0.001}                     -> same / different, score, threshold
@@ -51,6 +51,7 @@ from mfr_ray.serve.auth import (
     require_key,
     resolve_auth,
 )
+from mfr_ray.serve.batching import ContinuousBatcher
 from mfr_ray.serve.parsing import (
     RequestError,
     decode_images,
@@ -72,12 +73,14 @@ RETRY_AFTER_S = 2  # what a 503 asks a client to wait while a replica restarts
 
 
 class BatchingConfig(StrictModel):
-    """`@serve.batch` on the network: requests arriving within `wait_timeout_s` of each other share one
-    forward pass of up to `max_batch_size` images; off, each image is embedded alone."""
+    """Continuous batching on the network (`serve.batching.ContinuousBatcher`): the requests that arrive while
+    a forward pass runs share the next one, up to `max_batch_size` requests (a request's images always go
+    together); off, each request is embedded alone."""
 
     enabled: bool = True
     max_batch_size: int = Field(8, ge=1, le=256)
-    wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    wait_timeout_s: float = Field(0.0, ge=0, le=5, description="how long a pass that starts on an idle network "
+                                  "waits for company (0: none; under load batches fill while a pass runs)")
 
 
 class AutoscalingConfig(StrictModel):
@@ -235,8 +238,8 @@ class Embedder:
         self.batching = BatchingConfig.model_validate(batching)
         self.max_pixels = max_pixels
         self._package_lock = threading.Lock()  # one call into the package (detector, runtime session) at a time
-        self._batched.set_max_batch_size(self.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.batching.wait_timeout_s)
+        self._batcher = ContinuousBatcher(self._embed_requests, self.batching.max_batch_size,
+                                          self.batching.wait_timeout_s)
         self.package.embed_images([])  # loads MTCNN, dlib and the network before the first request
 
     def _embed(self, images: list[bytes], synthetic=None) -> list[dict]:
@@ -250,13 +253,18 @@ class Embedder:
         """An enrolment photo: its embedding and those of its synthetic-mask copies (unbatched: rare)."""
         return (await asyncio.to_thread(self._embed, [image], self.synthetic))[0]
 
-    async def embed(self, image: bytes) -> dict:
-        if self.batching.enabled:
-            return await self._batched(image)
-        return (await asyncio.to_thread(self._embed, [image]))[0]
+    def _embed_requests(self, requests: list[list[bytes]]) -> list[list[dict]]:
+        """One pass over the images of several requests; each request gets its own images' results."""
+        flat, answers = self._embed([image for images in requests for image in images]), []
+        for images in requests:
+            answers.append(flat[: len(images)])
+            del flat[: len(images)]
+        return answers
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[bytes]) -> list[dict]:
+    async def embed(self, images: list[bytes]) -> list[dict]:
+        """A request's images, in one pass (a lone /verify pair is embedded together, as `mfr verify` does)."""
+        if self.batching.enabled:
+            return await self._batcher.submit(images)
         return await asyncio.to_thread(self._embed, images)
 
 
@@ -512,8 +520,8 @@ class Frontend:
 
     async def _embed(self, images: list[bytes]) -> list:
         empty = [i for i, data in enumerate(images) if not data]
-        results = await asyncio.gather(*[self.embedder.embed.remote(data) for data in images if data])
-        it = iter(results)
+        present = [data for data in images if data]
+        it = iter(await self.embedder.embed.remote(present) if present else [])
         return [_embed_result({"status": "decode_error", "reason": "empty image (0 bytes)", "embedding": None,
                                "align_method": "none"}) if i in empty else _embed_result(next(it))
                 for i in range(len(images))]
