@@ -84,7 +84,9 @@ def test_runtime_matches_torch_on_real_weights_and_faces(runtime, lfw_crops, onn
 
 
 def _other_backbones() -> list:
-    return [pytest.param(name, marks=pytest.mark.slow) for name in BACKBONES.names() if name != "mobilefacenet"]
+    """The registry sweep (`make test-all`): MobileFaceNet, the default, is tested on its real weights above."""
+    return [pytest.param(name, marks=[pytest.mark.slow, pytest.mark.sweep])
+            for name in BACKBONES.names() if name != "mobilefacenet"]
 
 
 @pytest.mark.parametrize("backbone", _other_backbones())
