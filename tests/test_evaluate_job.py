@@ -131,14 +131,14 @@ def test_masked_variants_matrix_on_ray(tmp_path, tmp_tracking_uri, ray_local):
     """Masks applied on the fly, alignment and embedding on 2 Ray actors, 2x2 mask matrix + heatmaps."""
     cfg = EvaluateConfig(
         name="lfw-masked-small",
-        pairs={"limit_folds": 2, "max_pairs_per_fold": 40},
+        pairs={"limit_folds": 2, "max_pairs_per_fold": 20},
         sources={"unmasked": {}, "surgical_blue": {"variant": "surgical_blue"}},
         analyses={**NO_EXTRAS, "upper_half": True},
         compute={"num_actors": 2, "align_batch_size": 16, "embed_batch_size": 16, "torch_threads": 1},
         cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
     )
     summary = evaluate(cfg)
-    assert summary["n_pairs"] == 80
+    assert summary["n_pairs"] == 40
     assert summary["mask_matrix"]["variants"] == ["unmasked", "surgical_blue"]
     acc = np.array(summary["mask_matrix"]["accuracy"])
     assert acc.shape == (2, 2) and acc[0, 0] >= acc[1, 1]  # masks do not help an unmasked-trained model

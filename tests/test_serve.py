@@ -303,6 +303,26 @@ def test_http_listens_on_loopback_only(service, ray_local):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_every_replica_runs_the_lean_request_path(service, ray_local):
+    """Serve's lean settings reach each deployment's replica processes (their environment, read from /proc):
+    gRPC between deployments, user code on the event loop, access lines in the log file only."""
+    from mfr_ray.serve.app import LEAN_REQUEST_PATH
+
+    node = ray_local._private.worker._global_node
+    replicas = {}
+    for pid in descendants([info.process.pid for infos in node.all_processes.values() for info in infos]):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # a process that ended meanwhile
+            continue
+        if title.startswith("ray::ServeReplica:mfr-recogniser:"):
+            env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+            replicas[title.rsplit(":", 1)[-1]] = {k: env.get(k) for k in LEAN_REQUEST_PATH}
+    assert set(replicas) >= {"Frontend", "Embedder", "GalleryKeeper"}, replicas
+    assert all(env == LEAN_REQUEST_PATH for env in replicas.values()), replicas
+
+
 def _enrol_and_identify(service, lfw_dir):
     from mfr_ray.serve.gallery import Gallery
     from mfr_ray.serve.recognise import identify
