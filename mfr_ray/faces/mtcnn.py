@@ -90,16 +90,18 @@ def _proposals(mtcnn, stack: _Stack, threshold: float):
     import torch
     from facenet_pytorch.models.utils.detect_face import batched_nms, generateBoundingBox, rerec
 
-    boxes, image_inds, picks, offset = [], [], [], 0
-    for scale in pyramid_scales(stack.height, stack.width, mtcnn.min_face_size, mtcnn.factor):
+    boxes, image_inds, levels = [], [], []
+    scales = pyramid_scales(stack.height, stack.width, mtcnn.min_face_size, mtcnn.factor)
+    for level, scale in enumerate(scales):
         reg, probs = mtcnn.pnet(stack.level(scale))
         boxes_scale, inds_scale = generateBoundingBox(reg, probs[:, 1], scale, threshold)
         boxes.append(boxes_scale)
         image_inds.append(inds_scale)
-        picks.append(batched_nms(boxes_scale[:, :4], boxes_scale[:, 4], inds_scale, 0.5) + offset)
-        offset += boxes_scale.shape[0]
-    pick = torch.cat(picks)
-    boxes, image_inds = torch.cat(boxes)[pick], torch.cat(image_inds)[pick]
+        levels.append(torch.full_like(inds_scale, level))
+    boxes, image_inds, levels = torch.cat(boxes), torch.cat(image_inds), torch.cat(levels)
+    # NMS per image and pyramid level, as facenet-pytorch does level by level, in one call (one group each)
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds * len(scales) + levels, 0.5)
+    boxes, image_inds = boxes[pick], image_inds[pick]
     pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
     boxes, image_inds = boxes[pick], image_inds[pick]
     regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
