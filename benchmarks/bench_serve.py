@@ -245,11 +245,11 @@ def measure_identify(url: str, probes: list[tuple[str, bytes]], args) -> dict:
 def identify_rounds(args, package: str, gallery: str, probes, work: Path) -> dict[str, list[dict]]:
     """Alternated rounds: every runtime's service in turn, reversed every other round."""
     results: dict[str, list[dict]] = {r: [] for r in args.runtimes}
+    batching = ("--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.wait_ms))
     with tqdm(total=args.rounds * len(args.runtimes), desc="services", unit="service", file=sys.stderr) as bar:
         for round_ in range(args.rounds):
             for runtime in args.runtimes if round_ % 2 == 0 else reversed(args.runtimes):
                 started = time.perf_counter()
-                batching = ("--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.wait_ms))
                 with serving(package, gallery, runtime, args.torch_threads, work / f"serve-{runtime}.log",
                              batching) as url:
                     startup = time.perf_counter() - started
